@@ -1,0 +1,105 @@
+"""``train.py`` as a user runs it: the startup banner, the resolved config, and clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DEBUG_CONFIG, REPO, SPM_2K, TIKTOKEN_2K, run_train
+from torchtitan_lite.config import load_config
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, one paragraph on stderr naming what is wrong, no Python traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_startup_banner_and_resolved_config(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(
+        "--config", str(DEBUG_CONFIG), "--job.dump_folder", str(out), "--training.steps", "3"
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout
+    assert f"config {DEBUG_CONFIG}" in log
+    assert (
+        "vocab 2304, bos 2048 '<|begin_of_text|>', eos 2049 '<|end_of_text|>', pad none, "
+        "stop ids [2049, 2057]"
+    ) in log
+    assert "attention mask block_causal (document boundary: eos id 2049)" in log
+    assert "startup id check passed" in log
+    resolved = load_config(out / "config.toml")
+    assert resolved == load_config(
+        DEBUG_CONFIG, ["--job.dump_folder", str(out), "--training.steps", "3"]
+    )
+    assert (out / "train.log").read_text() == log
+
+
+def test_sentencepiece_tokenizer_flows_into_the_model(tmp_path):
+    proc = run_train(
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        "--tokenizer.path",
+        str(SPM_2K),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "vocab 2048, bos 1 '<s>', eos 2 '</s>', pad none, stop ids [2]" in proc.stdout
+    assert "vocab 2048, eos 2," in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--training.setps", "3"], ["'training.setps'", "Did you mean 'training.steps'?"]),
+        (
+            ["--tokenizer.path", "missing/tok.model"],
+            ["missing/tok.model does not exist", "tokenizer.path"],
+        ),
+        (["--model.eos_id", "7"], ["'model.eos_id' is 7", "eos_id = 2049"]),
+        (["--tokenizer.eos_token", "<|begin_of_text|>"], ["eos id == bos id == 2048"]),
+        (["--tokenizer.pad_token", "<|end_of_text|>"], ["pad id == eos id == 2049"]),
+        (["--tokenizer.eos_token", "<|eot_id|>"], ["closes chat turns", "allow_eot_boundary"]),
+        (["--model.vocab_size", "1000"], ["'model.vocab_size' is 1000", "2304 ids"]),
+        (["--model.flavor", "9B"], ["'model.flavor' is '9B'", "8B"]),
+        (["--job.dump_folder", "/proc/forbidden"], ["'job.dump_folder'", "writable"]),
+    ],
+)
+def test_bad_input_gives_one_paragraph_and_no_traceback(tmp_path, args, fragments):
+    if "--job.dump_folder" not in args:
+        args = [*args, "--job.dump_folder", str(tmp_path)]
+    assert_clean_error(run_train("--config", str(DEBUG_CONFIG), *args), *fragments)
+
+
+def test_missing_config_file(tmp_path):
+    assert_clean_error(
+        run_train("--config", str(tmp_path / "nope.toml")), "nope.toml does not exist"
+    )
+
+
+def test_help_lists_keys():
+    proc = run_train("--help")
+    assert proc.returncode == 0
+    assert "--training.seq_len (integer, default 2048)" in proc.stdout
+    assert "--model.attn_mask_type (string" in proc.stdout
+
+
+@pytest.mark.slow
+def test_tokenizer_training_reproduces_the_committed_files(tmp_path):
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), "--out-dir", str(tmp_path)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert (tmp_path / "tiktoken_2k.model").read_bytes() == TIKTOKEN_2K.read_bytes()
+    assert (tmp_path / "spm_2k.model").read_bytes() == SPM_2K.read_bytes()

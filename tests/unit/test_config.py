@@ -1,0 +1,205 @@
+"""Config: TOML + extends + dotted overrides, strict keys and types, TOML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEBUG_CONFIG, REPO
+from torchtitan_lite.config import JobConfig, help_text, load_config, parse_args, to_toml
+from torchtitan_lite.config.loader import all_keys, field_docs
+from torchtitan_lite.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_debug_config_loads():
+    JobConfig().validate()
+    c = load_config(DEBUG_CONFIG)
+    assert c.model.flavor == "debugmodel"
+    assert c.model.attn_mask_type == "block_causal"
+    assert c.training.seq_len == 2048 and c.training.local_batch_size == 8
+    assert c.job.dump_folder == "./outputs/debug_model"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "train_configs").glob("*.toml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_parses(path):
+    c = load_config(path)
+    assert c.model.name == "llama3"
+
+
+def test_cli_override_forms():
+    c = load_config(
+        DEBUG_CONFIG,
+        [
+            "--training.steps",
+            "5",
+            "--model.flavor=8B",
+            "--checkpoint.enable",
+            "--metrics.enable_tensorboard",
+            "false",
+            "--optimizer.lr=3e-4",
+            "--tokenizer.extra_stop_tokens",
+            "<|eom_id|>,<|python_tag|>",
+            "--job.print_config",
+        ],
+    )
+    assert c.training.steps == 5
+    assert c.model.flavor == "8B"
+    assert c.checkpoint.enable is True
+    assert c.metrics.enable_tensorboard is False
+    assert c.optimizer.lr == 3e-4
+    assert c.tokenizer.extra_stop_tokens == ["<|eom_id|>", "<|python_tag|>"]
+    assert c.job.print_config is True
+    # a TOML-style list is accepted too
+    c = load_config(None, ["--tokenizer.extra_stop_tokens", '["a", "b,c"]'])
+    assert c.tokenizer.extra_stop_tokens == ["a", "b,c"]
+
+
+def test_cli_beats_file_beats_base_beats_default(tmp_path):
+    write(tmp_path / "base.toml", "[training]\nsteps = 7\nseq_len = 256\n[optimizer]\nlr = 1e-3\n")
+    write(tmp_path / "child.toml", 'extends = "base.toml"\n[training]\nseq_len = 512\n')
+    c = load_config(tmp_path / "child.toml", ["--training.steps", "9"])
+    assert (c.training.steps, c.training.seq_len, c.optimizer.lr) == (9, 512, 1e-3)
+    assert c.training.local_batch_size == JobConfig().training.local_batch_size
+
+
+def test_extends_is_relative_to_the_extending_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    write(tmp_path / "a" / "root.toml", "[training]\nsteps = 3\n")
+    write(tmp_path / "a" / "b" / "mid.toml", 'extends = "../root.toml"\n[training]\nseq_len = 64\n')
+    write(tmp_path / "leaf.toml", 'extends = ["a/b/mid.toml"]\n[model]\nflavor = "8B"\n')
+    c = load_config(tmp_path / "leaf.toml")
+    assert (c.training.steps, c.training.seq_len, c.model.flavor) == (3, 64, "8B")
+
+
+def test_extends_cycle_is_detected(tmp_path):
+    write(tmp_path / "x.toml", 'extends = "y.toml"\n')
+    write(tmp_path / "y.toml", 'extends = "x.toml"\n')
+    with pytest.raises(ConfigError, match=r"cycle: .*x\.toml -> .*y\.toml -> .*x\.toml"):
+        load_config(tmp_path / "x.toml")
+
+
+def test_extends_missing_base_names_both_files(tmp_path):
+    child = write(tmp_path / "child.toml", 'extends = "nope.toml"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert "nope.toml does not exist" in str(e.value) and str(child) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        (
+            "[training]\nsetps = 5\n",
+            r"Unknown config key 'training.setps'.*Did you mean "
+            r"'training.steps'\?",
+        ),
+        ("[trainig]\nsteps = 5\n", r"Unknown config section 'trainig'.*Did you mean 'training'\?"),
+        ("[model]\nlr = 0.1\n", r"'model.lr'.*Did you mean 'optimizer.lr'\?"),
+        ("steps = 5\n", r"Top-level key 'steps'.*Did you mean 'training.steps'\?"),
+        ('[training]\nsteps = "5"\n', r"'training.steps'.*expects an integer but got '5'"),
+        ("[training]\nsteps = 5.5\n", r"'training.steps'.*expects an integer but got 5.5"),
+        ("[checkpoint]\nenable = 1\n", r"'checkpoint.enable'.*expects a boolean but got 1"),
+        ("[tokenizer]\nextra_stop_tokens = [1]\n", r"'tokenizer.extra_stop_tokens\[0\]'.*string"),
+        ("[training\nsteps = 5\n", r"not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_key(tmp_path, text, pattern):
+    path = write(tmp_path / "bad.toml", text)
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    assert "Fix" in str(e.value) or "valid TOML" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (
+            ["--training.steps", "five"],
+            r"'training.steps' on the command line expects an integer "
+            r"but got 'five'",
+        ),
+        (["--training.stesp", "5"], r"'training.stesp'.*Did you mean 'training.steps'\?"),
+        (["--checkpoint.enable", "maybe"], r"'checkpoint.enable'.*boolean"),
+        (["--training.steps"], r"'training.steps'.*integer but got 'true'"),
+        (["training.steps=5"], r"Unexpected command-line argument"),
+    ],
+)
+def test_bad_overrides(args, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(DEBUG_CONFIG, args)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--model.attn_mask_type", "document"], r"'model.attn_mask_type' is 'document'.*'causal'"),
+        (["--training.steps", "0"], r"'training.steps' must be at least 1"),
+        (["--lr_scheduler.warmup_steps", "50", "--training.steps", "10"], r"warmup_steps"),
+        (["--training.global_batch_size", "12"], r"not a multiple of 'training.local_batch_size'"),
+        (["--checkpoint.folder", "../elsewhere"], r"'checkpoint.folder'.*inside job.dump_folder"),
+        (["--checkpoint.folder", "/abs/path"], r"'checkpoint.folder'.*inside job.dump_folder"),
+        (["--model.eos_id", "-5"], r"'model.eos_id' must be -1"),
+        (["--lr_scheduler.lr_min", "2"], r"lr_min"),
+        (["--optimizer.lr", "0"], r"'optimizer.lr' must be positive"),
+    ],
+)
+def test_validate_rejects_bad_values(args, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(DEBUG_CONFIG, args)
+
+
+def test_round_trip_through_toml(tmp_path):
+    c = load_config(
+        DEBUG_CONFIG,
+        [
+            "--job.description",
+            'quotes " back\\slash \t tab, ünïcode ✓',
+            "--optimizer.lr",
+            "1.5e-05",
+            "--training.steps",
+            "123",
+            "--tokenizer.extra_stop_tokens",
+            "<|eom_id|>",
+            "--checkpoint.enable",
+            "--lr_scheduler.decay_ratio",
+            "0.25",
+        ],
+    )
+    path = write(tmp_path / "resolved.toml", to_toml(c))
+    again = load_config(path)
+    assert again == c
+    assert to_toml(again) == to_toml(c)
+
+
+def test_every_field_has_a_docstring_and_appears_in_help():
+    text = help_text()
+    for key in all_keys():
+        assert f"--{key} " in text
+    for f in dataclasses.fields(JobConfig):
+        cls = typing.get_type_hints(JobConfig)[f.name]
+        docs = field_docs(cls)
+        missing = [x.name for x in dataclasses.fields(cls) if not docs.get(x.name)]
+        assert not missing, f"[{f.name}] fields without a docstring: {missing}"
+
+
+def test_parse_args():
+    assert parse_args(["--config", "a.toml", "--training.steps", "3"]) == (
+        "a.toml",
+        ["--training.steps", "3"],
+        False,
+    )
+    assert parse_args(["--config=a.toml"]) == ("a.toml", [], False)
+    assert parse_args(["--job.config_file", "b.toml", "--help"])[2] is True
+    with pytest.raises(ConfigError, match="needs a file path"):
+        parse_args(["--config"])

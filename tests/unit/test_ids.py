@@ -1,0 +1,116 @@
+"""The startup id check and model args taken from the tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SPM_2K, TIKTOKEN_2K
+from torchtitan_lite.ids import IdMismatchError, check_special_ids, ids_manifest
+from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
+from torchtitan_lite.tokenizer import load_tokenizer
+
+
+def args_from(tok, **kw) -> ModelArgs:
+    args = model_args_for("debugmodel")
+    args.update_from_tokenizer(tok, **kw)
+    return args
+
+
+@pytest.mark.parametrize("path, vocab, eos", [(TIKTOKEN_2K, 2304, 2049), (SPM_2K, 2048, 2)])
+def test_model_args_take_ids_from_each_tokenizer(path, vocab, eos):
+    tok = load_tokenizer(path)
+    args = args_from(tok)
+    assert args.eos_id == tok.eos_id == eos
+    assert args.vocab_size == vocab  # both are multiples of 64 already
+    assert check_special_ids(tok, model_args=args) == []
+
+
+def test_vocab_rounding_covers_every_id(ranks_file):
+    tok = load_tokenizer(ranks_file(1000))  # 1256 ids
+    assert args_from(tok, vocab_size_multiple_of=64).vocab_size == 1280
+    assert args_from(tok, vocab_size_multiple_of=1).vocab_size == 1256
+    assert args_from(tok, vocab_size=2000).vocab_size == 2000
+
+
+def test_flavor_presets_are_not_mutated():
+    tok = load_tokenizer(TIKTOKEN_2K)
+    args_from(tok)
+    assert model_args_for("debugmodel").vocab_size == -1
+    assert model_args_for("debugmodel").eos_id == -1
+
+
+def test_config_eos_id_that_disagrees_is_refused():
+    tok = load_tokenizer(TIKTOKEN_2K)
+    with pytest.raises(IdMismatchError, match=r"'model.eos_id' is 128001.*eos_id = 2049"):
+        args_from(tok, eos_id=128001)
+    assert args_from(tok, eos_id=2049).eos_id == 2049
+
+
+def test_config_vocab_too_small_is_refused():
+    tok = load_tokenizer(TIKTOKEN_2K)
+    with pytest.raises(IdMismatchError, match=r"'model.vocab_size' is 2048.*2304 ids"):
+        args_from(tok, vocab_size=2048)
+
+
+def test_model_args_that_disagree_are_refused():
+    tok = load_tokenizer(TIKTOKEN_2K)
+    args = args_from(tok)
+    args.eos_id = 2
+    with pytest.raises(IdMismatchError, match=r"model args say eos_id = 2.*says 2049"):
+        check_special_ids(tok, model_args=args)
+    args = args_from(tok)
+    args.vocab_size = 2100
+    with pytest.raises(IdMismatchError, match=r"2100 embedding rows.*up to 2303"):
+        check_special_ids(tok, model_args=args)
+
+
+def test_eos_equal_to_bos_is_refused():
+    tok = load_tokenizer(TIKTOKEN_2K, eos_token="<|begin_of_text|>")
+    with pytest.raises(IdMismatchError, match=r"eos id == bos id == 2048"):
+        check_special_ids(tok)
+
+
+def test_pad_equal_to_eos_is_refused():
+    tok = load_tokenizer(SPM_2K, pad_token="</s>")
+    with pytest.raises(IdMismatchError, match=r"pad id == eos id == 2"):
+        check_special_ids(tok)
+    ok = load_tokenizer(TIKTOKEN_2K, pad_token="<|reserved_special_token_2|>")
+    assert check_special_ids(ok) == []
+
+
+def test_eot_boundary_needs_explicit_permission():
+    tok = load_tokenizer(TIKTOKEN_2K, eos_token="<|eot_id|>")
+    with pytest.raises(IdMismatchError, match=r"<\|eot_id\|> closes chat turns"):
+        check_special_ids(tok)
+    warnings = check_special_ids(tok, allow_eot_boundary=True)
+    assert len(warnings) == 1 and "2057" in warnings[0]
+
+
+def test_id_outside_vocabulary_is_refused():
+    tok = load_tokenizer(TIKTOKEN_2K)
+    tok.eos_id = 5000
+    with pytest.raises(IdMismatchError, match=r"eos id 5000 lies outside the vocabulary"):
+        check_special_ids(tok)
+
+
+def test_data_pipeline_boundary_must_match():
+    tok = load_tokenizer(TIKTOKEN_2K)
+    assert check_special_ids(tok, data_eos_id=2049) == []
+    with pytest.raises(IdMismatchError, match=r"data pipeline ends documents with id 2.*2049"):
+        check_special_ids(tok, data_eos_id=2)
+
+
+def test_checkpoint_manifest_must_match():
+    tik, spm = load_tokenizer(TIKTOKEN_2K), load_tokenizer(SPM_2K)
+    manifest = ids_manifest(tik, "block_causal")
+    assert manifest["eos_id"] == 2049 and manifest["stop_ids"] == [2049, 2057]
+    assert check_special_ids(tik, manifest=manifest) == []
+    with pytest.raises(
+        IdMismatchError,
+        match=r"trained with vocab_size = 2304.*has vocab_size "
+        r"= 2048",
+    ):
+        check_special_ids(spm, manifest=manifest)
+    changed = {**manifest, "tokenizer_sha256": "0" * 64}
+    (warning,) = check_special_ids(tik, manifest=changed)
+    assert "differs from the one the checkpoint was trained with" in warning

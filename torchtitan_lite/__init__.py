@@ -1,0 +1,1 @@
+"""torchtitan_lite: a small PyTorch-native LLM pretraining stack."""

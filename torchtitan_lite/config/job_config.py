@@ -1,0 +1,402 @@
+"""The job config: one nested dataclass per TOML section, one docstring per field.
+
+Values come from defaults < the TOML file (and the files it ``extends``) < dotted CLI overrides.
+Fields hold only TOML-representable types (str, int, float, bool, lists of those), so the
+resolved config can be written back to TOML and reloaded to an equal value. "Unset" is spelled
+with an explicit sentinel (``""`` or ``-1``) rather than ``None``, which TOML cannot express.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from torchtitan_lite.errors import ConfigError
+
+MASK_TYPES = ("causal", "block_causal")
+ATTN_BACKENDS = ("auto", "flex", "sdpa")
+DTYPES = ("float32", "bfloat16")
+AC_MODES = ("none", "full", "selective")
+DECAY_TYPES = ("linear", "cosine", "sqrt")
+
+
+@dataclass
+class Job:
+    description: str = "torchtitan_lite job"
+    """Free text shown in the startup banner."""
+
+    dump_folder: str = "./outputs"
+    """Folder where the run writes everything: log, resolved config, TensorBoard, checkpoints."""
+
+    print_config: bool = False
+    """Also log the resolved config at startup (it is always written to the dump folder)."""
+
+
+@dataclass
+class Model:
+    name: str = "llama3"
+    """Model family. Only ``llama3`` exists."""
+
+    flavor: str = "debugmodel"
+    """Size preset of the model family: ``debugmodel``, ``8B``, ``70B`` or ``405B``."""
+
+    attn_mask_type: str = "block_causal"
+    """``causal`` or ``block_causal`` (documents packed in one row do not attend to each other;
+    boundaries are the tokenizer's eos id)."""
+
+    attn_backend: str = "auto"
+    """Attention kernel: ``flex`` (compiled FlexAttention), ``sdpa`` (scaled_dot_product_attention
+    with a dense mask; trains on CPU) or ``auto`` (flex on CUDA, sdpa elsewhere)."""
+
+    vocab_size: int = -1
+    """Embedding rows. -1 takes the tokenizer's vocab size (rounded up to
+    ``vocab_size_multiple_of``); a set value must cover every tokenizer id."""
+
+    vocab_size_multiple_of: int = 64
+    """Round the vocab size taken from the tokenizer up to a multiple of this (1 = no rounding)."""
+
+    eos_id: int = -1
+    """-1 takes the tokenizer's eos id (recommended). A set value must equal the tokenizer's, or
+    the startup check refuses the run: the document mask would split at the wrong token."""
+
+
+@dataclass
+class Tokenizer:
+    path: str = "assets/tokenizer/tiktoken_2k.model"
+    """Tokenizer file: a tiktoken ranks file (Llama 3 layout) or a sentencepiece ``.model``; the
+    format is read from the file's contents. Relative paths are taken from the current folder."""
+
+    eos_token: str = ""
+    """The token that ends a document (the document-mask boundary). Empty: ``<|end_of_text|>``
+    for tiktoken, the model's own eos (``</s>``) for sentencepiece."""
+
+    pad_token: str = ""
+    """Optional pad token (must not be the eos token). Empty: the tokenizer's own pad, if any."""
+
+    extra_stop_tokens: list[str] = field(default_factory=list)
+    """More tokens that end generation besides eos and ``<|eot_id|>`` (e.g. ``["<|eom_id|>"]``)."""
+
+    allow_eot_boundary: bool = False
+    """Allow ``<|eot_id|>`` as the document boundary. It closes chat turns, not documents, so
+    using it for pretraining data is refused unless this is set."""
+
+
+@dataclass
+class Optimizer:
+    name: str = "AdamW"
+    """Optimizer. Only ``AdamW`` exists."""
+
+    lr: float = 8e-4
+    """Peak learning rate."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+
+    implementation: str = "foreach"
+    """``fused``, ``foreach`` or ``for-loop`` kernels of torch.optim.AdamW."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 2
+    """Steps of linear warmup from near zero to the peak learning rate."""
+
+    decay_ratio: float = -1.0
+    """Fraction of the steps spent decaying at the end (warmup-stable-decay). -1: decay over all
+    steps after warmup."""
+
+    decay_type: str = "linear"
+    """Shape of the decay: ``linear``, ``cosine`` or ``sqrt``."""
+
+    lr_min: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+
+@dataclass
+class Training:
+    steps: int = 10
+    """Number of optimizer steps to run."""
+
+    seq_len: int = 2048
+    """Tokens per training row (the attention window)."""
+
+    local_batch_size: int = 8
+    """Rows per micro-batch on each data-parallel rank."""
+
+    global_batch_size: int = -1
+    """Rows per optimizer step over all ranks. -1: local_batch_size × data-parallel degree;
+    a multiple of that turns on gradient accumulation."""
+
+    max_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+
+    seed: int = 0
+    """Random seed for weights and data order."""
+
+    deterministic: bool = False
+    """Use deterministic algorithms (slower) so a rerun gives the same loss trace."""
+
+    mixed_precision_param: str = "bfloat16"
+    """Parameter dtype in forward/backward under FSDP (``bfloat16`` or ``float32``)."""
+
+    mixed_precision_reduce: str = "float32"
+    """Gradient reduction dtype under FSDP."""
+
+    device: str = "auto"
+    """``cuda``, ``cpu`` or ``auto`` (cuda when available)."""
+
+
+@dataclass
+class Data:
+    path: str = "assets/shakespeare.jsonl.gz"
+    """Dataset: a JSONL(.gz) file, a text file, or a folder of them."""
+
+    text_field: str = "text"
+    """JSONL field holding a document's text."""
+
+    num_workers: int = 0
+    """Data loader worker processes per rank."""
+
+    reset_position_ids: bool = False
+    """Restart RoPE positions at every document."""
+
+    mask_cross_document_targets: bool = False
+    """Ignore the label that predicts the first token of the next document after an EOS."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """Replicas in HSDP (> 1 with sharding = HSDP)."""
+
+    data_parallel_shard_degree: int = -1
+    """FSDP shard degree; -1 uses the rest of the world size."""
+
+    fsdp_reshard_after_forward: str = "default"
+    """``default`` (reshard all but the root), ``always`` or ``never``."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save and load checkpoints."""
+
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to job.dump_folder (it cannot leave it)."""
+
+    interval: int = 500
+    """Save every this many steps (and at the last step)."""
+
+    keep_latest_k: int = 0
+    """Keep only the newest k checkpoints (0 keeps all)."""
+
+    load_step: int = -1
+    """Step to load; -1 loads the newest complete checkpoint."""
+
+    async_mode: str = "disabled"
+    """``disabled`` or ``async`` (save in the background)."""
+
+    export_dtype: str = "float32"
+    """Dtype of the model-only export written at the end."""
+
+    create_seed_checkpoint: bool = False
+    """Write the initial weights as step 0 and exit (run on one process)."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 1
+    """Log a metrics line every this many steps."""
+
+    enable_tensorboard: bool = True
+    """Write TensorBoard scalars under job.dump_folder."""
+
+    save_tb_folder: str = "tb"
+    """TensorBoard folder, relative to job.dump_folder."""
+
+    rank_0_only: bool = True
+    """Only rank 0 writes TensorBoard scalars."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"
+    """``none``, ``full`` or ``selective``."""
+
+    selective_ac_option: int = 2
+    """With ``selective``: checkpoint every this many transformer blocks."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block."""
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False
+    """Write torch.profiler traces."""
+
+    profile_freq: int = 10
+    """Profile one step every this many steps."""
+
+    save_traces_folder: str = "profile_traces"
+    """Trace folder, relative to job.dump_folder."""
+
+    enable_memory_snapshot: bool = False
+    """Write CUDA memory snapshots."""
+
+
+@dataclass
+class JobConfig:
+    """The whole job. Section names are the TOML table names."""
+
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    data: Data = field(default_factory=Data)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    profiling: Profiling = field(default_factory=Profiling)
+
+    def validate(self) -> None:
+        """Cross-field and range rules; raises ConfigError naming the key and the fix."""
+        _one_of("model.attn_mask_type", self.model.attn_mask_type, MASK_TYPES)
+        _one_of("model.attn_backend", self.model.attn_backend, ATTN_BACKENDS)
+        _one_of("model.name", self.model.name, ("llama3",))
+        _one_of("training.device", self.training.device, ("auto", "cpu", "cuda"))
+        _one_of("training.mixed_precision_param", self.training.mixed_precision_param, DTYPES)
+        _one_of("training.mixed_precision_reduce", self.training.mixed_precision_reduce, DTYPES)
+        _one_of("checkpoint.export_dtype", self.checkpoint.export_dtype, DTYPES + ("float16",))
+        _one_of("checkpoint.async_mode", self.checkpoint.async_mode, ("disabled", "async"))
+        _one_of("activation_checkpoint.mode", self.activation_checkpoint.mode, AC_MODES)
+        _one_of("lr_scheduler.decay_type", self.lr_scheduler.decay_type, DECAY_TYPES)
+        _one_of("optimizer.name", self.optimizer.name, ("AdamW",))
+        _one_of(
+            "optimizer.implementation",
+            self.optimizer.implementation,
+            ("fused", "foreach", "for-loop"),
+        )
+        _one_of(
+            "parallelism.fsdp_reshard_after_forward",
+            self.parallelism.fsdp_reshard_after_forward,
+            ("default", "always", "never"),
+        )
+
+        for key, value in (
+            ("training.steps", self.training.steps),
+            ("training.seq_len", self.training.seq_len),
+            ("training.local_batch_size", self.training.local_batch_size),
+            ("model.vocab_size_multiple_of", self.model.vocab_size_multiple_of),
+            ("checkpoint.interval", self.checkpoint.interval),
+            ("metrics.log_freq", self.metrics.log_freq),
+            ("profiling.profile_freq", self.profiling.profile_freq),
+            (
+                "activation_checkpoint.selective_ac_option",
+                self.activation_checkpoint.selective_ac_option,
+            ),
+            (
+                "parallelism.data_parallel_replicate_degree",
+                self.parallelism.data_parallel_replicate_degree,
+            ),
+        ):
+            if value < 1:
+                raise ConfigError(
+                    f"Config key '{key}' must be at least 1, got {value}. "
+                    f"Fix: set {key} to a positive integer."
+                )
+        for key, value in (
+            ("data.num_workers", self.data.num_workers),
+            ("checkpoint.keep_latest_k", self.checkpoint.keep_latest_k),
+            ("lr_scheduler.warmup_steps", self.lr_scheduler.warmup_steps),
+            ("training.max_norm", self.training.max_norm),
+            ("optimizer.weight_decay", self.optimizer.weight_decay),
+        ):
+            if value < 0:
+                raise ConfigError(
+                    f"Config key '{key}' must not be negative, got {value}. "
+                    f"Fix: set {key} to 0 or more."
+                )
+        for key, value in (
+            ("model.vocab_size", self.model.vocab_size),
+            ("model.eos_id", self.model.eos_id),
+            ("training.global_batch_size", self.training.global_batch_size),
+            ("parallelism.data_parallel_shard_degree", self.parallelism.data_parallel_shard_degree),
+            ("checkpoint.load_step", self.checkpoint.load_step),
+        ):
+            if value < -1 or value == 0:
+                raise ConfigError(
+                    f"Config key '{key}' must be -1 (automatic) or positive, got "
+                    f"{value}. Fix: set {key} = -1 or a positive integer."
+                )
+        if not self.optimizer.lr > 0:
+            raise ConfigError(
+                f"Config key 'optimizer.lr' must be positive, got "
+                f"{self.optimizer.lr}. Fix: set optimizer.lr, e.g. 3e-4."
+            )
+        if not (0.0 <= self.lr_scheduler.lr_min <= 1.0):
+            raise ConfigError(
+                "Config key 'lr_scheduler.lr_min' is a fraction of the peak LR and "
+                f"must be in [0, 1], got {self.lr_scheduler.lr_min}."
+            )
+        if self.lr_scheduler.decay_ratio != -1.0 and not 0.0 <= self.lr_scheduler.decay_ratio <= 1:
+            raise ConfigError(
+                "Config key 'lr_scheduler.decay_ratio' must be -1 or in [0, 1], got "
+                f"{self.lr_scheduler.decay_ratio}."
+            )
+        if self.lr_scheduler.warmup_steps > self.training.steps:
+            raise ConfigError(
+                f"Config key 'lr_scheduler.warmup_steps' ({self.lr_scheduler.warmup_steps}) exceeds"
+                f" 'training.steps' ({self.training.steps}): the run would end before reaching "
+                "the peak learning rate. Fix: lower lr_scheduler.warmup_steps."
+            )
+        gbs, lbs = self.training.global_batch_size, self.training.local_batch_size
+        if gbs != -1 and gbs % lbs:
+            raise ConfigError(
+                f"Config key 'training.global_batch_size' ({gbs}) is not a multiple of "
+                f"'training.local_batch_size' ({lbs}). Fix: make it local_batch_size × data-"
+                "parallel degree × gradient-accumulation steps, or -1."
+            )
+        if not self.tokenizer.path:
+            raise ConfigError(
+                "Config key 'tokenizer.path' is empty. Fix: point it at a tiktoken "
+                "ranks file or a sentencepiece .model file."
+            )
+        for key in ("checkpoint.folder", "metrics.save_tb_folder", "profiling.save_traces_folder"):
+            section, name = key.split(".")
+            _inside_dump_folder(key, getattr(getattr(self, section), name))
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"Config key '{key}' is {value!r}, which is not one of "
+            f"{', '.join(repr(a) for a in allowed)}. Fix: set {key} to one of them."
+        )
+
+
+def _inside_dump_folder(key: str, path: str) -> None:
+    """Output sub-folders are relative to job.dump_folder and may not escape it."""
+    parts = path.replace("\\", "/").split("/")
+    if not path or os.path.isabs(path) or ".." in parts:
+        raise ConfigError(
+            f"Config key '{key}' is {path!r}: it must be a non-empty relative path inside "
+            "job.dump_folder (no absolute path, no '..'). Fix: give a plain folder name and "
+            "move job.dump_folder instead."
+        )

@@ -1,0 +1,18 @@
+"""Errors a user can act on.
+
+Every failure caused by input the user controls (a config key, a file, a set of special ids)
+raises a subclass of :class:`UserError`. ``train.py`` prints such an error as one paragraph and
+exits with status 2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """An error in something the user supplied; its message says what and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A bad config file, key, value or override."""
+
+
+class TokenizerError(UserError):
+    """A tokenizer file that is missing, unreadable or of an unknown format."""

@@ -1,0 +1,1 @@
+"""Model definitions: pure nn.Modules, no distributed imports."""

@@ -1,0 +1,130 @@
+"""Llama 3 hyper-parameters and the size presets ("flavors")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torchtitan_lite.errors import ConfigError
+from torchtitan_lite.ids import IdMismatchError
+from torchtitan_lite.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: bool = False  # Llama 3.1 long-context frequency scaling
+    max_seq_len: int = 2048
+    depth_init: bool = True  # scale output-projection init by depth (as torchtitan)
+    attn_mask_type: str = "block_causal"
+    # Set only by update_from_tokenizer: the tokenizer is the single source of truth.
+    vocab_size: int = -1
+    eos_id: int = -1
+
+    def update_from_tokenizer(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int = -1,
+        vocab_size_multiple_of: int = 1,
+        eos_id: int = -1,
+    ) -> None:
+        """Take ``vocab_size`` and ``eos_id`` from the tokenizer.
+
+        ``vocab_size``/``eos_id`` are the config's optional explicit values (``-1`` = unset): an
+        explicit vocab size must cover every tokenizer id, an explicit eos id must equal the
+        tokenizer's (the document mask would split at the wrong token otherwise).
+        """
+        if eos_id not in (-1, tokenizer.eos_id):
+            raise IdMismatchError(
+                f"Special-id mismatch: config key 'model.eos_id' is {eos_id}, but the tokenizer "
+                f"{tokenizer.path} says eos_id = {tokenizer.eos_id} "
+                f"({tokenizer.eos_token!r}). The document mask and generation would stop at the "
+                "wrong token. Fix: remove model.eos_id (the tokenizer's id is used), or choose "
+                "the boundary token with tokenizer.eos_token."
+            )
+        if vocab_size == -1:
+            m = vocab_size_multiple_of
+            vocab_size = (tokenizer.vocab_size + m - 1) // m * m
+        elif vocab_size < tokenizer.vocab_size:
+            raise IdMismatchError(
+                f"Special-id mismatch: config key 'model.vocab_size' is {vocab_size}, but the "
+                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids (eos {tokenizer.eos_id}"
+                f", bos {tokenizer.bos_id}); ids past the embedding would crash or alias. Fix: "
+                "remove model.vocab_size (it is taken from the tokenizer) or raise it."
+            )
+        self.vocab_size = vocab_size
+        self.eos_id = tokenizer.eos_id
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the shapes (no model needed)."""
+        head_dim = self.dim // self.n_heads
+        kv_dim = (self.n_kv_heads or self.n_heads) * head_dim
+        hidden = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        attn = self.dim * self.dim * 2 + self.dim * kv_dim * 2
+        block = attn + 3 * self.dim * hidden + 2 * self.dim
+        total = self.n_layers * block + self.dim + self.vocab_size * self.dim  # + final norm, out
+        if include_embedding:
+            total += self.vocab_size * self.dim
+        return total
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Llama's SwiGLU width: 2/3 of 4·dim, times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+FLAVORS: dict[str, ModelArgs] = {
+    # The same shape as torchtitan's debug model, so CPU throughput compares like for like.
+    "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, rope_theta=500000.0),
+    "8B": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.3,
+        multiple_of=1024,
+        rope_theta=500000.0,
+    ),
+    "70B": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+        rope_theta=500000.0,
+    ),
+    "405B": ModelArgs(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.2,
+        multiple_of=4096,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def model_args_for(flavor: str, **overrides) -> ModelArgs:
+    """A fresh copy of a flavor's args (the presets themselves are never mutated)."""
+    if flavor not in FLAVORS:
+        import difflib
+
+        close = difflib.get_close_matches(flavor, list(FLAVORS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"Config key 'model.flavor' is {flavor!r}, which is not a llama3 flavor."
+            f"{hint} Fix: use one of {', '.join(FLAVORS)}."
+        )
+    return dataclasses.replace(FLAVORS[flavor], **overrides)

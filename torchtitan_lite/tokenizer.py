@@ -1,0 +1,354 @@
+"""Tokenizers: the single source of truth for the special ids.
+
+Two formats, told apart by the file's contents (not its name):
+
+* a **tiktoken ranks file** (one ``base64(token) rank`` pair per line, Llama 3's
+  ``tokenizer.model``), to which the 256 Llama 3 special tokens are appended after the ranks;
+* a **sentencepiece** ``.model`` protobuf, with its own bos/eos/pad pieces.
+
+Every tokenizer exposes ``bos_id``, ``eos_id`` (the document boundary), ``pad_id`` (or None),
+``vocab_size``, ``stop_ids`` (ids that end generation), ``encode(text, bos=, eos=)`` and
+``decode(ids)``. Document text is always encoded as ordinary text: a literal
+``<|end_of_text|>`` inside a document is never turned into the control id.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from torchtitan_lite.errors import TokenizerError
+
+# The Llama 3 pre-tokenization pattern (contractions, letters, 1-3 digits, punctuation, spaces).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_LLAMA3_SPECIAL_TOKENS = 256
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+EOT = "<|eot_id|>"
+# tiktoken's regex engine can overflow its stack on very long inputs; encode in chunks.
+_MAX_ENCODE_CHARS = 400_000
+
+
+def llama3_special_tokens() -> list[str]:
+    """The 256 special tokens of the Llama 3 layout, in id order after the BPE ranks."""
+    named = [
+        BEGIN_OF_TEXT,  # +0
+        END_OF_TEXT,  # +1
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|reserved_special_token_2|>",
+        "<|reserved_special_token_3|>",
+        "<|start_header_id|>",  # +6
+        "<|end_header_id|>",  # +7
+        "<|reserved_special_token_4|>",
+        EOT,  # +9
+    ]
+    reserved = [
+        f"<|reserved_special_token_{i}|>"
+        for i in range(5, NUM_LLAMA3_SPECIAL_TOKENS - len(named) + 5)
+    ]
+    return named + reserved
+
+
+class Tokenizer(ABC):
+    """Common interface and the id bookkeeping shared by both formats."""
+
+    kind: str
+    path: Path
+    bos_id: int
+    eos_id: int
+    pad_id: int | None
+    vocab_size: int
+    special_tokens: dict[str, int]
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._encode_ordinary(text)
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(
+        self, texts: list[str], bos: bool = False, eos: bool = False
+    ) -> list[list[int]]:
+        """Encode many documents at once (both libraries parallelize this internally)."""
+        out = self._encode_ordinary_batch(texts)
+        for ids in out:
+            if bos:
+                ids.insert(0, self.bos_id)
+            if eos:
+                ids.append(self.eos_id)
+        return out
+
+    @abstractmethod
+    def _encode_ordinary(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def token_id(self, token: str) -> int | None:
+        """Id of a single token given as text, or None when it is not one token."""
+        ...
+
+    @property
+    def eos_token(self) -> str:
+        return self.id_to_token(self.eos_id)
+
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str: ...
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: eos, ``<|eot_id|>`` when the vocabulary has it, and the
+        configured extra stop tokens."""
+        ids = [self.eos_id]
+        eot = self.token_id(EOT)
+        for token_id in (eot, *self._extra_stop_ids):
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+        return ids
+
+    def _set_special_ids(
+        self,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int | None,
+        eos_token: str,
+        pad_token: str,
+        stop_tokens: list[str],
+    ) -> None:
+        """Apply the configured token names over the tokenizer's own special ids."""
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.eos_id = self._select(eos_token, "eos_token", eos_id)
+        self.pad_id = self._select(pad_token, "pad_token", pad_id)
+        self._extra_stop_ids = [self._select(t, "extra_stop_tokens", None) for t in stop_tokens]
+
+    @property
+    def file_sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def _select(self, token: str, key: str, default: int | None) -> int | None:
+        """Resolve a configured token name (``tokenizer.eos_token`` etc.) to its id."""
+        if not token:
+            return default
+        token_id = self.token_id(token)
+        if token_id is None:
+            raise TokenizerError(
+                f"Config key 'tokenizer.{key}' is {token!r}, which is not a single token of "
+                f"{self.path} ({self.kind}, {self.vocab_size} ids). Fix: name a token of this "
+                f"tokenizer (e.g. {self.id_to_token(self.eos_id)!r}) or leave the key empty."
+            )
+        return token_id
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )
+
+
+class TikTokenizer(Tokenizer):
+    """A tiktoken BPE ranks file in the Llama 3 layout (256 specials after the ranks)."""
+
+    kind = "tiktoken"
+
+    def __init__(
+        self,
+        path: Path,
+        ranks: dict[bytes, int],
+        eos_token: str = "",
+        pad_token: str = "",
+        stop_tokens: Sequence[str] = (),
+    ) -> None:
+        import tiktoken
+
+        self.path = path
+        n = len(ranks)
+        self.special_tokens = {t: n + i for i, t in enumerate(llama3_special_tokens())}
+        self._model = tiktoken.Encoding(
+            name=path.name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self._id_to_special = {i: t for t, i in self.special_tokens.items()}
+        self.vocab_size = n + NUM_LLAMA3_SPECIAL_TOKENS
+        self._set_special_ids(
+            self.special_tokens[BEGIN_OF_TEXT],
+            self.special_tokens[END_OF_TEXT],
+            None,
+            eos_token,
+            pad_token,
+            list(stop_tokens),
+        )
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        if len(text) <= _MAX_ENCODE_CHARS:
+            return self._model.encode_ordinary(text)
+        ids: list[int] = []
+        for start in range(0, len(text), _MAX_ENCODE_CHARS):
+            ids.extend(self._model.encode_ordinary(text[start : start + _MAX_ENCODE_CHARS]))
+        return ids
+
+    def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+        if max(map(len, texts), default=0) > _MAX_ENCODE_CHARS:
+            return [self._encode_ordinary(t) for t in texts]
+        return self._model.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._model.decode(list(ids), errors="replace")
+
+    def token_id(self, token: str) -> int | None:
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        ids = self._model.encode_ordinary(token)
+        return ids[0] if len(ids) == 1 else None
+
+    def id_to_token(self, token_id: int) -> str:
+        if token_id in self._id_to_special:
+            return self._id_to_special[token_id]
+        return self._model.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._model.decode_single_token_bytes(token_id)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model``; bos/eos/pad come from the model (pad may be absent)."""
+
+    kind = "sentencepiece"
+
+    def __init__(
+        self,
+        path: Path,
+        model_proto: bytes,
+        eos_token: str = "",
+        pad_token: str = "",
+        stop_tokens: Sequence[str] = (),
+    ) -> None:
+        import sentencepiece as spm
+
+        self.path = path
+        self._model = spm.SentencePieceProcessor()
+        self._model.LoadFromSerializedProto(model_proto)
+        self.vocab_size = self._model.get_piece_size()
+        bos, eos, pad = self._model.bos_id(), self._model.eos_id(), self._model.pad_id()
+        if bos < 0 or (eos < 0 and not eos_token):
+            raise TokenizerError(
+                f"Sentencepiece model {path} has no {'bos' if bos < 0 else 'eos'} piece "
+                "(trained with bos_id/eos_id = -1). Fix: retrain it with bos and eos pieces, or "
+                "name the document-boundary token in tokenizer.eos_token."
+            )
+        self.special_tokens = {
+            self._model.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if self._model.is_control(i) or self._model.is_unknown(i)
+        }
+        self._set_special_ids(
+            bos, eos, pad if pad >= 0 else None, eos_token, pad_token, list(stop_tokens)
+        )
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self._model.encode(text)
+
+    def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._model.encode(list(texts))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._model.decode(list(ids))
+
+    def token_id(self, token: str) -> int | None:
+        token_id = self._model.piece_to_id(token)
+        if self._model.is_unknown(token_id) and token != self._model.id_to_piece(token_id):
+            return None
+        return token_id
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._model.id_to_piece(token_id)
+
+
+def _parse_ranks(path: Path, data: bytes) -> dict[bytes, int] | None:
+    """Parse a tiktoken ranks file; None when the data is not one (another format)."""
+    first = data.split(b"\n", 1)[0].split()
+    if len(first) != 2 or not first[1].isdigit():
+        return None
+    try:
+        base64.b64decode(first[0], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+            if len(parts) != 2:
+                raise ValueError
+        except (binascii.Error, ValueError, IndexError):
+            raise TokenizerError(
+                f"Tokenizer file {path}, line {lineno}: expected 'base64-token rank', got "
+                f"{line[:80]!r}. Fix: restore the file (it looks truncated or edited)."
+            ) from None
+        if token in ranks:
+            raise TokenizerError(
+                f"Tokenizer file {path}, line {lineno}: token {token!r} appears "
+                "twice. Fix: restore the original ranks file."
+            )
+        ranks[token] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(
+            f"Tokenizer file {path}: ranks are not exactly 0..{len(ranks) - 1}, so the 256 "
+            "Llama 3 special tokens cannot be placed after them. Fix: use a complete ranks file."
+        )
+    return ranks
+
+
+def load_tokenizer(
+    path: str | Path, eos_token: str = "", pad_token: str = "", stop_tokens: Sequence[str] = ()
+) -> Tokenizer:
+    """Load a tiktoken ranks file or a sentencepiece model, detected from the file's contents.
+
+    ``eos_token`` names the document-boundary token (default ``<|end_of_text|>`` / the model's
+    ``</s>``); ``pad_token`` an optional pad token; ``stop_tokens`` more generation stops.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a folder; name the tokenizer file inside it)" if path.is_dir() else ""
+        raise TokenizerError(
+            f"Tokenizer file {path} does not exist{hint}. Fix: set tokenizer.path to a tiktoken "
+            "ranks file or a sentencepiece .model (the default is "
+            "assets/tokenizer/tiktoken_2k.model, run from the repository root)."
+        )
+    data = path.read_bytes()
+    if not data.strip():
+        raise TokenizerError(f"Tokenizer file {path} is empty. Fix: restore or re-download it.")
+    ranks = _parse_ranks(path, data)
+    if ranks is not None:
+        return TikTokenizer(path, ranks, eos_token, pad_token, stop_tokens)
+    if data.lstrip()[:1] == b"{":
+        raise TokenizerError(
+            f"Tokenizer file {path} is JSON (a Hugging Face tokenizer.json?), which is not a "
+            "supported format. Fix: point tokenizer.path at the tiktoken ranks file or "
+            "sentencepiece tokenizer.model of the same model."
+        )
+    try:
+        return SentencePieceTokenizer(path, data, eos_token, pad_token, stop_tokens)
+    except RuntimeError as e:  # sentencepiece's parse error
+        raise TokenizerError(
+            f"Tokenizer file {path} is neither a tiktoken ranks file ('base64-token rank' lines) "
+            f"nor a sentencepiece model ({str(e).strip()[:120]}). Fix: set tokenizer.path to a "
+            "tiktoken or sentencepiece tokenizer file."
+        ) from None

@@ -1,0 +1,29 @@
+"""Entry point: ``python train.py --config FILE [--section.key VALUE ...]`` (or under torchrun)."""
+
+from __future__ import annotations
+
+import sys
+
+from torchtitan_lite.config import help_text, load_config, parse_args
+from torchtitan_lite.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    try:
+        path, overrides, want_help = parse_args(argv)
+        if want_help:
+            print(help_text())
+            return 0
+        config = load_config(path, overrides)
+        from torchtitan_lite.trainer import Trainer
+
+        Trainer(config, config_path=path)
+    except UserError as e:
+        # A mistake in something the user supplied: one paragraph, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
