@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.ids import check_special_ids
 from torchtitan_lite.logging import init_logger, logger
+from torchtitan_lite.models.attention import resolve_backend
 from torchtitan_lite.models.llama3.args import model_args_for
+from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
 
 
@@ -41,6 +45,12 @@ class Trainer:
             self.tokenizer, model_args=self.model_args, allow_eot_boundary=tc.allow_eot_boundary
         ):
             logger.warning(warning)
+
+        # 5. The model on the meta device: shapes only, no memory until it is materialized.
+        self.device = _device(config.training.device)
+        self.attn_backend = resolve_backend(mc.attn_backend, self.device)
+        with torch.device("meta"):
+            self.model = Transformer(self.model_args)
         self._log_banner(config_path)
 
     def _log_banner(self, config_path: str | None) -> None:
@@ -62,9 +72,13 @@ class Trainer:
         logger.info(
             f"model {c.model.name} {c.model.flavor}: {a.n_layers} layers, dim {a.dim}, "
             f"{a.n_heads} heads ({a.n_kv_heads or a.n_heads} kv), vocab {a.vocab_size}, "
-            f"eos {a.eos_id}, {a.num_params() / 1e6:,.1f}M parameters"
+            f"eos {a.eos_id}, {sum(p.numel() for p in self.model.parameters()) / 1e6:,.1f}M "
+            "parameters"
         )
-        logger.info(f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id})")
+        logger.info(
+            f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id}),"
+            f" kernel {self.attn_backend} on {self.device}"
+        )
         logger.info("startup id check passed: tokenizer and model agree on vocab, bos, eos, pad")
 
 
@@ -82,3 +96,14 @@ def _make_dump_folder(path: str) -> Path:
             f"./outputs."
         ) from None
     return folder
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "Config key 'training.device' is 'cuda', but no CUDA device is "
+            'available. Fix: set training.device = "auto" or "cpu".'
+        )
+    return torch.device(choice)

@@ -33,7 +33,8 @@ def test_startup_banner_and_resolved_config(tmp_path):
         "vocab 2304, bos 2048 '<|begin_of_text|>', eos 2049 '<|end_of_text|>', pad none, "
         "stop ids [2049, 2057]"
     ) in log
-    assert "attention mask block_causal (document boundary: eos id 2049)" in log
+    assert "attention mask block_causal (document boundary: eos id 2049), kernel sdpa" in log
+    assert "6 layers, dim 256, 16 heads (16 kv), vocab 2304, eos 2049, 6.3M parameters" in log
     assert "startup id check passed" in log
     resolved = load_config(out / "config.toml")
     assert resolved == load_config(

@@ -1,0 +1,322 @@
+"""Document masks for packed sequences, and the attention kernels that consume them.
+
+Semantics (normative). Position ``i`` of a row belongs to document ``k`` = the number of EOS
+tokens at positions ``< i``; an EOS belongs to the document it ends. ``block_causal``: query
+``q`` may attend key ``kv`` iff ``doc[q] == doc[kv]`` and ``kv <= q``. ``causal``: iff
+``kv <= q``. Every query attends at least to itself, so no row of the mask is empty::
+
+    tokens   a  b  E  c  d  E  e          block_causal        causal
+    doc      0  0  0  1  1  1  2          a ■ · · · · · ·      ■ · · · · · ·
+                                          b ■ ■ · · · · ·      ■ ■ · · · · ·
+                                          E ■ ■ ■ · · · ·      ■ ■ ■ · · · ·
+                                          c · · · ■ · · ·      ■ ■ ■ ■ · · ·
+                                          d · · · ■ ■ · ·      ■ ■ ■ ■ ■ · ·
+                                          E · · · ■ ■ ■ ·      ■ ■ ■ ■ ■ ■ ·
+                                          e · · · · · · ■      ■ ■ ■ ■ ■ ■ ■
+
+The mask is a pure function of ``(tokens, eos_id)``, built once per batch by the train step
+and passed into the model; nothing here keeps state between calls. Two kernel paths share it:
+
+* ``flex``: FlexAttention with a :class:`BlockMask` from :func:`build_block_mask`, which
+  derives the block tables from per-block document ranges (no S×S work) and equals
+  ``create_block_mask`` field by field. Compiled on GPU.
+* ``sdpa``: ``scaled_dot_product_attention`` with a dense boolean mask from the same document
+  ids (``is_causal`` when there is nothing to split). It trains on CPU, where FlexAttention
+  has no backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+MASK_TYPES = ("causal", "block_causal")
+
+#: What the model receives: a BlockMask (flex), DocumentSegments (sdpa), or None (sdpa,
+#: plain causal). Defined below.
+
+
+def document_ids(tokens: Tensor, eos_id: int) -> Tensor:
+    """``(B, S)`` int32: the document index of every position (EOS counted before it)."""
+    is_eos = (tokens == eos_id).to(torch.int32)  # (B, S)
+    return torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos  # exclusive cumsum
+
+
+# ------------------------------------------------------------------------------ mask_mods
+
+
+def causal_mask_mod():
+    """``kv <= q``."""
+
+    def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return q_idx >= kv_idx
+
+    return causal
+
+
+def block_causal_mask_mod(doc_ids: Tensor):
+    """``kv <= q`` within one document; ``doc_ids`` is ``(B, S)`` from :func:`document_ids`."""
+
+    def block_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    return block_causal
+
+
+def mask_mod_for(tokens: Tensor, eos_id: int, mask_type: str):
+    """The FlexAttention ``mask_mod`` of a mask type for this batch."""
+    _check_mask_type(mask_type)
+    if mask_type == "causal":
+        return causal_mask_mod()
+    return block_causal_mask_mod(document_ids(tokens, eos_id))
+
+
+def _check_mask_type(mask_type: str) -> None:
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"unknown attention mask type {mask_type!r}; expected one of {MASK_TYPES}")
+
+
+# ------------------------------------------------------------------------------ the oracle
+
+
+def reference_mask(tokens: Tensor, eos_id: int, mask_type: str) -> Tensor:
+    """Dense ``(B, S, S)`` bool mask, written as plainly as possible (the test oracle)."""
+    _check_mask_type(mask_type)
+    batch, seq_len = tokens.shape
+    mask = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    for b in range(batch):
+        doc, docs = 0, []
+        for token in tokens[b].tolist():
+            docs.append(doc)
+            if token == eos_id:
+                doc += 1
+        docs_t = torch.tensor(docs)
+        same_doc = docs_t[:, None] == docs_t[None, :]
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        mask[b] = causal & same_doc if mask_type == "block_causal" else causal
+    return mask
+
+
+# ------------------------------------------------------------------------------ sdpa path
+
+
+@dataclass(frozen=True)
+class DocumentSegments:
+    """The sdpa-path mask: each row cut into segments at document boundaries.
+
+    ``rows[b]`` lists ``(start, end, mask)`` covering ``[0, S)`` in order. ``mask`` is None for a
+    segment holding one document (causal attention inside it), or a small ``(1, 1, L, L)``
+    block-causal mask for a run of short documents grouped to bound the number of kernel
+    calls. Attention never crosses a segment, so the cost is Σ L² instead of S².
+    """
+
+    rows: tuple[tuple[tuple[int, int, Tensor | None], ...], ...]
+
+
+def document_segments(tokens: Tensor, eos_id: int, group_len: int = 128) -> DocumentSegments:
+    """Cut every row at its EOS tokens; runs of documents shorter than ``group_len`` share a
+    segment of at most ``group_len`` tokens under a small dense mask."""
+    batch, seq_len = tokens.shape
+    ends_per_row: list[list[int]] = [[] for _ in range(batch)]
+    for b, pos in (tokens == eos_id).nonzero().tolist():  # one host sync per batch
+        ends_per_row[b].append(pos + 1)
+    rows = []
+    for ends in ends_per_row:
+        if not ends or ends[-1] != seq_len:
+            ends.append(seq_len)
+        rows.append(_segment_row(ends, group_len, tokens.device))
+    return DocumentSegments(tuple(rows))
+
+
+def _segment_row(
+    ends: list[int], group_len: int, device: torch.device
+) -> tuple[tuple[int, int, Tensor | None], ...]:
+    segments: list[tuple[int, int, Tensor | None]] = []
+    group: list[int] = []  # starts and ends of the open group's documents: [s0, e0=s1, e1, ...]
+
+    def close_group() -> None:
+        if len(group) == 2:  # one short document: plain causal
+            segments.append((group[0], group[1], None))
+        elif group:
+            lengths = torch.tensor([e - s for s, e in zip(group, group[1:], strict=False)])
+            docs = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+            n = docs.numel()
+            causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            segments.append(
+                (group[0], group[-1], ((docs[:, None] == docs[None]) & causal)[None, None])
+            )
+        group.clear()
+
+    start = 0
+    for end in ends:
+        if end - start >= group_len:  # a long document: its own causal segment
+            close_group()
+            segments.append((start, end, None))
+        else:
+            if group and end - group[0] > group_len:
+                close_group()
+            group.extend([start, end] if not group else [end])
+        start = end
+    close_group()
+    return tuple(segments)
+
+
+# ------------------------------------------------------------------------------ flex path
+
+
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Block rows → (count, indices): active indices ascending, then the inactive ones.
+
+    The layout of FlexAttention's own conversion (a stable descending argsort), computed with
+    a cumsum and a scatter instead of a sort, so the tables equal ``create_block_mask``'s.
+    """
+    n = dense.shape[-1]
+    active = dense.to(torch.int32)
+    rank = torch.cumsum(active, dim=-1, dtype=torch.int32)  # active blocks up to and at j
+    count = rank[..., -1:]
+    cols = torch.arange(n, dtype=torch.int32, device=dense.device)
+    slot = torch.where(dense, rank - 1, count + cols - rank)  # where column j goes in the row
+    indices = torch.empty_like(active).scatter_(-1, slot.long(), cols.expand_as(active))
+    return count.squeeze(-1), indices
+
+
+def block_tables(
+    tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128
+) -> tuple[Tensor, Tensor]:
+    """Partial and full ``(B, 1, NQ, NK)`` block masks from per-block document ranges.
+
+    Document ids never decrease along a row, so for key block ``j`` ≤ query block ``i`` the
+    two blocks share a document iff ``last_doc[j] >= first_doc[i]``; the block is full iff
+    both hold that one document only, ``j < i``, and both blocks are complete (the padded
+    tail of a short last block is masked, as in ``create_block_mask``). Work is
+    O(B·S + B·NQ·NK), never S².
+    """
+    _check_mask_type(mask_type)
+    batch, seq_len = tokens.shape
+    n = -(-seq_len // block_size)  # blocks, the last possibly short
+    blk = torch.arange(n, device=tokens.device)
+    causal = blk[None, :] <= blk[:, None]  # (NQ, NK)
+    complete = (blk + 1) * block_size <= seq_len
+    below_complete = (blk[None, :] < blk[:, None]) & complete[:, None] & complete[None, :]
+    if mask_type == "causal":
+        full = below_complete.expand(batch, n, n)
+        partial = causal & ~below_complete
+        return partial.expand(batch, 1, n, n), full[:, None]
+    docs = document_ids(tokens, eos_id)  # (B, S)
+    first = docs[:, ::block_size]  # (B, N): document of each block's first token
+    ends = torch.clamp((blk + 1) * block_size, max=seq_len) - 1
+    last = docs[:, ends]  # (B, N): document of each block's last token
+    overlap = (last[:, None, :] >= first[:, :, None]) & causal
+    full = (first[:, None, :] == first[:, :, None]) & (last == first)[:, :, None] & below_complete
+    return (overlap & ~full)[:, None], full[:, None]
+
+
+def build_block_mask(
+    tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128
+) -> BlockMask:
+    """The FlexAttention ``BlockMask`` of a batch, equal to ``create_block_mask``'s.
+
+    Built directly from per-block document ranges (see :func:`block_tables`) on the tokens'
+    device, q-side tables included; the ``mask_mod`` refines the partial blocks.
+    """
+    partial, full = block_tables(tokens, eos_id, mask_type, block_size)
+    # kv tables (rows = query blocks) and q tables (the transposes), in one batched pass
+    counts, indices = _ordered(torch.stack([partial, full, partial.mT, full.mT]))
+    seq_len = tokens.shape[1]
+    fields = {
+        "kv_num_blocks": counts[0],
+        "kv_indices": indices[0],
+        "full_kv_num_blocks": counts[1],
+        "full_kv_indices": indices[1],
+        "q_num_blocks": counts[2],
+        "q_indices": indices[2],
+        "full_q_num_blocks": counts[3],
+        "full_q_indices": indices[3],
+    }
+    mask_mod = mask_mod_for(tokens, eos_id, mask_type)
+    try:
+        return BlockMask(
+            seq_lengths=(seq_len, seq_len),
+            BLOCK_SIZE=(block_size, block_size),
+            mask_mod=mask_mod,
+            **fields,
+        )
+    except TypeError:  # a torch whose constructor differs: the public path recomputes q tables
+        return BlockMask.from_kv_blocks(
+            fields["kv_num_blocks"],
+            fields["kv_indices"],
+            fields["full_kv_num_blocks"],
+            fields["full_kv_indices"],
+            BLOCK_SIZE=(block_size, block_size),
+            mask_mod=mask_mod,
+            seq_lengths=(seq_len, seq_len),
+        )
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+AttentionMask = BlockMask | DocumentSegments | None
+
+
+def build_attention_mask(
+    tokens: Tensor, eos_id: int, mask_type: str, backend: str
+) -> AttentionMask:
+    """The mask for one batch, in the form the chosen kernel (``flex`` or ``sdpa``) takes."""
+    if backend == "flex":
+        return build_block_mask(tokens, eos_id, mask_type)
+    if backend == "sdpa":
+        _check_mask_type(mask_type)
+        return None if mask_type == "causal" else document_segments(tokens, eos_id)
+    raise ValueError(f"unknown attention backend {backend!r}; expected 'flex' or 'sdpa'")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` → ``flex`` on CUDA (compiled FlexAttention), ``sdpa`` elsewhere."""
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return backend
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """``(B, H, S, D)`` queries against ``(B, H_kv, S, D)`` keys/values under ``mask``.
+
+    A BlockMask runs FlexAttention (compiled on CUDA; eager elsewhere, forward only on CPU);
+    DocumentSegments run SDPA segment by segment, None runs causal SDPA. Grouped-query heads
+    are expanded for SDPA.
+    """
+    if isinstance(mask, BlockMask):
+        enable_gqa = q.shape[1] != k.shape[1]
+        if q.is_cuda:
+            return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+    if q.shape[1] != k.shape[1]:
+        repeats = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeats, dim=1)
+        v = v.repeat_interleave(repeats, dim=1)
+    if mask is None or all(len(row) == 1 and row[0][2] is None for row in mask.rows):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rows = []
+    for b, segments in enumerate(mask.rows):
+        parts = [
+            F.scaled_dot_product_attention(
+                q[b : b + 1, :, s:e],
+                k[b : b + 1, :, s:e],
+                v[b : b + 1, :, s:e],
+                attn_mask=seg_mask,
+                is_causal=seg_mask is None,
+            )
+            for s, e, seg_mask in segments
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
