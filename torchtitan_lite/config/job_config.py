@@ -158,10 +158,24 @@ class Training:
 @dataclass
 class Data:
     path: str = "assets/shakespeare.jsonl.gz"
-    """Dataset: a JSONL(.gz) file, a text file, or a folder of them."""
+    """Dataset: a JSONL(.gz), text(.gz) or Parquet file, or a folder of them (sorted by name);
+    with format ``hf``, a Hugging Face dataset name or folder."""
+
+    format: str = "auto"
+    """``auto`` (from the file names) or ``hf`` (stream with the optional datasets package)."""
 
     text_field: str = "text"
-    """JSONL field holding a document's text."""
+    """JSONL field / Parquet column holding a document's text."""
+
+    separator: str = ""
+    """Text files: the string between documents. Empty: one document per file."""
+
+    hf_split: str = "train"
+    """With format ``hf``: the split to stream."""
+
+    infinite: bool = True
+    """Loop over the data epoch after epoch (the epoch is logged). False: one epoch, the last
+    partial window padded and ignored in the loss."""
 
     num_workers: int = 0
     """Data loader worker processes per rank."""
@@ -288,6 +302,7 @@ class JobConfig:
         _one_of("activation_checkpoint.mode", self.activation_checkpoint.mode, AC_MODES)
         _one_of("lr_scheduler.decay_type", self.lr_scheduler.decay_type, DECAY_TYPES)
         _one_of("optimizer.name", self.optimizer.name, ("AdamW",))
+        _one_of("data.format", self.data.format, ("auto", "hf"))
         _one_of(
             "optimizer.implementation",
             self.optimizer.implementation,

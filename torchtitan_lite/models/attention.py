@@ -47,6 +47,17 @@ def document_ids(tokens: Tensor, eos_id: int) -> Tensor:
     return torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos  # exclusive cumsum
 
 
+def document_positions(tokens: Tensor, eos_id: int) -> Tensor:
+    """``(B, S)`` int64 RoPE positions that restart at 0 at every document start."""
+    seq_len = tokens.shape[1]
+    idx = torch.arange(seq_len, device=tokens.device).expand_as(tokens)
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 1:] = tokens[:, :-1] == eos_id  # the token after an EOS starts a document
+    starts[:, 0] = True
+    start_of = torch.cummax(torch.where(starts, idx, 0), dim=1).values
+    return idx - start_of
+
+
 # ------------------------------------------------------------------------------ mask_mods
 
 

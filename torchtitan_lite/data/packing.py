@@ -1,0 +1,162 @@
+"""Packing documents into training windows, sharded per rank and worker, resumable.
+
+Each shard's token stream is its documents in index order, each encoded as
+``bos + text + eos``, epoch after epoch. Windows of ``seq_len + 1`` tokens are cut from the
+stream with a stride of ``seq_len``: window ``k`` starts at stream token ``k·seq_len``, so the
+last token of a window is the first of the next and **no target is lost at a boundary**
+(``inputs = window[:-1]``, ``labels = window[1:]``). Documents span windows freely.
+
+* Sharding: document ``i`` belongs to shard ``i mod (ranks × workers)``; with N ranks every
+  document is trained exactly once per epoch, by one rank.
+* Resumption: the state is where the next window starts — ``(epoch, document index, token
+  offset)``; restoring it reproduces the uninterrupted stream exactly.
+* ``infinite = false``: one epoch; the last partial window is **padded** (inputs with the
+  pad id, or eos when the tokenizer has none; labels with ``ignore_index``) and then the
+  iteration ends. With ``infinite = true`` (training) epochs follow each other without a gap.
+* ``mask_cross_document_targets``: the label at an input EOS (which would predict the next
+  document's first token) becomes ``ignore_index``, like Megatron's ``eod_mask_loss``.
+
+torchtitan v0.1.0's packing corresponds to ``mask_cross_document_targets = false`` and
+``reset_position_ids = false`` (it also drops one target per window boundary, which this
+packer does not).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from torchtitan_lite.data.sources import DataError, DocumentSource
+from torchtitan_lite.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+logger = logging.getLogger("torchtitan_lite")
+
+
+class PackedDataset(IterableDataset):
+    def __init__(
+        self,
+        source: DocumentSource,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        infinite: bool = True,
+        mask_cross_document_targets: bool = False,
+    ) -> None:
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.rank, self.world_size = rank, world_size
+        self.infinite = infinite
+        self.mask_cross_document_targets = mask_cross_document_targets
+        self.eos_id = tokenizer.eos_id  # the boundary the model's mask splits on
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        # where the next window starts: epoch, document index, token offset in that document
+        self._epoch, self._doc, self._offset = 0, 0, 0
+        self.skipped_empty = 0
+
+    # ---------------------------------------------------------------- sharding
+
+    def _shard(self) -> tuple[int, int]:
+        """(this shard, number of shards) over ranks × data-loader workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "doc": self._doc,
+            "offset": self._offset,
+            "num_shards": self._shard()[1],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_shards", self._shard()[1]) != self._shard()[1]:
+            logger.warning(
+                f"data: the checkpoint's data state was written by {state['num_shards']} shards"
+                f" (ranks × workers), this run has {self._shard()[1]}: each shard restarts "
+                f"epoch {state['epoch']} from its first document, so documents of that epoch "
+                "may be seen again or skipped; later epochs are exact."
+            )
+            self._epoch, self._doc, self._offset = state["epoch"], 0, 0
+            return
+        self._epoch, self._doc, self._offset = state["epoch"], state["doc"], state["offset"]
+
+    # ---------------------------------------------------------------- iteration
+
+    def _sample(self, window: np.ndarray) -> dict[str, torch.Tensor]:
+        inputs = torch.from_numpy(window[:-1].copy())
+        labels = torch.from_numpy(window[1:].copy())
+        if self.mask_cross_document_targets:
+            labels[inputs == self.eos_id] = IGNORE_INDEX
+        return {"input": inputs, "labels": labels}
+
+    def __iter__(self):
+        shard, num_shards = self._shard()
+        need = self.seq_len + 1
+        pieces: list[np.ndarray] = []
+        filled = 0
+        while True:
+            start_doc, start_offset = self._doc, self._offset
+            docs_seen = docs_used = 0
+            owned = functools.partial(_owned, shard=shard, num_shards=num_shards, first=start_doc)
+            for doc in self.source.documents(owned):
+                docs_seen += 1
+                if not doc.text.strip():
+                    self.skipped_empty += 1
+                    continue
+                docs_used += 1
+                tokens = np.asarray(
+                    self.tokenizer.encode(doc.text, bos=True, eos=True), dtype=np.int64
+                )
+                pos = start_offset if doc.index == start_doc else 0
+                while pos < len(tokens):
+                    take = min(need - filled, len(tokens) - pos)
+                    pieces.append(tokens[pos : pos + take])
+                    filled += take
+                    pos += take
+                    if filled == need:
+                        window = np.concatenate(pieces)
+                        # The next window starts at this window's last token.
+                        self._doc, self._offset = doc.index, pos - 1
+                        yield self._sample(window)
+                        pieces, filled = [window[-1:]], 1
+            if docs_seen == 0 and start_doc == 0:
+                raise DataError(
+                    f"Data shard {shard} of {num_shards} (ranks × data-loader workers) got no "
+                    f"documents from {self.source.path}: there are fewer documents than shards. "
+                    "Fix: add data, or lower data.num_workers or the number of processes."
+                )
+            if docs_used == 0 and start_doc == 0:
+                raise DataError(
+                    f"Data shard {shard} of {num_shards} found only empty documents in "
+                    f"{self.source.path} ({self.skipped_empty} skipped): nothing to train on. "
+                    "Fix: check data.path and data.text_field."
+                )
+            logger.info(
+                f"data: shard {shard}/{num_shards} finished epoch {self._epoch} "
+                f"({self.skipped_empty} empty documents skipped so far)"
+            )
+            self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
+            if not self.infinite:
+                if filled > 1:  # the last partial window, padded and ignored in the loss
+                    window = np.concatenate(pieces)
+                    pad = np.full(need - filled, self.pad_id, dtype=np.int64)
+                    sample = self._sample(np.concatenate([window, pad]))
+                    sample["labels"][filled - 1 :] = IGNORE_INDEX
+                    yield sample
+                return
+
+
+def _owned(index: int, shard: int, num_shards: int, first: int) -> bool:
+    """Document ``index`` is read by this shard (and not before the resume point)."""
+    return index % num_shards == shard and index >= first

@@ -1,0 +1,213 @@
+"""Document sources: where the text comes from, one document at a time, in a fixed order.
+
+Supported: JSONL files (``.jsonl`` / ``.jsonl.gz``, the text under ``data.text_field``), text
+files (``.txt`` / ``.txt.gz``: one document per file, or documents split on
+``data.separator``), Parquet files (needs ``pyarrow``), a folder of any of these (sorted by
+name), and a Hugging Face dataset streamed with the optional ``datasets`` package
+(``data.format = "hf"``).
+
+Every document has a global index in that order; sharding and resumption work on the index.
+Bad input stops with a :class:`DataError` naming the file and line; documents with no text
+are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchtitan_lite.errors import UserError
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".parquet")
+
+
+class DataError(UserError):
+    """Data that cannot be read: a missing, empty or malformed file."""
+
+
+@dataclass(frozen=True)
+class Document:
+    index: int  # global position in the source order
+    text: str
+    origin: str  # "file:line", for messages
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), "")
+
+
+def list_files(path: str | Path) -> list[Path]:
+    """The data files of ``data.path`` (a file, or a folder searched recursively)."""
+    root = Path(path)
+    if root.is_file():
+        if not _suffix(root):
+            raise DataError(
+                f"Data file {root} has an unsupported extension. Fix: use one of "
+                f'{", ".join(SUFFIXES)} (or data.format = "hf" for a Hugging Face dataset).'
+            )
+        return [root]
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _suffix(p))
+        if not files:
+            raise DataError(
+                f"Data folder {root} holds no data files ({', '.join(SUFFIXES)}). Fix: point "
+                "data.path at a folder with such files, or at one file."
+            )
+        return files
+    raise DataError(
+        f"Data path {root} does not exist. Fix: set data.path to a JSONL, text or "
+        "Parquet file or folder (the default is assets/shakespeare.jsonl.gz, run "
+        "from the repository root)."
+    )
+
+
+class DocumentSource:
+    """Iterates documents ``(index, text)`` in a deterministic order, from any index on."""
+
+    def __init__(
+        self,
+        path: str,
+        fmt: str = "auto",
+        text_field: str = "text",
+        separator: str = "",
+        hf_split: str = "train",
+    ) -> None:
+        self.path, self.fmt, self.text_field = path, fmt, text_field
+        self.separator, self.hf_split = separator, hf_split
+        self.files = [] if fmt == "hf" else list_files(path)
+
+    def __iter__(self) -> Iterator[Document]:
+        return self.documents()
+
+    def documents(self, owned=None) -> Iterator[Document]:
+        """All documents in order; ``owned(index)`` (optional) selects which ones to decode —
+        the others are counted but not parsed, so shards skip cheaply."""
+        if self.fmt == "hf":
+            yield from self._hf_documents(owned)
+            return
+        index = 0
+        for path in self.files:
+            n_before = index
+            for origin, text in self._read_file(path, lambda i: owned is None or owned(i), index):
+                if text is not None:
+                    yield Document(index, text, origin)
+                index += 1
+            if index == n_before:
+                raise DataError(
+                    f"Data file {path} contains no documents (it is empty). Fix: "
+                    "remove it from data.path or fill it."
+                )
+
+    def _read_file(self, path: Path, wanted, first_index: int):
+        """Yield ``(origin, text or None)`` per document; None for documents not wanted."""
+        suffix = _suffix(path)
+        if suffix == ".parquet":
+            yield from self._read_parquet(path, wanted, first_index)
+            return
+        opener = gzip.open if suffix.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                if suffix.startswith(".jsonl"):
+                    yield from self._read_jsonl(path, f, wanted, first_index)
+                else:
+                    yield from self._read_text(path, f.read(), wanted, first_index)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(
+                f"Data file {path} cannot be read ({e}). Fix: restore the file or "
+                "remove it from data.path."
+            ) from None
+
+    def _read_jsonl(self, path: Path, f, wanted, first_index: int):
+        index = first_index
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if not wanted(index):
+                yield f"{path}:{lineno}", None
+                index += 1
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"Data file {path}, line {lineno}: bytes that are not UTF-8 "
+                    f"({e.reason} at byte {e.start}). Fix: re-encode the file as "
+                    "UTF-8 or drop that line."
+                ) from None
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"Data file {path}, line {lineno}: not valid JSON ({e.msg}). "
+                    "Fix: write one JSON object per line."
+                ) from None
+            if not isinstance(record, dict) or self.text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    f"Data file {path}, line {lineno}: no field {self.text_field!r} (found "
+                    f"{keys}). Fix: set data.text_field to the field that holds the text."
+                )
+            text = record[self.text_field]
+            if not isinstance(text, str):
+                raise DataError(
+                    f"Data file {path}, line {lineno}: field {self.text_field!r} "
+                    f"is a {type(text).__name__}, not text. Fix: set "
+                    "data.text_field to a string field."
+                )
+            yield f"{path}:{lineno}", text
+            index += 1
+
+    def _read_text(self, path: Path, data: bytes, wanted, first_index: int):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise DataError(
+                f"Data file {path}, line {line}: bytes that are not UTF-8 "
+                f"({e.reason} at byte {e.start}). Fix: re-encode the file as "
+                "UTF-8."
+            ) from None
+        if not text.strip():
+            return  # an empty file: reported by the caller
+        parts = text.split(self.separator) if self.separator else [text]
+        line = 1
+        for i, part in enumerate(parts):
+            yield f"{path}:{line}", part if wanted(first_index + i) else None
+            line += part.count("\n") + self.separator.count("\n")
+
+    def _read_parquet(self, path: Path, wanted, first_index: int):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(
+                f"Data file {path} is Parquet, which needs the optional pyarrow "
+                "package. Fix: pip install pyarrow (or datasets)."
+            ) from None
+        table = pq.read_table(path)
+        if self.text_field not in table.column_names:
+            raise DataError(
+                f"Data file {path}: no column {self.text_field!r} (found "
+                f"{table.column_names}). Fix: set data.text_field."
+            )
+        for row, text in enumerate(table.column(self.text_field).to_pylist()):
+            yield f"{path}:row {row}", text if wanted(first_index + row) else None
+
+    def _hf_documents(self, owned) -> Iterator[Document]:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(
+                'data.format = "hf" streams a Hugging Face dataset, which needs the '
+                "optional datasets package. Fix: pip install datasets."
+            ) from None
+        stream = datasets.load_dataset(self.path, split=self.hf_split, streaming=True)
+        for index, record in enumerate(stream):
+            if owned is None or owned(index):
+                if self.text_field not in record:
+                    raise DataError(
+                        f"Dataset {self.path}, record {index}: no field "
+                        f"{self.text_field!r}. Fix: set data.text_field."
+                    )
+                yield Document(index, record[self.text_field], f"{self.path}[{index}]")
