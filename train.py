@@ -17,7 +17,14 @@ def main(argv: list[str]) -> int:
         config = load_config(path, overrides)
         from torchtitan_lite.trainer import Trainer
 
-        Trainer(config, config_path=path)
+        trainer = Trainer(config, config_path=path)
+        try:
+            if config.checkpoint.create_seed_checkpoint:
+                trainer.save_seed_checkpoint()
+            else:
+                trainer.train()
+        finally:
+            trainer.close()
     except UserError as e:
         # A mistake in something the user supplied: one paragraph, no traceback.
         print(f"error: {e}", file=sys.stderr)

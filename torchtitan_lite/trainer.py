@@ -1,37 +1,95 @@
-"""The Trainer: ``__init__`` is the build sequence, read top to bottom."""
+"""The Trainer: ``__init__`` is the build sequence, read top to bottom; then the step and loop."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from torchtitan_lite.components.checkpoint import CheckpointManager
+from torchtitan_lite.components.loss import cross_entropy_sum
+from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
+from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.config import JobConfig, to_toml
+from torchtitan_lite.data import IGNORE_INDEX, build_dataloader
+from torchtitan_lite.distributed.parallel_dims import ParallelDims
+from torchtitan_lite.distributed.parallelize import parallelize
+from torchtitan_lite.distributed.utils import (
+    all_reduce_sum,
+    clip_grad_norm_,
+    init_distributed,
+    local_device,
+    set_seed,
+)
 from torchtitan_lite.errors import ConfigError
-from torchtitan_lite.ids import check_special_ids
+from torchtitan_lite.ids import check_special_ids, ids_manifest
 from torchtitan_lite.logging import init_logger, logger
-from torchtitan_lite.models.attention import resolve_backend
+from torchtitan_lite.models.attention import (
+    build_attention_mask,
+    document_positions,
+    resolve_backend,
+)
 from torchtitan_lite.models.llama3.args import model_args_for
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
+
+# Models up to this size are initialized whole, then sharded: the initial weights are then the
+# same for every world size (a 1- and a 2-process run start identically). Larger ones are
+# initialized shard by shard on their device (use a seed checkpoint to reproduce them).
+_INIT_WHOLE_MAX_PARAMS = 500_000_000
 
 
 class Trainer:
     def __init__(self, config: JobConfig, config_path: str | None = None) -> None:
         self.config = config
-        # 1. The run folder: everything the run writes lands here.
+        tc, mc = config.training, config.model
+
+        # 1. Device, process group, parallel layout and mesh.
+        self.device = _device(tc.device)
+        self.rank, self.world_size = init_distributed(self.device)
+        self.device = local_device(self.device)
+        self.parallel_dims = ParallelDims(
+            config.parallelism.data_parallel_replicate_degree,
+            config.parallelism.data_parallel_shard_degree,
+            self.world_size,
+        )
+        self.mesh = self.parallel_dims.build_mesh(self.device.type)
+
+        # 2. The run folder: everything the run writes lands here.
         self.dump_folder = _make_dump_folder(config.job.dump_folder)
-        init_logger(self.dump_folder / "train.log")
-        (self.dump_folder / "config.toml").write_text(to_toml(config), encoding="utf-8")
+        init_logger(self.dump_folder / "train.log" if self.rank == 0 else None)
+        if self.rank == 0:
+            (self.dump_folder / "config.toml").write_text(to_toml(config), encoding="utf-8")
 
-        # 2. The tokenizer first: its special ids are the single source of truth.
-        tc = config.tokenizer
-        self.tokenizer = load_tokenizer(tc.path, tc.eos_token, tc.pad_token, tc.extra_stop_tokens)
+        # 3. Seed: the same on every rank, so initial weights agree before sharding.
+        set_seed(tc.seed, tc.deterministic)
 
-        # 3. Model args take vocab_size and eos_id from the tokenizer, never from a default.
-        mc = config.model
+        # 4. The tokenizer first: its special ids are the single source of truth.
+        tk = config.tokenizer
+        self.tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
+
+        # 5. Data: this rank's shard of the packed stream, with gradient accumulation.
+        dp = self.parallel_dims.dp
+        global_batch = (
+            tc.global_batch_size if tc.global_batch_size > 0 else (tc.local_batch_size * dp)
+        )
+        if global_batch % (tc.local_batch_size * dp):
+            raise ConfigError(
+                f"Config key 'training.global_batch_size' ({global_batch}) is not a multiple of "
+                f"training.local_batch_size ({tc.local_batch_size}) × data-parallel degree "
+                f"({dp}). Fix: set it to a multiple of {tc.local_batch_size * dp}, or -1."
+            )
+        self.grad_accum_steps = global_batch // (tc.local_batch_size * dp)
+        self.dataloader = build_dataloader(
+            config.data, self.tokenizer, tc.seq_len, tc.local_batch_size, self.rank, self.world_size
+        )
+
+        # 6. Model args from the tokenizer, then the startup id check over every part.
         self.model_args = model_args_for(
-            mc.flavor, max_seq_len=config.training.seq_len, attn_mask_type=mc.attn_mask_type
+            mc.flavor, max_seq_len=tc.seq_len, attn_mask_type=mc.attn_mask_type
         )
         self.model_args.update_from_tokenizer(
             self.tokenizer,
@@ -39,21 +97,73 @@ class Trainer:
             vocab_size_multiple_of=mc.vocab_size_multiple_of,
             eos_id=mc.eos_id,
         )
-
-        # 4. The startup check: tokenizer, model args (and later data, checkpoint) agree.
         for warning in check_special_ids(
-            self.tokenizer, model_args=self.model_args, allow_eot_boundary=tc.allow_eot_boundary
+            self.tokenizer,
+            model_args=self.model_args,
+            data_eos_id=self.dataloader.dataset.eos_id,
+            allow_eot_boundary=tk.allow_eot_boundary,
         ):
             logger.warning(warning)
-
-        # 5. The model on the meta device: shapes only, no memory until it is materialized.
-        self.device = _device(config.training.device)
         self.attn_backend = resolve_backend(mc.attn_backend, self.device)
-        with torch.device("meta"):
-            self.model = Transformer(self.model_args)
-        self._log_banner(config_path)
 
-    def _log_banner(self, config_path: str | None) -> None:
+        # 7. The model: on the meta device (no memory), initialized, parallelized
+        #    (AC → compile → FSDP2), materialized on the device.
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        init_whole = self.num_params <= _INIT_WHOLE_MAX_PARAMS
+        if init_whole:  # 7a. whole, then sharded: identical weights for any world size
+            model.to_empty(device=self.device)
+            with torch.no_grad():
+                model.init_weights(buffer_device=self.device)
+        self.model = parallelize(model, self.mesh, config)
+        if not init_whole:  # 7b. shard by shard, on the device
+            self.model.to_empty(device=self.device)
+            with torch.no_grad():
+                self.model.init_weights(buffer_device=self.device)
+        self.model.train()
+
+        # 8. Optimizer and learning-rate schedule.
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.steps, config.lr_scheduler)
+
+        # 9. Checkpoints: resume from the newest complete one when there is one.
+        self.step, self.tokens_seen = 0, 0
+        self.checkpointer = CheckpointManager(
+            config,
+            self.dump_folder,
+            self.model,
+            self.optimizer,
+            self.lr_scheduler,
+            self.dataloader,
+            ids_manifest(self.tokenizer, mc.attn_mask_type),
+            self.rank,
+            self.rank,
+        )
+        cc = config.checkpoint
+        if cc.enable and not cc.create_seed_checkpoint:
+            state = self.checkpointer.load(self.tokenizer, cc.allow_id_change)
+            if state is not None:
+                self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+        # 10. Metrics.
+        mx = config.metrics
+        write_tb = mx.enable_tensorboard and (self.rank == 0 or not mx.rank_0_only)
+        tb = self.dump_folder / mx.save_tb_folder
+        if write_tb and not mx.rank_0_only:
+            tb = tb / f"rank_{self.rank}"
+        self.metrics = MetricsLogger(
+            self.model_args,
+            self.device,
+            peak_tflops(self.device, mx.peak_tflops),
+            tb if write_tb else None,
+            self.dump_folder / "metrics.jsonl" if self.rank == 0 else None,
+        )
+        self._log_banner(config_path, global_batch)
+
+    # ------------------------------------------------------------------ banner
+
+    def _log_banner(self, config_path: str | None, global_batch: int) -> None:
         t, a, c = self.tokenizer, self.model_args, self.config
         logger.info(f"torchtitan_lite: {c.job.description}")
         logger.info(
@@ -63,6 +173,14 @@ class Trainer:
             for line in to_toml(c).splitlines():
                 if line:
                     logger.info(f"  {line}")
+        pd = self.parallel_dims
+        logger.info(
+            f"world: {self.world_size} process(es) on {self.device.type}, data parallel "
+            f"replicate {pd.dp_replicate} × shard {pd.dp_shard} "
+            f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'}), params "
+            f"{c.training.mixed_precision_param} / reduce "
+            f"{c.training.mixed_precision_reduce}"
+        )
         pad = "none" if t.pad_id is None else f"{t.pad_id} {t.id_to_token(t.pad_id)!r}"
         logger.info(
             f"tokenizer {t.path} ({t.kind}, sha256 {t.file_sha256[:12]}): vocab {t.vocab_size}, "
@@ -72,30 +190,168 @@ class Trainer:
         logger.info(
             f"model {c.model.name} {c.model.flavor}: {a.n_layers} layers, dim {a.dim}, "
             f"{a.n_heads} heads ({a.n_kv_heads or a.n_heads} kv), vocab {a.vocab_size}, "
-            f"eos {a.eos_id}, {sum(p.numel() for p in self.model.parameters()) / 1e6:,.1f}M "
-            "parameters"
+            f"eos {a.eos_id}, {self.num_params / 1e6:,.1f}M parameters"
         )
         logger.info(
             f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id}),"
             f" kernel {self.attn_backend} on {self.device}"
         )
-        logger.info("startup id check passed: tokenizer and model agree on vocab, bos, eos, pad")
+        logger.info(
+            f"data {c.data.path}: seq_len {c.training.seq_len}, local batch "
+            f"{c.training.local_batch_size}, global batch {global_batch} (gradient "
+            f"accumulation {self.grad_accum_steps}), {c.data.num_workers} loader workers"
+        )
+        logger.info(
+            "startup id check passed: tokenizer, model and data agree on vocab, bos, eos, pad"
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def forward_backward_step(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """One micro-batch: the mask (once, shared by all layers), forward, backward.
+
+        Returns the summed token loss; backpropagates ``loss_sum × scale``.
+        """
+        inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
+        labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
+        eos_id = self.model_args.eos_id
+        mask = build_attention_mask(
+            inputs, eos_id, self.model_args.attn_mask_type, self.attn_backend
+        )
+        positions = (
+            document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
+        )
+        logits = self.model(inputs, mask, positions=positions)
+        loss_sum = cross_entropy_sum(logits, labels)
+        del logits
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; returns (loss, grad norm).
+
+        The loss is normalized by the number of valid targets over all micro-batches and all
+        ranks, so accumulation and data parallelism give the gradient of one big batch.
+        """
+        valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        global_valid = int(all_reduce_sum(torch.tensor(float(valid), device=self.device)))
+        # FSDP averages gradients over the data-parallel ranks; undo that mean.
+        scale = self.parallel_dims.dp / max(global_valid, 1)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss_sum += self.forward_backward_step(batch, scale)
+        grad_norm = clip_grad_norm_(
+            self.model.parameters(), self.config.training.max_norm, self.mesh
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        loss = float(all_reduce_sum(loss_sum)) / max(global_valid, 1)
+        return loss, float(grad_norm)
+
+    def train(self) -> list[float]:
+        """Run ``training.steps`` optimizer steps; returns the loss of every step."""
+        tc = self.config.training
+        losses: list[float] = []
+        data_iter = iter(self.dataloader)
+        logger.info(f"training {tc.steps} steps")
+        self.metrics.reset()
+        with _profiler(self.config, self.dump_folder, self.rank) as profiler:
+            while self.step < tc.steps:
+                lr = self.lr_scheduler.get_last_lr()[0]
+                micro_batches = []
+                for _ in range(self.grad_accum_steps):
+                    start = time.perf_counter()
+                    try:
+                        batch = next(data_iter)
+                    except StopIteration:
+                        logger.info(
+                            f"data exhausted after step {self.step} "
+                            "(data.infinite = false); stopping"
+                        )
+                        return losses
+                    self.metrics.add_batch(
+                        batch["input"],
+                        attention_pairs(
+                            batch["input"], self.model_args.eos_id, self.model_args.attn_mask_type
+                        ),
+                        time.perf_counter() - start,
+                    )
+                    micro_batches.append(batch)
+                self.step += 1
+                loss, grad_norm = self.train_step(micro_batches)
+                self.tokens_seen += sum(b["input"].numel() for b in micro_batches) * (
+                    self.parallel_dims.dp
+                )
+                losses.append(loss)
+                if self.step % self.config.metrics.log_freq == 0 or self.step == tc.steps:
+                    epoch = self.dataloader.dataset.state_dict()["epoch"]
+                    self.metrics.log(self.step, loss, grad_norm, lr, epoch)
+                if profiler is not None:
+                    profiler.step()
+                if self.checkpointer.should_save(self.step, tc.steps):
+                    model_only = (
+                        self.step == tc.steps and self.config.checkpoint.last_save_model_only
+                    )
+                    self.checkpointer.save(self.step, self.tokens_seen, model_only=model_only)
+        logger.info(f"training done: {self.step} steps")
+        return losses
+
+    def save_seed_checkpoint(self) -> None:
+        """Write the freshly initialized weights as step 0 (one process only)."""
+        if self.world_size != 1:
+            raise ConfigError(
+                "checkpoint.create_seed_checkpoint runs on one process (the weights are then "
+                f"resharded on load), but this run has {self.world_size}. Fix: run it with "
+                "plain `python train.py` or NGPU=1."
+            )
+        path = self.checkpointer.save(0, 0, model_only=True)
+        logger.info(f"seed checkpoint written to {path}")
+
+    def close(self) -> None:
+        self.checkpointer.wait()
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _make_dump_folder(path: str) -> Path:
-    folder = Path(path)
+@contextlib.contextmanager
+def _profiler(config: JobConfig, dump_folder: Path, rank: int):
+    """torch.profiler traces (one step every ``profile_freq``) and CUDA memory snapshots."""
+    pc = config.profiling
+    if not pc.enable_profiling and not pc.enable_memory_snapshot:
+        yield None
+        return
+    folder = dump_folder / pc.save_traces_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if pc.enable_memory_snapshot and torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
+    prof = None
+    if pc.enable_profiling:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+        def on_trace(p: torch.profiler.profile) -> None:
+            p.export_chrome_trace(str(folder / f"rank{rank}_step{p.step_num}.json"))
+
+        prof = torch.profiler.profile(
+            activities=activities,
+            on_trace_ready=on_trace,
+            schedule=torch.profiler.schedule(wait=max(pc.profile_freq - 2, 0), warmup=1, active=1),
+        )
+        prof.start()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"Config key 'job.dump_folder' is {path!r}, which cannot be written ({e.strerror}). "
-            "Fix: point job.dump_folder at a writable folder, e.g. --job.dump_folder "
-            f"./outputs."
-        ) from None
-    return folder
+        yield prof
+    finally:
+        if prof is not None:
+            prof.stop()
+        if pc.enable_memory_snapshot and torch.cuda.is_available():
+            import pickle
+
+            with open(folder / f"rank{rank}_memory_snapshot.pickle", "wb") as f:
+                pickle.dump(torch.cuda.memory._snapshot(), f)
+            torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def _device(choice: str) -> torch.device:
@@ -107,3 +363,19 @@ def _device(choice: str) -> torch.device:
             'available. Fix: set training.device = "auto" or "cpu".'
         )
     return torch.device(choice)
+
+
+def _make_dump_folder(path: str) -> Path:
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{dist.get_rank() if dist.is_initialized() else 0}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"Config key 'job.dump_folder' is {path!r}, which cannot be written ({e.strerror}). "
+            "Fix: point job.dump_folder at a writable folder, e.g. --job.dump_folder "
+            "./outputs."
+        ) from None
+    return folder

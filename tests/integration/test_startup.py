@@ -21,11 +21,19 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
         assert fragment in message, message
 
 
+FAST = [
+    "--training.steps",
+    "2",
+    "--training.seq_len",
+    "64",
+    "--metrics.enable_tensorboard",
+    "false",
+]
+
+
 def test_startup_banner_and_resolved_config(tmp_path):
     out = tmp_path / "run"
-    proc = run_train(
-        "--config", str(DEBUG_CONFIG), "--job.dump_folder", str(out), "--training.steps", "3"
-    )
+    proc = run_train("--config", str(DEBUG_CONFIG), "--job.dump_folder", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr
     log = proc.stdout
     assert f"config {DEBUG_CONFIG}" in log
@@ -37,9 +45,7 @@ def test_startup_banner_and_resolved_config(tmp_path):
     assert "6 layers, dim 256, 16 heads (16 kv), vocab 2304, eos 2049, 6.3M parameters" in log
     assert "startup id check passed" in log
     resolved = load_config(out / "config.toml")
-    assert resolved == load_config(
-        DEBUG_CONFIG, ["--job.dump_folder", str(out), "--training.steps", "3"]
-    )
+    assert resolved == load_config(DEBUG_CONFIG, ["--job.dump_folder", str(out), *FAST])
     assert (out / "train.log").read_text() == log
 
 
@@ -51,6 +57,7 @@ def test_sentencepiece_tokenizer_flows_into_the_model(tmp_path):
         str(tmp_path),
         "--tokenizer.path",
         str(SPM_2K),
+        *FAST,
     )
     assert proc.returncode == 0, proc.stderr
     assert "vocab 2048, bos 1 '<s>', eos 2 '</s>', pad none, stop ids [2]" in proc.stdout
@@ -77,7 +84,7 @@ def test_sentencepiece_tokenizer_flows_into_the_model(tmp_path):
 def test_bad_input_gives_one_paragraph_and_no_traceback(tmp_path, args, fragments):
     if "--job.dump_folder" not in args:
         args = [*args, "--job.dump_folder", str(tmp_path)]
-    assert_clean_error(run_train("--config", str(DEBUG_CONFIG), *args), *fragments)
+    assert_clean_error(run_train("--config", str(DEBUG_CONFIG), *FAST, *args), *fragments)
 
 
 def test_missing_config_file(tmp_path):

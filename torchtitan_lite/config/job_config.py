@@ -223,7 +223,15 @@ class Checkpoint:
     """Dtype of the model-only export written at the end."""
 
     create_seed_checkpoint: bool = False
-    """Write the initial weights as step 0 and exit (run on one process)."""
+    """Write the initial weights as step 0 and exit (run on one process). A later run loads
+    its weights from step 0, so runs of any world size start identically."""
+
+    last_save_model_only: bool = False
+    """The final save holds only the model weights, in export_dtype (for export / inference)."""
+
+    allow_id_change: bool = False
+    """Resume even though the checkpoint's ids manifest disagrees with the tokenizer (a
+    deliberate tokenizer change; logged)."""
 
 
 @dataclass
@@ -238,7 +246,11 @@ class Metrics:
     """TensorBoard folder, relative to job.dump_folder."""
 
     rank_0_only: bool = True
-    """Only rank 0 writes TensorBoard scalars."""
+    """Only rank 0 writes TensorBoard scalars (else every rank, under tb/rank_N)."""
+
+    peak_tflops: float = -1.0
+    """Peak dense TFLOP/s of one device, for MFU. -1: known GPUs (H100, H200, A100, L40S) are
+    detected; elsewhere MFU is not shown (TFLOP/s are)."""
 
 
 @dataclass

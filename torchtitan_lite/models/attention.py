@@ -311,23 +311,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         if q.is_cuda:
             return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        # The CPU flash kernel is several times slower in bf16 than in fp32 at these sizes
+        # (scripts/bench_mask.py), so low-precision activations attend in fp32.
+        out_dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        return attention(q, k, v, mask).to(out_dtype)
     if q.shape[1] != k.shape[1]:
         repeats = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeats, dim=1)
         v = v.repeat_interleave(repeats, dim=1)
     if mask is None or all(len(row) == 1 and row[0][2] is None for row in mask.rows):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    rows = []
-    for b, segments in enumerate(mask.rows):
-        parts = [
-            F.scaled_dot_product_attention(
-                q[b : b + 1, :, s:e],
-                k[b : b + 1, :, s:e],
-                v[b : b + 1, :, s:e],
-                attn_mask=seg_mask,
-                is_causal=seg_mask is None,
-            )
-            for s, e, seg_mask in segments
-        ]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+    return _segmented_sdpa(q, k, v, mask)
+
+
+def _segmented_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: DocumentSegments) -> Tensor:
+    """SDPA segment by segment. The rows are laid end to end as ``(B·S, H, D)`` and cut with
+    one ``split`` (whose backward is a single ``cat``), not with per-segment slices, whose
+    backward would zero-fill a full-size gradient for every segment."""
+    batch, heads, seq_len, head_dim = q.shape
+    lengths = [e - s for row in mask.rows for s, e, _ in row]
+    masks = [m for row in mask.rows for _, _, m in row]
+    pieces = [
+        t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], head_dim).split(lengths)
+        for t in (q, k, v)
+    ]
+    outs = [
+        F.scaled_dot_product_attention(
+            qs.transpose(0, 1)[None],
+            ks.transpose(0, 1)[None],
+            vs.transpose(0, 1)[None],
+            attn_mask=m,
+            is_causal=m is None,
+        )[0].transpose(0, 1)  # (L, H, D)
+        for qs, ks, vs, m in zip(*pieces, masks, strict=True)
+    ]
+    return torch.cat(outs).view(batch, seq_len, heads, head_dim).transpose(1, 2)

@@ -1,0 +1,113 @@
+"""Checkpoints: resume = continue, pruning, the ids manifest, seed checkpoints, resharding."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEBUG_CONFIG, run_train
+from tests.integration.test_train import metrics, torchrun
+
+BASE = ["--config", str(DEBUG_CONFIG), "--training.seq_len", "128", "--training.local_batch_size",
+        "2", "--training.mixed_precision_param", "float32", "--metrics.enable_tensorboard",
+        "false", "--optimizer.lr", "2e-3", "--checkpoint.enable", "--training.steps", "8"]
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def copy_checkpoint(src: Path, dst: Path, step: int) -> None:
+    (dst / "checkpoint").mkdir(parents=True)
+    shutil.copytree(src / "checkpoint" / f"step-{step}", dst / "checkpoint" / f"step-{step}")
+
+
+def assert_same_trace(full: list[dict], resumed: list[dict]) -> None:
+    tail = [r for r in full if r["step"] > resumed[0]["step"] - 1]
+    assert [r["step"] for r in tail] == [r["step"] for r in resumed]
+    for a, b in zip(tail, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+
+
+@pytest.mark.slow
+def test_resume_continues_the_uninterrupted_run(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    ok(run_train(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(full)))
+    assert sorted(p.name for p in (full / "checkpoint").iterdir()) == ["step-4", "step-8"]
+    copy_checkpoint(full, resumed, 4)
+    proc = ok(run_train(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    assert "checkpoint: loaded step 4" in proc.stdout
+    rows = metrics(resumed)
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    assert_same_trace(metrics(full), rows)
+
+
+@pytest.mark.slow
+def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
+    full, resumed, single = tmp_path / "full", tmp_path / "resumed", tmp_path / "single"
+    ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(full)))
+    copy_checkpoint(full, resumed, 4)
+    ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    assert_same_trace(metrics(full), metrics(resumed))
+    # The same checkpoint on one process: model and optimizer reshard, the data order is told.
+    copy_checkpoint(full, single, 4)
+    proc = ok(run_train(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(single)))
+    assert "checkpoint: loaded step 4" in proc.stdout
+    assert "data state was written by 2 shards" in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(single)] == [5, 6, 7, 8]
+
+
+@pytest.mark.slow
+def test_keep_latest_k_and_no_partial_folders(tmp_path):
+    ok(run_train(*BASE, "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2",
+                 "--job.dump_folder", str(tmp_path)))
+    names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert names == ["step-6", "step-8"]
+    for name in names:
+        folder = tmp_path / "checkpoint" / name
+        assert (folder / ".metadata").is_file() and (folder / "ids_manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_manifest_mismatch_is_refused_before_step_one(tmp_path):
+    first = tmp_path / "first"
+    ok(run_train(*BASE, "--training.steps", "2", "--checkpoint.interval", "2",
+                 "--job.dump_folder", str(first)))
+    changed = ["--tokenizer.eos_token", "<|reserved_special_token_5|>", "--training.steps", "4",
+               "--checkpoint.interval", "2", "--job.dump_folder", str(first)]
+    proc = run_train(*BASE, *changed)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "trained with eos_id = 2049" in proc.stderr and "has eos_id = 2058" in proc.stderr
+    assert "checkpoint.allow_id_change" in proc.stderr
+    assert not (first / "checkpoint" / "step-4").exists()
+    proc = ok(run_train(*BASE, *changed, "--checkpoint.allow_id_change"))
+    assert "loading despite an id change" in proc.stdout
+
+
+@pytest.mark.slow
+def test_seed_checkpoint_fixes_the_initial_weights(tmp_path):
+    seed = tmp_path / "seed"
+    ok(run_train(*BASE, "--checkpoint.create_seed_checkpoint", "--job.dump_folder", str(seed)))
+    assert sorted(p.name for p in (seed / "checkpoint").iterdir()) == ["step-0"]
+    assert not (seed / "metrics.jsonl").exists()
+    # A run with another seed that loads step 0 starts from the seed checkpoint's weights.
+    ok(run_train(*BASE, "--training.steps", "2", "--training.seed", "7",
+                 "--job.dump_folder", str(seed)))
+    plain = tmp_path / "plain"
+    ok(run_train(*BASE, "--training.steps", "2", "--job.dump_folder", str(plain)))
+    other = tmp_path / "other"
+    ok(run_train(*BASE, "--training.steps", "2", "--training.seed", "7",
+                 "--job.dump_folder", str(other)))
+    first = metrics(seed)[0]["loss"]
+    assert first == pytest.approx(metrics(plain)[0]["loss"], rel=1e-6)
+    assert first != pytest.approx(metrics(other)[0]["loss"], rel=1e-6)
+
+
+def test_load_step_that_does_not_exist(tmp_path):
+    proc = run_train(*BASE, "--checkpoint.load_step", "3", "--job.dump_folder", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'checkpoint.load_step' is 3" in proc.stderr

@@ -1,0 +1,195 @@
+"""Trainer components: LR schedule, parallel layout, FLOP counting, clipping, accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import DEBUG_CONFIG
+from torchtitan_lite.components.loss import cross_entropy_sum
+from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
+from torchtitan_lite.components.optimizer import lr_factor
+from torchtitan_lite.config import load_config
+from torchtitan_lite.config.job_config import LRScheduler
+from torchtitan_lite.distributed.parallel_dims import ParallelDims
+from torchtitan_lite.errors import ConfigError
+from torchtitan_lite.models.attention import build_attention_mask, reference_mask
+from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
+from torchtitan_lite.models.llama3.model import Transformer
+from torchtitan_lite.trainer import Trainer
+
+
+def test_lr_warmup_stable_decay_values():
+    cfg = LRScheduler(warmup_steps=4, decay_ratio=0.5, decay_type="linear", lr_min=0.1)
+    got = [lr_factor(s, 20, cfg) for s in range(20)]
+    assert got[:4] == [1 / 5, 2 / 5, 3 / 5, 4 / 5]
+    assert got[4:10] == [1.0] * 6  # stable until the last 50% (10 steps)
+    for s in range(10, 20):  # linear from 1 toward lr_min over 10 steps
+        progress = (s - 10 + 1) / 11
+        assert got[s] == pytest.approx(0.1 + 0.9 * (1 - progress))
+    assert all(a > b for a, b in zip(got[10:], got[11:], strict=False))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sqrt"])
+def test_lr_decay_shapes(kind):
+    cfg = LRScheduler(warmup_steps=0, decay_ratio=-1, decay_type=kind, lr_min=0.0)
+    values = [lr_factor(s, 10, cfg) for s in range(10)]
+    progress = [(s + 1) / 11 for s in range(10)]
+    expected = (
+        [0.5 * (1 + math.cos(math.pi * p)) for p in progress]
+        if kind == "cosine"
+        else [1 - math.sqrt(p) for p in progress]
+    )
+    assert values == pytest.approx(expected)
+
+
+def test_parallel_dims():
+    assert ParallelDims(1, -1, 8).dp_shard == 8
+    dims = ParallelDims(2, -1, 8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (2, 4, 8)
+    with pytest.raises(
+        ConfigError,
+        match=r"replicate_degree = 3.*shard_degree = -1.*world "
+        r"size = 8",
+    ):
+        ParallelDims(3, -1, 8)
+    with pytest.raises(ConfigError, match=r"2 × 3 = 6 processes do not match.*world size = 8"):
+        ParallelDims(2, 3, 8)
+    with pytest.raises(ConfigError, match="at least 1"):
+        ParallelDims(0, -1, 8)
+
+
+def test_attention_pairs_and_flops():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 8, (3, 100), generator=gen)  # EOS = 0
+    for mask_type in ("causal", "block_causal"):
+        assert attention_pairs(tokens, 0, mask_type) == int(
+            reference_mask(tokens, 0, mask_type).sum()
+        )
+    args = model_args_for("debugmodel", vocab_size=2304, eos_id=0)
+    counter = FlopCounter(args)
+    n = args.num_params(include_embedding=False)
+    assert counter.dense(1000, 100) == 1000 * (6 * n + 12 * 6 * 256 * 100)
+    assert counter.kept(1000, 5) == 1000 * 6 * n + 12 * 6 * 256 * 5
+
+
+def make_trainer(tmp_path, name: str, *overrides: str) -> Trainer:
+    config = load_config(
+        DEBUG_CONFIG,
+        [
+            "--job.dump_folder",
+            str(tmp_path / name),
+            "--training.seq_len",
+            "64",
+            "--training.mixed_precision_param",
+            "float32",
+            "--metrics.enable_tensorboard",
+            "false",
+            "--training.steps",
+            "3",
+            "--lr_scheduler.warmup_steps",
+            "0",
+            *overrides,
+        ],
+    )
+    return Trainer(config)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def capture_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Record the (clipped) gradients the optimizer sees at each step."""
+    captured: dict[str, torch.Tensor] = {}
+    original_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        captured.update({n: full(p.grad).clone() for n, p in trainer.model.named_parameters()})
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    return captured
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    results = []
+    for name, local in (("big", "8"), ("accum", "2")):
+        trainer = make_trainer(
+            tmp_path,
+            name,
+            "--training.local_batch_size",
+            local,
+            "--training.global_batch_size",
+            "8",
+            "--training.steps",
+            "1",
+            "--training.max_norm",
+            "0",
+        )
+        grads = capture_grads(trainer)
+        try:
+            assert trainer.grad_accum_steps == 8 // int(local)
+            losses = trainer.train()
+            weights = {k: full(v).detach().clone() for k, v in trainer.model.state_dict().items()}
+        finally:
+            trainer.close()
+        results.append((losses, grads, weights))
+    (loss_a, g_a, w_a), (loss_b, g_b, w_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for key in g_a:  # the gradient of the mean over all 8 rows' valid targets, both ways
+        torch.testing.assert_close(g_a[key], g_b[key], atol=1e-7, rtol=1e-4, msg=key)
+    for key in w_a:
+        torch.testing.assert_close(w_a[key], w_b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_clipping_matches_a_plain_reference(tmp_path):
+    trainer = make_trainer(
+        tmp_path, "clip", "--training.max_norm", "0.05", "--training.local_batch_size", "2"
+    )
+    try:
+        # A plain model with the same initial weights, outside FSDP.
+        reference = Transformer(trainer.model_args)
+        reference.load_state_dict({k: full(v) for k, v in trainer.model.state_dict().items()})
+        captured = capture_grads(trainer)
+        batch = next(iter(trainer.dataloader))
+        _, grad_norm = trainer.train_step([batch])
+    finally:
+        trainer.close()
+    inputs, labels = batch["input"], batch["labels"]
+    mask = build_attention_mask(inputs, trainer.model_args.eos_id, "block_causal", "sdpa")
+    loss = cross_entropy_sum(reference(inputs, mask), labels) / labels.numel()
+    loss.backward()
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+    assert grad_norm == pytest.approx(float(norm), rel=1e-4)
+    assert norm > 0.05  # clipping is active
+    coef = 0.05 / (norm + 1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(captured[name], g * coef, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_same_seed_same_loss_trace(tmp_path):
+    traces = []
+    for name in ("a", "b"):
+        trainer = make_trainer(tmp_path, name, "--training.local_batch_size", "2")
+        try:
+            traces.append(trainer.train())
+        finally:
+            trainer.close()
+    assert traces[0] == traces[1]
+    assert len(traces[0]) == 3
+
+
+@pytest.mark.parametrize("flavor, billions", [("8B", 8.03), ("70B", 70.55), ("405B", 405.85)])
+def test_shipped_configs_build_their_model_on_meta(flavor, billions):
+    path = DEBUG_CONFIG.parent / f"llama3_{flavor.lower()}.toml"
+    config = load_config(path)
+    args: ModelArgs = model_args_for(config.model.flavor, max_seq_len=config.training.seq_len)
+    args.vocab_size, args.eos_id = 128_256, 128_001  # the Llama 3 tokenizer's
+    with torch.device("meta"):
+        model = Transformer(args)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / 1e9 - billions) / billions < 0.01

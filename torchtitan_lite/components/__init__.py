@@ -1,0 +1,1 @@
+"""Training components: optimizer and LR schedule, loss, metrics."""

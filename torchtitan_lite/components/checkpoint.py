@@ -1,0 +1,266 @@
+"""Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP), written atomically.
+
+A checkpoint is a folder ``<job.dump_folder>/<checkpoint.folder>/step-N/`` holding the DCP
+shards of the model, optimizer, LR scheduler, train state (step, tokens seen, RNG) and each
+rank's data-loader state, plus ``ids_manifest.json`` (tokenizer hash, vocab, bos/eos/pad,
+mask type) and ``config.toml``. It is written as ``step-N.tmp/`` and renamed only once every
+rank has finished, so a ``step-N/`` folder is always complete; loading takes the newest
+complete one (or ``checkpoint.load_step``). Model weights load with DCP (tensors only) or
+safetensors, never with unrestricted pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtitan_lite.config import JobConfig, to_toml
+from torchtitan_lite.errors import UserError
+from torchtitan_lite.ids import IdMismatchError, check_special_ids
+from torchtitan_lite.logging import logger
+
+MANIFEST = "ids_manifest.json"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, incomplete or corrupt."""
+
+
+class ModelWrapper(Stateful):
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state, options=StateDictOptions(strict=True))
+
+
+class OptimizerWrapper(Stateful):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's loader with ``weights_only=True`` for the non-tensor items (its default
+    unpickles them without restriction)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def list_checkpoints(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        match = _STEP.match(child.name)
+        if match and (child / ".metadata").is_file() and (child / MANIFEST).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        config: JobConfig,
+        dump_folder: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        dataloader,
+        manifest: dict,
+        rank: int,
+        dp_rank: int,
+    ) -> None:
+        cc = config.checkpoint
+        self.config, self.cc = config, cc
+        self.folder = dump_folder / cc.folder
+        self.model, self.optimizer = model, optimizer
+        self.lr_scheduler, self.dataloader = lr_scheduler, dataloader
+        self.manifest = manifest
+        self.rank, self.dp_rank = rank, dp_rank
+        self._pending = None  # (future, tmp folder, final folder) of an async save
+
+    # ------------------------------------------------------------------ save
+
+    def _state(self, step: int, tokens_seen: int, model_only: bool) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": ModelWrapper(self.model)}
+        if model_only:
+            return state
+        state["optimizer"] = OptimizerWrapper(self.model, self.optimizer)
+        state["lr_scheduler"] = _to_bytes(self.lr_scheduler.state_dict())
+        state["train_state"] = _to_bytes(
+            {"step": step, "tokens_seen": tokens_seen, "rng": torch.get_rng_state()}
+        )
+        state[f"dataloader.dp_rank_{self.dp_rank}"] = _to_bytes(self.dataloader.state_dict())
+        return state
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return self.cc.enable and (step % self.cc.interval == 0 or step == last_step)
+
+    def save(self, step: int, tokens_seen: int, model_only: bool = False) -> Path:
+        """Write ``step-N`` atomically (tmp folder, then rename after every rank is done)."""
+        self.wait()
+        final = self.folder / f"step-{step}"
+        tmp = self.folder / f"step-{step}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = self._state(step, tokens_seen, model_only)
+        if model_only and self.cc.export_dtype != "float32":
+            dtype = getattr(torch, self.cc.export_dtype)
+            state = {"model": {k: v.to(dtype) for k, v in state["model"].state_dict().items()}}
+        if self.cc.async_mode == "async":
+            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            self._pending = (future, tmp, final, step)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final, step)
+        return final
+
+    def _finalize(self, tmp: Path, final: Path, step: int) -> None:
+        _barrier()
+        if self.rank == 0:
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+            (tmp / "config.toml").write_text(to_toml(self.config))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)  # atomic: step-N/ appears complete or not at all
+            self._prune()
+            logger.info(f"checkpoint: saved step {step} to {final}")
+        _barrier()
+
+    def wait(self) -> None:
+        """Finish an async save in flight (before the next save and at the end)."""
+        if self._pending is not None:
+            future, tmp, final, step = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(tmp, final, step)
+
+    def _prune(self) -> None:
+        k = self.cc.keep_latest_k
+        if k > 0:
+            for step in list_checkpoints(self.folder)[:-k]:
+                shutil.rmtree(self.folder / f"step-{step}", ignore_errors=True)
+                logger.info(f"checkpoint: removed step {step} (keep_latest_k = {k})")
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, tokenizer, allow_id_change: bool = False) -> dict[str, Any] | None:
+        """Load the chosen (or newest complete) checkpoint; returns its train state or None."""
+        steps = list_checkpoints(self.folder)
+        if self.cc.load_step > 0:
+            if self.cc.load_step not in steps:
+                raise CheckpointError(
+                    f"Config key 'checkpoint.load_step' is {self.cc.load_step}, but "
+                    f"{self.folder} holds complete checkpoints for steps {steps or 'none'}. "
+                    "Fix: choose one of them, or -1 for the newest."
+                )
+            steps = [self.cc.load_step]
+        for step in reversed(steps):
+            path = self.folder / f"step-{step}"
+            manifest = json.loads((path / MANIFEST).read_text())
+            self._check_manifest(path, manifest, tokenizer, allow_id_change)
+            try:
+                return self._load(path, step)
+            except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, KeyError) as e:
+                if self.cc.load_step > 0 or step == steps[0]:
+                    raise CheckpointError(
+                        f"Checkpoint {path} cannot be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}). Fix: delete or move that folder to "
+                        "fall back to an older checkpoint, or start without one."
+                    ) from None
+                logger.warning(
+                    f"checkpoint: {path} is corrupt or incomplete "
+                    f"({type(e).__name__}); falling back to an older one"
+                )
+        return None
+
+    def _check_manifest(self, path: Path, manifest: dict, tokenizer, allow: bool) -> None:
+        try:
+            for w in check_special_ids(tokenizer, manifest=manifest):
+                logger.warning(w)
+        except IdMismatchError as e:
+            if not allow:
+                raise IdMismatchError(
+                    f"{e} (checkpoint {path}; to change the ids deliberately, set "
+                    "checkpoint.allow_id_change = true)"
+                ) from None
+            logger.warning(f"checkpoint: loading despite an id change (allowed): {e}")
+
+    def _load(self, path: Path, step: int) -> dict[str, Any]:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        keys = {k.split(".")[0] for k in metadata.state_dict_metadata}
+        model_only = "optimizer" not in keys
+        state = self._state(step, 0, model_only)
+        data_key = f"dataloader.dp_rank_{self.dp_rank}"
+        if not model_only and data_key not in metadata.state_dict_metadata:
+            state.pop(data_key)
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+        logger.info(
+            f"checkpoint: loaded step {step} from {path}"
+            + (" (model weights only)" if model_only else "")
+        )
+        if model_only:
+            return {"step": 0, "tokens_seen": 0}
+        self.lr_scheduler.load_state_dict(_from_bytes(state["lr_scheduler"]))
+        train_state = _from_bytes(state["train_state"])
+        torch.set_rng_state(train_state.pop("rng"))
+        if data_key in state:
+            self.dataloader.load_state_dict(_from_bytes(state[data_key]))
+        else:
+            logger.warning(
+                f"checkpoint: {path} holds no data-loader state for data-parallel rank "
+                f"{self.dp_rank} (it was written by fewer ranks): this rank starts its data "
+                "shard from the beginning. Model, optimizer and schedule are resumed exactly."
+            )
+        return train_state
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,147 @@
+"""Throughput, MFU (dense and sparsity-aware), memory, and the per-step log line."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from torchtitan_lite.logging import logger
+from torchtitan_lite.models.attention import document_ids
+from torchtitan_lite.models.llama3.args import ModelArgs
+
+# Dense bf16 peak of one device, for MFU (the rest of the world: set metrics.peak_tflops).
+PEAK_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(device: torch.device, configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def attention_pairs(tokens: torch.Tensor, eos_id: int, mask_type: str) -> int:
+    """Unmasked (query, key) pairs of a batch: Σ L(L+1)/2 over documents, or per row."""
+    batch, seq_len = tokens.shape
+    if mask_type == "causal":
+        return batch * seq_len * (seq_len + 1) // 2
+    ids = (
+        document_ids(tokens, eos_id).long()
+        + torch.arange(batch, device=tokens.device)[:, None] * seq_len
+    )
+    lengths = torch.bincount(ids.flatten(), minlength=batch * seq_len)
+    return int((lengths * (lengths + 1) // 2).sum())
+
+
+class FlopCounter:
+    """Training FLOPs (forward + backward) of a batch.
+
+    Matmuls: 6 FLOPs per parameter per token (embedding lookups excluded). Attention: 12·d per
+    (query, key) pair per head per layer — the dense count charges every token all S keys
+    (the usual MFU formula); the kept count charges only the pairs the mask keeps.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.dense_per_token = 6 * args.num_params(include_embedding=False)
+        head_dim = args.dim // args.n_heads
+        self.attn_per_pair = 12 * args.n_layers * args.n_heads * head_dim
+
+    def dense(self, tokens: int, seq_len: int) -> float:
+        return tokens * (self.dense_per_token + self.attn_per_pair * seq_len)
+
+    def kept(self, tokens: int, pairs: int) -> float:
+        return tokens * self.dense_per_token + self.attn_per_pair * pairs
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """One log line every ``log_freq`` steps, and TensorBoard scalars."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        device: torch.device,
+        peak: float | None,
+        tb_folder: Path | None,
+        jsonl_path: Path | None = None,
+    ) -> None:
+        self.flops = FlopCounter(args)
+        self.device = device
+        self.peak = peak
+        self.jsonl_path = jsonl_path
+        self.writer = None
+        if tb_folder is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tb_folder))
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.pairs = 0
+        self.data_seconds = 0.0
+        self.steps = 0
+        self.seq_len = 1
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def add_batch(self, tokens: torch.Tensor, pairs: int, data_seconds: float) -> None:
+        self.tokens += tokens.numel()
+        self.seq_len = tokens.shape[1]
+        self.pairs += pairs
+        self.data_seconds += data_seconds
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, epoch: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        dense = self.flops.dense(self.tokens, self.seq_len) / elapsed / 1e12
+        kept = self.flops.kept(self.tokens, self.pairs) / elapsed / 1e12
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_second": self.tokens / elapsed,
+            "tflops": dense,
+            "tflops_kept": kept,
+            "memory_gib": peak_memory_gib(self.device),
+            "data_loading_pct": 100 * self.data_seconds / elapsed,
+            "epoch": epoch,
+        }
+        if self.peak:
+            metrics["mfu_pct"] = 100 * dense / self.peak
+            metrics["mfu_kept_pct"] = 100 * kept / self.peak
+            mfu = f"mfu: {metrics['mfu_pct']:.1f}% (kept {metrics['mfu_kept_pct']:.1f}%)"
+        else:
+            mfu = "mfu: n/a"
+        logger.info(
+            f"step: {step:>4}  loss: {loss:8.4f}  grad_norm: {grad_norm:7.4f}  lr: {lr:.2e}  "
+            f"memory: {metrics['memory_gib']:5.2f}GiB  tps: {metrics['tokens_per_second']:,.0f}"
+            f"  tflops: {dense:.3f} (kept {kept:.3f})  {mfu}  data: "
+            f"{metrics['data_loading_pct']:.1f}%"
+        )
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.flush()
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.reset()
+        return metrics
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

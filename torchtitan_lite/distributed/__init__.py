@@ -1,0 +1,1 @@
+"""Parallelism: process groups, meshes, AC → compile → FSDP2."""
