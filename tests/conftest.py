@@ -27,6 +27,23 @@ def write_ranks_file(path: Path, num_ranks: int) -> Path:
     return path
 
 
+def train_command(*args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The command (plain python, or torchrun for several processes) and its environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        return [sys.executable, str(REPO / "train.py"), *args], env
+    env["OMP_NUM_THREADS"] = "1"
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / "train.py"),
+        *args,
+    ], env
+
+
 def run_train(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``train.py`` as a user would, in a subprocess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from torchtitan_lite.distributed.utils import (
     local_device,
     set_seed,
 )
-from torchtitan_lite.errors import ConfigError
+from torchtitan_lite.errors import ConfigError, UserError
 from torchtitan_lite.ids import check_special_ids, ids_manifest
 from torchtitan_lite.logging import init_logger, logger
 from torchtitan_lite.models.attention import (
@@ -129,6 +133,7 @@ class Trainer:
 
         # 9. Checkpoints: resume from the newest complete one when there is one.
         self.step, self.tokens_seen = 0, 0
+        self.skipped_steps: list[int] = []
         self.checkpointer = CheckpointManager(
             config,
             self.dump_folder,
@@ -240,17 +245,44 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum += self.forward_backward_step(batch, scale)
-        grad_norm = clip_grad_norm_(
-            self.model.parameters(), self.config.training.max_norm, self.mesh
+        grad_norm = float(
+            clip_grad_norm_(self.model.parameters(), self.config.training.max_norm, self.mesh)
         )
+        loss = float(all_reduce_sum(loss_sum)) / max(global_valid, 1)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Divergence guard: every rank sees the same global loss and norm, so all skip.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps.append(self.step)
+            limit = self.config.training.skip_nonfinite_steps
+            if len(self.skipped_steps) > limit:
+                raise DivergenceError(
+                    f"Training diverged: loss {loss} / grad norm {grad_norm} at step {self.step}"
+                    f"; non-finite steps so far: {self.skipped_steps} (more than "
+                    f"training.skip_nonfinite_steps = {limit}). Nothing was saved after the "
+                    "divergence, so the newest checkpoint is the last good state. Fix: lower "
+                    "optimizer.lr or raise lr_scheduler.warmup_steps, check the data, and "
+                    "restart (it resumes from that checkpoint)."
+                )
+            logger.warning(
+                f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; "
+                f"update skipped ({len(self.skipped_steps)} of at most {limit})"
+            )
+            return loss, grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        loss = float(all_reduce_sum(loss_sum)) / max(global_valid, 1)
-        return loss, float(grad_norm)
+        return loss, grad_norm
 
     def train(self) -> list[float]:
-        """Run ``training.steps`` optimizer steps; returns the loss of every step."""
+        """Run ``training.steps`` optimizer steps; returns the loss of every step.
+
+        SIGTERM / SIGINT (what schedulers send before pre-emption) end the run at the next
+        step boundary with a checkpoint, exit status 0; a second signal exits at once.
+        """
+        with _stop_signals() as stop_requested:
+            return self._train(stop_requested)
+
+    def _train(self, stop_requested) -> list[float]:
         tc = self.config.training
         losses: list[float] = []
         data_iter = iter(self.dataloader)
@@ -270,6 +302,8 @@ class Trainer:
                             "(data.infinite = false); stopping"
                         )
                         return losses
+                    except UserError as e:  # raised in a loader worker: drop its traceback
+                        raise type(e)(_original_message(str(e))) from None
                     self.metrics.add_batch(
                         batch["input"],
                         attention_pairs(
@@ -289,11 +323,26 @@ class Trainer:
                     self.metrics.log(self.step, loss, grad_norm, lr, epoch)
                 if profiler is not None:
                     profiler.step()
-                if self.checkpointer.should_save(self.step, tc.steps):
+                saved = False
+                diverging = bool(self.skipped_steps) and self.skipped_steps[-1] == self.step
+                if self.checkpointer.should_save(self.step, tc.steps) and not diverging:
                     model_only = (
                         self.step == tc.steps and self.config.checkpoint.last_save_model_only
                     )
                     self.checkpointer.save(self.step, self.tokens_seen, model_only=model_only)
+                    saved = True
+                if self.step < tc.steps and _any_rank(stop_requested(), self.device):
+                    if self.config.checkpoint.enable and not saved and not diverging:
+                        self.checkpointer.save(self.step, self.tokens_seen)
+                    logger.warning(
+                        f"stopping at step {self.step} on a signal"
+                        + (
+                            "; checkpoint saved, the same command resumes here"
+                            if self.config.checkpoint.enable
+                            else " (checkpoint.enable is off: nothing saved)"
+                        )
+                    )
+                    return losses
         logger.info(f"training done: {self.step} steps")
         return losses
 
@@ -352,6 +401,50 @@ def _profiler(config: JobConfig, dump_folder: Path, rank: int):
             with open(folder / f"rank{rank}_memory_snapshot.pickle", "wb") as f:
                 pickle.dump(torch.cuda.memory._snapshot(), f)
             torch.cuda.memory._record_memory_history(enabled=None)
+
+
+class DivergenceError(UserError):
+    """The loss or gradient norm stayed non-finite."""
+
+
+def _original_message(message: str) -> str:
+    """A loader worker re-raises with its traceback inside the message: keep the last line,
+    the original message."""
+    if "Traceback" not in message:
+        return message
+    last = [line for line in message.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank has ``flag`` set (ranks stop at the same step)."""
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """Record SIGTERM/SIGINT; a second one exits immediately. Yields ``stop_requested()``."""
+    received: list[int] = []
+
+    def handler(signum, frame) -> None:
+        if received:
+            logger.warning(f"second signal {signal.Signals(signum).name}: exiting now")
+            os._exit(128 + signum)
+        received.append(signum)
+        logger.warning(
+            f"received {signal.Signals(signum).name}: finishing the current step, "
+            "then saving and exiting (send it again to exit at once)"
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _device(choice: str) -> torch.device:

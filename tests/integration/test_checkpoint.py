@@ -10,9 +10,23 @@ import pytest
 from tests.conftest import DEBUG_CONFIG, run_train
 from tests.integration.test_train import metrics, torchrun
 
-BASE = ["--config", str(DEBUG_CONFIG), "--training.seq_len", "128", "--training.local_batch_size",
-        "2", "--training.mixed_precision_param", "float32", "--metrics.enable_tensorboard",
-        "false", "--optimizer.lr", "2e-3", "--checkpoint.enable", "--training.steps", "8"]
+BASE = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.seq_len",
+    "128",
+    "--training.local_batch_size",
+    "2",
+    "--training.mixed_precision_param",
+    "float32",
+    "--metrics.enable_tensorboard",
+    "false",
+    "--optimizer.lr",
+    "2e-3",
+    "--checkpoint.enable",
+    "--training.steps",
+    "8",
+]
 
 
 def ok(proc):
@@ -63,8 +77,17 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
 
 @pytest.mark.slow
 def test_keep_latest_k_and_no_partial_folders(tmp_path):
-    ok(run_train(*BASE, "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2",
-                 "--job.dump_folder", str(tmp_path)))
+    ok(
+        run_train(
+            *BASE,
+            "--checkpoint.interval",
+            "2",
+            "--checkpoint.keep_latest_k",
+            "2",
+            "--job.dump_folder",
+            str(tmp_path),
+        )
+    )
     names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert names == ["step-6", "step-8"]
     for name in names:
@@ -75,10 +98,27 @@ def test_keep_latest_k_and_no_partial_folders(tmp_path):
 @pytest.mark.slow
 def test_manifest_mismatch_is_refused_before_step_one(tmp_path):
     first = tmp_path / "first"
-    ok(run_train(*BASE, "--training.steps", "2", "--checkpoint.interval", "2",
-                 "--job.dump_folder", str(first)))
-    changed = ["--tokenizer.eos_token", "<|reserved_special_token_5|>", "--training.steps", "4",
-               "--checkpoint.interval", "2", "--job.dump_folder", str(first)]
+    ok(
+        run_train(
+            *BASE,
+            "--training.steps",
+            "2",
+            "--checkpoint.interval",
+            "2",
+            "--job.dump_folder",
+            str(first),
+        )
+    )
+    changed = [
+        "--tokenizer.eos_token",
+        "<|reserved_special_token_5|>",
+        "--training.steps",
+        "4",
+        "--checkpoint.interval",
+        "2",
+        "--job.dump_folder",
+        str(first),
+    ]
     proc = run_train(*BASE, *changed)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trained with eos_id = 2049" in proc.stderr and "has eos_id = 2058" in proc.stderr
@@ -95,13 +135,19 @@ def test_seed_checkpoint_fixes_the_initial_weights(tmp_path):
     assert sorted(p.name for p in (seed / "checkpoint").iterdir()) == ["step-0"]
     assert not (seed / "metrics.jsonl").exists()
     # A run with another seed that loads step 0 starts from the seed checkpoint's weights.
-    ok(run_train(*BASE, "--training.steps", "2", "--training.seed", "7",
-                 "--job.dump_folder", str(seed)))
+    ok(
+        run_train(
+            *BASE, "--training.steps", "2", "--training.seed", "7", "--job.dump_folder", str(seed)
+        )
+    )
     plain = tmp_path / "plain"
     ok(run_train(*BASE, "--training.steps", "2", "--job.dump_folder", str(plain)))
     other = tmp_path / "other"
-    ok(run_train(*BASE, "--training.steps", "2", "--training.seed", "7",
-                 "--job.dump_folder", str(other)))
+    ok(
+        run_train(
+            *BASE, "--training.steps", "2", "--training.seed", "7", "--job.dump_folder", str(other)
+        )
+    )
     first = metrics(seed)[0]["loss"]
     assert first == pytest.approx(metrics(plain)[0]["loss"], rel=1e-6)
     assert first != pytest.approx(metrics(other)[0]["loss"], rel=1e-6)

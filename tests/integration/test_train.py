@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_train
+from tests.conftest import DEBUG_CONFIG, REPO, run_train, train_command
 
 SMALL = ["--training.seq_len", "128", "--metrics.enable_tensorboard", "false"]
 
@@ -22,16 +20,7 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(REPO / "train.py"),
-        *args,
-    ]
+    cmd, env = train_command(*args, nproc=nproc)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -165,7 +166,10 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         _barrier()
         if self.rank == 0:
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+            # File sizes let a later load detect a truncated or partly copied checkpoint.
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {**self.manifest, "step": step, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             (tmp / "config.toml").write_text(to_toml(self.config))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)  # atomic: step-N/ appears complete or not at all
@@ -190,8 +194,23 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
 
+    def remove_stale(self) -> None:
+        """Delete ``step-N.tmp`` folders left by a run killed while saving (rank 0)."""
+        if self.rank == 0 and self.folder.is_dir():
+            for tmp in sorted(self.folder.glob("step-*.tmp")):
+                shutil.rmtree(tmp, ignore_errors=True)
+                logger.warning(
+                    f"checkpoint: removed {tmp}, an unfinished save of an earlier "
+                    "run (it was never complete)"
+                )
+        _barrier()
+
     def load(self, tokenizer, allow_id_change: bool = False) -> dict[str, Any] | None:
-        """Load the chosen (or newest complete) checkpoint; returns its train state or None."""
+        """Load the chosen (or newest complete) checkpoint; returns its train state or None.
+
+        A checkpoint that fails its size check or cannot be read is reported with its path and
+        the next older one is used (unless ``checkpoint.load_step`` chose it)."""
+        self.remove_stale()
         steps = list_checkpoints(self.folder)
         if self.cc.load_step > 0:
             if self.cc.load_step not in steps:
@@ -206,17 +225,26 @@ class CheckpointManager:
             manifest = json.loads((path / MANIFEST).read_text())
             self._check_manifest(path, manifest, tokenizer, allow_id_change)
             try:
+                _verify_files(path, manifest)
                 return self._load(path, step)
-            except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, KeyError) as e:
+            except (
+                RuntimeError,
+                ValueError,
+                OSError,
+                pickle.UnpicklingError,
+                KeyError,
+                CheckpointError,
+                CheckpointException,
+            ) as e:
                 if self.cc.load_step > 0 or step == steps[0]:
                     raise CheckpointError(
-                        f"Checkpoint {path} cannot be loaded ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Fix: delete or move that folder to "
-                        "fall back to an older checkpoint, or start without one."
+                        f"Checkpoint {path} cannot be loaded ({_reason(e)}). Fix: delete or "
+                        "move that folder to fall back to an older checkpoint, or start "
+                        "without one."
                     ) from None
                 logger.warning(
-                    f"checkpoint: {path} is corrupt or incomplete "
-                    f"({type(e).__name__}); falling back to an older one"
+                    f"checkpoint: {path} is corrupt or incomplete ({_reason(e)}); falling "
+                    "back to an older one"
                 )
         return None
 
@@ -259,6 +287,23 @@ class CheckpointManager:
                 "shard from the beginning. Model, optimizer and schedule are resumed exactly."
             )
         return train_state
+
+
+def _reason(e: BaseException) -> str:
+    """One line on why a load failed (DCP wraps per-rank failures)."""
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "Error" in line or "Exception" in line:
+            text = line
+            break
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _verify_files(path: Path, manifest: dict) -> None:
+    for name, size in manifest.get("files", {}).items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise CheckpointError(f"file {name} has {actual} bytes, the manifest says {size}")
 
 
 def _barrier() -> None:

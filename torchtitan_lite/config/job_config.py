@@ -154,6 +154,10 @@ class Training:
     device: str = "auto"
     """``cuda``, ``cpu`` or ``auto`` (cuda when available)."""
 
+    skip_nonfinite_steps: int = 3
+    """Divergence guard: skip (no update) up to this many steps whose loss or gradient norm is
+    not finite, then stop without saving; 0 stops at the first."""
+
 
 @dataclass
 class Data:
@@ -350,6 +354,7 @@ class JobConfig:
                 )
         for key, value in (
             ("data.num_workers", self.data.num_workers),
+            ("training.skip_nonfinite_steps", self.training.skip_nonfinite_steps),
             ("checkpoint.keep_latest_k", self.checkpoint.keep_latest_k),
             ("lr_scheduler.warmup_steps", self.lr_scheduler.warmup_steps),
             ("training.max_norm", self.training.max_norm),

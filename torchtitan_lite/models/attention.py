@@ -321,6 +321,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         repeats = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeats, dim=1)
         v = v.repeat_interleave(repeats, dim=1)
+    if mask is None and q.shape[2] != k.shape[2]:
+        # Decoding with a KV cache: the new queries follow all cached keys (one token at a time)
+        return F.scaled_dot_product_attention(q, k, v)
     if mask is None or all(len(row) == 1 and row[0][2] is None for row in mask.rows):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return _segmented_sdpa(q, k, v, mask)

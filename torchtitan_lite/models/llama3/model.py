@@ -56,9 +56,28 @@ def apply_rotary_emb(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor,
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+class KVCache:
+    """Keys and values of every layer for incremental decoding (``scripts/generate.py``)."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype) -> None:
+        n_kv, head_dim = args.n_kv_heads or args.n_heads, args.dim // args.n_heads
+        shape = (args.n_layers, batch, n_kv, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled (advanced by the model after each forward)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``(B, H_kv, S, D)`` new keys/values; return all so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int = 0) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads or args.n_heads
         self.head_dim = args.dim // args.n_heads
@@ -72,14 +91,19 @@ class Attention(nn.Module):
             nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: AttentionMask) -> Tensor:
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, mask: AttentionMask, cache: KVCache | None = None
+    ) -> Tensor:
         bs, seq_len, _ = x.shape
         xq = self.wq(x).view(bs, seq_len, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bs, seq_len, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bs, seq_len, self.n_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         # (B, H, S, D) for the kernels
-        out = attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), mask)
+        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
+        out = attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seq_len, -1))
 
 
@@ -102,7 +126,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
         self.feed_forward = FeedForward(args.dim, hidden)
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
@@ -111,8 +135,10 @@ class TransformerBlock(nn.Module):
         depth = layer_id + 1 if args.depth_init else args.n_layers
         self.weight_init_std = 0.02 / (2 * depth) ** 0.5
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: AttentionMask) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask)
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, mask: AttentionMask, cache: KVCache | None = None
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -161,19 +187,29 @@ class Transformer(nn.Module):
         )
 
     def forward(
-        self, tokens: Tensor, attention_mask: AttentionMask, positions: Tensor | None = None
+        self,
+        tokens: Tensor,
+        attention_mask: AttentionMask,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """``(B, S)`` token ids → ``(B, S, vocab)`` logits.
 
         ``attention_mask`` is built once per batch by the caller (``build_attention_mask``);
-        ``positions`` ``(B, S)`` restarts RoPE per document when given.
+        ``positions`` ``(B, S)`` restarts RoPE per document when given. With a ``cache``
+        (generation), the tokens continue the cached ones: the prompt first (causal mask,
+        None), then one token at a time.
         """
         seq_len = tokens.shape[1]
-        if positions is None:
+        if cache is not None:
+            freqs_cis = self.freqs_cis[cache.length : cache.length + seq_len]
+        elif positions is None:
             freqs_cis = self.freqs_cis[:seq_len]  # (S, D/2)
         else:
             freqs_cis = self.freqs_cis[positions]  # (B, S, D/2)
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         for layer in self.layers.values():
-            h = layer(h, freqs_cis, attention_mask)
+            h = layer(h, freqs_cis, attention_mask, cache)
+        if cache is not None:
+            cache.length += seq_len
         return self.output(self.norm(h)).float()

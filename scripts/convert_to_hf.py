@@ -1,0 +1,47 @@
+"""Export a DCP checkpoint as a Hugging Face Llama folder.
+
+Writes ``model.safetensors`` (sharded above ``--max-shard-gb``), ``config.json`` (bos/eos from
+the tokenizer), ``generation_config.json`` (eos = the tokenizer's stop ids), tokenizer files
+that ``transformers`` loads (all special tokens kept), and a model card ``README.md``.
+
+Usage::
+
+    python scripts/convert_to_hf.py outputs/debug_model/checkpoint/step-10 outputs/hf_debug
+    python scripts/convert_to_hf.py CHECKPOINT_DIR OUTPUT_DIR --dtype float32 --tokenizer PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from torchtitan_lite.errors import UserError
+from torchtitan_lite.export.hf import export_to_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint_dir", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--tokenizer", help="tokenizer file (default: the one in the ids manifest)")
+    args = p.parse_args(argv)
+    try:
+        out = export_to_hf(
+            args.checkpoint_dir,
+            args.output_dir,
+            args.dtype,
+            int(args.max_shard_gb * 2**30),
+            args.tokenizer,
+        )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

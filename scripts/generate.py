@@ -1,0 +1,138 @@
+"""Sample text from a checkpoint or an exported model; stops at the tokenizer's stop ids.
+
+``SOURCE`` is a DCP step folder (``outputs/.../checkpoint/step-N``) or a Hugging Face folder
+written by ``convert_to_hf.py``. Decoding uses a KV cache; sampling takes a temperature,
+top-k and top-p (temperature 0 is greedy). Generation ends at the first stop id (eos, and
+``<|eot_id|>`` when the tokenizer has it) or after ``--max-new-tokens``; the reason is printed
+to stderr.
+
+Usage::
+
+    python scripts/generate.py outputs/debug_model/checkpoint/step-10 --prompt "ROMEO:"
+    python scripts/generate.py outputs/hf_debug --prompt "To be" --temperature 0 \\
+        --max-new-tokens 50 --logit-bias 2049=5.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from torchtitan_lite.errors import UserError
+from torchtitan_lite.export.hf import load_checkpoint_model, load_hf_model
+from torchtitan_lite.models.llama3.model import KVCache
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator
+) -> int:
+    """One token id from ``(vocab,)`` logits."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the first
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(
+    model,
+    args,
+    prompt_ids: list[int],
+    stop_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    logit_bias: dict[int, float] | None = None,
+) -> Iterator[int]:
+    """Yield generated ids; the last one is a stop id when generation stopped on one."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache(args, 1, len(prompt_ids) + max_new_tokens, "cpu", torch.float32)
+    bias = torch.zeros(args.vocab_size)
+    for token_id, value in (logit_bias or {}).items():
+        bias[token_id] = value
+    logits = model(torch.tensor([prompt_ids]), None, cache=cache)[0, -1]
+    for _ in range(max_new_tokens):
+        token = sample(logits + bias, temperature, top_k, top_p, gen)
+        yield token
+        if token in stop_ids:
+            return
+        logits = model(torch.tensor([[token]]), None, cache=cache)[0, -1]
+
+
+def load(source: Path, tokenizer: str | None):
+    if (source / "config.json").is_file():
+        return load_hf_model(source, tokenizer)
+    return load_checkpoint_model(source, tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", type=Path)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer file (default: the source's own)")
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="add VALUE to token ID's logit (repeatable)",
+    )
+    a = p.parse_args(argv)
+    try:
+        model, args, tok = load(a.source, a.tokenizer)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bias = {int(k): float(v) for k, v in (item.split("=", 1) for item in a.logit_bias)}
+    prompt = tok.encode(a.prompt, bos=True)
+    out: list[int] = []
+    printed = ""
+    for token in generate(
+        model,
+        args,
+        prompt,
+        tok.stop_ids,
+        a.max_new_tokens,
+        a.temperature,
+        a.top_k,
+        a.top_p,
+        a.seed,
+        bias,
+    ):
+        out.append(token)
+        if token in tok.stop_ids:
+            break
+        text = tok.decode(out)
+        sys.stdout.write(text[len(printed) :])  # stream
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    if out and out[-1] in tok.stop_ids:
+        reason = f"stop id {out[-1]} ({tok.id_to_token(out[-1])})"
+    else:
+        reason = f"max_new_tokens ({a.max_new_tokens})"
+    print(f"[generated {len(out)} tokens; stopped at {reason}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

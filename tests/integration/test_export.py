@@ -1,0 +1,197 @@
+"""Hugging Face export and import, and generation that stops at the tokenizer's stop ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import DEBUG_CONFIG, run_train
+from torchtitan_lite.export.hf import export_to_hf, import_from_hf, load_checkpoint_model
+from torchtitan_lite.models.attention import build_attention_mask
+from torchtitan_lite.tokenizer import llama3_special_tokens
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    proc = run_train(
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(out),
+        "--training.steps",
+        "3",
+        "--training.seq_len",
+        "128",
+        "--training.local_batch_size",
+        "2",
+        "--checkpoint.enable",
+        "--metrics.enable_tensorboard",
+        "false",
+        "--tokenizer.pad_token",
+        "<|reserved_special_token_2|>",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "checkpoint" / "step-3"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf")
+    return export_to_hf(checkpoint, out, dtype="float32")
+
+
+def our_logits(model, ids: list[int]) -> torch.Tensor:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        return model(x, build_attention_mask(x, model.args.eos_id, "causal", "sdpa"))
+
+
+def test_hf_folder_contents_and_ids(exported, checkpoint):
+    config = json.loads((exported / "config.json").read_text())
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (2048, 2049)
+    assert config["pad_token_id"] == 2052 and config["use_cache"] is True
+    assert gen["eos_token_id"] == [2049, 2057]  # <|end_of_text|> and <|eot_id|>
+    assert gen["pad_token_id"] == 2052 not in gen["eos_token_id"]
+    assert (exported / "model.safetensors").is_file()
+    assert "block_causal" in (exported / "README.md").read_text()
+
+
+def test_transformers_loads_it_with_equal_logits_and_tokens(exported, checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, _, tok = load_checkpoint_model(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(exported))
+    ids = tok.encode(TEXT, bos=True)
+    assert hf_tok(TEXT)["input_ids"] == ids
+    for i, token in enumerate(llama3_special_tokens()):  # all 256 specials survive, in place
+        assert hf_tok.convert_tokens_to_ids(token) == 2048 + i
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits
+    torch.testing.assert_close(theirs, our_logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stop", [2049, 2057])
+def test_hf_generate_stops_at_each_stop_id(exported, stop):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    prompt = torch.tensor([[2048, 300, 301, 302]])
+    out = hf.generate(prompt, max_new_tokens=20, do_sample=False, sequence_bias={(stop,): 100.0})
+    assert out[0, -1] == stop and out.shape[1] == prompt.shape[1] + 1  # stopped right there
+    free = hf.generate(
+        prompt, max_new_tokens=20, do_sample=False, sequence_bias={(2049,): -100.0, (2057,): -100.0}
+    )
+    assert free.shape[1] == prompt.shape[1] + 20  # no stop id: runs to max_new_tokens
+
+
+def test_sharded_export_loads(checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = export_to_hf(checkpoint, tmp_path / "sharded", dtype="float32", max_shard_bytes=4 * 2**20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model, _, tok = load_checkpoint_model(checkpoint)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = tok.encode(TEXT, bos=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(torch.tensor([ids])).logits, our_logits(model, ids), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_import_from_hf_gives_identical_logits(exported, checkpoint, tmp_path):
+    folder = import_from_hf(exported, tmp_path / "imported")
+    assert folder.name == "step-0"
+    a, _, tok = load_checkpoint_model(checkpoint)
+    b, _, _ = load_checkpoint_model(folder)
+    ids = tok.encode(TEXT, bos=True)
+    torch.testing.assert_close(our_logits(b, ids), our_logits(a, ids), atol=0, rtol=0)
+
+
+def test_import_refuses_a_disagreeing_eos(exported, tmp_path):
+    from torchtitan_lite.ids import IdMismatchError
+
+    config = json.loads((exported / "config.json").read_text())
+    config["eos_token_id"] = 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in exported.iterdir():
+        if f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IdMismatchError, match=r"eos_token_id 2.*eos 2049"):
+        import_from_hf(
+            bad, tmp_path / "out", tokenizer_path=str(exported / "original" / "tokenizer.model")
+        )
+
+
+def test_generate_stops_at_stop_ids_and_max_tokens(checkpoint):
+    from scripts.generate import generate
+
+    model, args, tok = load_checkpoint_model(checkpoint)
+    prompt = tok.encode("ROMEO:", bos=True)
+    for stop in tok.stop_ids:
+        out = list(
+            generate(
+                model, args, prompt, tok.stop_ids, 30, temperature=0.8, logit_bias={stop: 100.0}
+            )
+        )
+        assert out == [stop]
+    out = list(
+        generate(
+            model,
+            args,
+            prompt,
+            tok.stop_ids,
+            7,
+            temperature=0.0,
+            logit_bias={s: -100.0 for s in tok.stop_ids},
+        )
+    )
+    assert len(out) == 7 and not set(out) & set(tok.stop_ids)
+
+
+def test_kv_cache_decoding_equals_full_recompute(checkpoint):
+    from scripts.generate import generate
+
+    model, args, tok = load_checkpoint_model(checkpoint)
+    prompt = tok.encode("ROMEO:", bos=True)
+    cached = list(generate(model, args, prompt, [], 12, temperature=0.0))
+    ids = list(prompt)
+    for _ in range(12):  # greedy without a cache: the whole sequence every step
+        ids.append(int(our_logits(model, ids)[0, -1].argmax()))
+    assert cached == ids[len(prompt) :]
+
+
+def test_generate_cli(checkpoint):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "generate.py"),
+            str(checkpoint),
+            "--prompt",
+            "ROMEO:",
+            "--max-new-tokens",
+            "5",
+            "--logit-bias",
+            "2057=100",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped at stop id 2057 (<|eot_id|>)" in proc.stderr

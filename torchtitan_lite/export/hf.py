@@ -1,0 +1,446 @@
+"""Hugging Face Llama folders, both ways: weights, config, generation config, tokenizer.
+
+Weight layout. Our RoPE rotates adjacent pairs (Meta's layout, complex multiply); Hugging Face
+Llama rotates the two halves of each head (``rotate_half``). The q and k projections are
+therefore permuted on export (and back on import) so both compute the same logits.
+
+Special ids. ``config.json`` takes bos/eos from the tokenizer; ``generation_config.json`` lists
+the tokenizer's stop ids (for a Llama 3 tokenizer ``<|end_of_text|>`` and ``<|eot_id|>``), so
+``generate`` stops where ours does; a pad id is written only when it is not an eos id.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from torchtitan_lite.config.loader import tomllib
+from torchtitan_lite.errors import UserError
+from torchtitan_lite.models.llama3.args import FLAVORS, ModelArgs, ffn_hidden_dim, model_args_for
+from torchtitan_lite.tokenizer import (
+    LLAMA3_PATTERN,
+    SentencePieceTokenizer,
+    TikTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
+
+MANIFEST = "ids_manifest.json"
+
+
+class ExportError(UserError):
+    """A checkpoint or Hugging Face folder that cannot be converted."""
+
+
+# ------------------------------------------------------------------ weights
+
+
+def _permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Adjacent-pair rotary layout → half-split layout, per head."""
+    out_dim, in_dim = w.shape
+    return (
+        w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    )
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_dim, in_dim = w.shape
+    return (
+        w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    )
+
+
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    n_kv = args.n_kv_heads or args.n_heads
+    out = {}
+    for name, tensor in sd.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = tensor
+            continue
+        _, layer, rest = name.split(".", 2)  # layers.<i>.<rest>
+        if rest == "attention.wq.weight":
+            tensor = _permute(tensor, args.n_heads)
+        elif rest == "attention.wk.weight":
+            tensor = _permute(tensor, n_kv)
+        out[f"model.layers.{layer}.{_LAYER_NAMES[rest]}"] = tensor
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    n_kv = args.n_kv_heads or args.n_heads
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    layer_names = {v: k for k, v in _LAYER_NAMES.items()}
+    out = {}
+    for name, tensor in sd.items():
+        if name in top:
+            out[top[name]] = tensor
+            continue
+        if not name.startswith("model.layers."):
+            continue  # e.g. rotary inv_freq buffers of old exports
+        _, _, layer, rest = name.split(".", 3)
+        ours = layer_names[rest]
+        if ours == "attention.wq.weight":
+            tensor = _unpermute(tensor, args.n_heads)
+        elif ours == "attention.wk.weight":
+            tensor = _unpermute(tensor, n_kv)
+        out[f"layers.{layer}.{ours}"] = tensor
+    return out
+
+
+# ------------------------------------------------------------------ configs
+
+
+def hf_config(args: ModelArgs, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "head_dim": args.dim // args.n_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len,
+        "vocab_size": args.vocab_size,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if args.rope_scaling:
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    if tokenizer.pad_id is not None and tokenizer.pad_id not in tokenizer.stop_ids:
+        config["pad_token_id"] = tokenizer.pad_id
+    return config
+
+
+def generation_config(tokenizer: Tokenizer) -> dict:
+    config = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.stop_ids,
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+    }
+    if tokenizer.pad_id is not None and tokenizer.pad_id not in tokenizer.stop_ids:
+        config["pad_token_id"] = tokenizer.pad_id
+    return config
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """Tokenizer files that ``transformers.AutoTokenizer`` loads, with every special id."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, TikTokenizer):
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+        backend = TikTokenConverter(
+            vocab_file=str(tokenizer.path), pattern=LLAMA3_PATTERN, extra_special_tokens=specials
+        ).converted()
+        backend.add_special_tokens(specials)  # make sure all 256 exist, in id order
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        # The .model itself, with a config naming the Llama tokenizer class that reads it.
+        shutil.copy(tokenizer.path, out / "tokenizer.model")
+        pad = tokenizer.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else None
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": tokenizer.id_to_token(tokenizer.bos_id),
+                    "eos_token": tokenizer.eos_token,
+                    "pad_token": pad,
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "legacy": False,
+                    "add_prefix_space": False,
+                    "clean_up_tokenization_spaces": False,
+                },
+                indent=2,
+            )
+        )
+        return
+    else:  # pragma: no cover - only two formats exist
+        raise ExportError(f"cannot export a {type(tokenizer).__name__}")
+    for token, token_id in tokenizer.special_tokens.items():
+        if backend.token_to_id(token) != token_id:
+            raise ExportError(
+                f"tokenizer export lost special token {token!r} (id {token_id}, "
+                f"got {backend.token_to_id(token)})"
+            )
+    # Documents were trained as bos + text + eos: the HF tokenizer adds the bos too.
+    from tokenizers import processors
+
+    bos = tokenizer.id_to_token(tokenizer.bos_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    pad = tokenizer.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else None
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=tokenizer.id_to_token(tokenizer.bos_id),
+        eos_token=tokenizer.eos_token,
+        pad_token=pad,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000,
+    )
+    fast.save_pretrained(str(out))
+
+
+# ------------------------------------------------------------------ checkpoint → HF
+
+
+def read_checkpoint_config(checkpoint_dir: Path) -> tuple[dict, dict]:
+    """The config.toml and ids manifest stored in a step folder."""
+    config_path, manifest_path = checkpoint_dir / "config.toml", checkpoint_dir / MANIFEST
+    if not (checkpoint_dir / ".metadata").is_file() or not manifest_path.is_file():
+        raise ExportError(
+            f"{checkpoint_dir} is not a complete checkpoint folder (no .metadata or {MANIFEST}). "
+            "Fix: pass a step folder such as outputs/debug_model/checkpoint/step-10."
+        )
+    return (tomllib.loads(config_path.read_text()), json.loads(manifest_path.read_text()))
+
+
+def load_checkpoint_model(
+    checkpoint_dir: Path, tokenizer_path: str | None = None
+) -> tuple[torch.nn.Module, ModelArgs, Tokenizer]:
+    """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_lite.components.checkpoint import SafeLoadPlanner
+    from torchtitan_lite.ids import check_special_ids
+    from torchtitan_lite.models.llama3.model import Transformer
+
+    config, manifest = read_checkpoint_config(checkpoint_dir)
+    tk = config["tokenizer"]
+    tokenizer = load_tokenizer(
+        tokenizer_path or manifest["tokenizer_path"],
+        tk["eos_token"],
+        tk["pad_token"],
+        tk["extra_stop_tokens"],
+    )
+    for warning in check_special_ids(tokenizer, manifest=manifest):
+        print(f"warning: {warning}")
+    model_cfg = config["model"]
+    args = model_args_for(
+        model_cfg["flavor"],
+        max_seq_len=config["training"]["seq_len"],
+        attn_mask_type=model_cfg["attn_mask_type"],
+    )
+    args.update_from_tokenizer(
+        tokenizer, model_cfg["vocab_size"], model_cfg["vocab_size_multiple_of"], model_cfg["eos_id"]
+    )
+    model = Transformer(args)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "no process group: loading in one process" is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint_dir), planner=SafeLoadPlanner())
+    model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    return model.eval(), args, tokenizer
+
+
+def export_to_hf(
+    checkpoint_dir: Path,
+    out: Path,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 5 * 2**30,
+    tokenizer_path: str | None = None,
+) -> Path:
+    from safetensors.torch import save_file
+
+    model, args, tokenizer = load_checkpoint_model(checkpoint_dir, tokenizer_path)
+    torch_dtype = getattr(torch, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {
+        k: v.to(torch_dtype).contiguous()
+        for k, v in to_hf_state_dict(model.state_dict(), args).items()
+    }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in sd.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+            "weight_map": {},
+        }
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            index["weight_map"].update({k: name for k in shard})
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(args, tokenizer, torch_dtype), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2))
+    save_tokenizer(tokenizer, out)
+    (out / "original").mkdir(exist_ok=True)  # the project's own tokenizer file, as Meta ships
+    shutil.copy(tokenizer.path, out / "original" / "tokenizer.model")
+    config, _ = read_checkpoint_config(checkpoint_dir)
+    (out / "README.md").write_text(_model_card(config, args, tokenizer, checkpoint_dir))
+    return out
+
+
+def _model_card(config: dict, args: ModelArgs, tokenizer: Tokenizer, source: Path) -> str:
+    t, d, m, tk = config["training"], config["data"], config["model"], tokenizer
+    rows = [
+        (
+            "shape",
+            f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
+            f"({args.n_kv_heads or args.n_heads} kv), vocab {args.vocab_size}",
+        ),
+        (
+            "training",
+            f"{t['steps']} steps of {t['local_batch_size']} × {t['seq_len']} tokens "
+            f"per rank, lr {config['optimizer']['lr']}",
+        ),
+        ("attention mask", f"{m['attn_mask_type']} (documents split at eos id {tk.eos_id})"),
+        ("data", f"`{d['path']}` (documents encoded as bos + text + eos and packed)"),
+        (
+            "tokenizer",
+            f"{tk.kind}, vocab {tk.vocab_size}, bos {tk.bos_id}, eos {tk.eos_id}, "
+            f"stop ids {tk.stop_ids}",
+        ),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        f"# {config['job']['description']}\n\n"
+        f"A Llama 3 model ({m['flavor']}, {args.num_params() / 1e6:,.1f}M parameters) trained "
+        f"with torchtitan_lite and exported from `{source}`.\n\n| | |\n|---|---|\n{table}\n\n"
+        "Load it with `transformers.AutoModelForCausalLM.from_pretrained(folder)`; generation "
+        "stops at the stop ids listed in `generation_config.json`.\n"
+    )
+
+
+# ------------------------------------------------------------------ HF → checkpoint
+
+
+def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -> Path:
+    """Write an HF Llama folder as a step-0 DCP checkpoint under ``out/checkpoint`` (start a
+    run with ``--job.dump_folder out --checkpoint.enable``); refuses disagreeing ids."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from torchtitan_lite.config import JobConfig, to_toml
+    from torchtitan_lite.ids import IdMismatchError, ids_manifest
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok_file = tokenizer_path or next(
+        (
+            str(p)
+            for p in (hf_dir / "original" / "tokenizer.model", hf_dir / "tokenizer.model")
+            if p.is_file()
+        ),
+        None,
+    )
+    if tok_file is None:
+        raise ExportError(
+            f"{hf_dir} has no tokenizer.model (tiktoken or sentencepiece). Fix: "
+            "pass --tokenizer PATH."
+        )
+    tokenizer = load_tokenizer(tok_file)
+    eos = cfg.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    if tokenizer.eos_id not in eos_ids:
+        raise IdMismatchError(
+            f"Special-id mismatch: {hf_dir / 'config.json'} has eos_token_id {eos}, but the "
+            f"tokenizer {tok_file} says eos {tokenizer.eos_id}. Fix: use the model's own "
+            "tokenizer."
+        )
+    flavor = _matching_flavor(cfg)
+    args = model_args_for(flavor)
+    args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    sd = {k: v.float() for k, v in from_hf_state_dict(weights, args).items()}
+    folder = out / "checkpoint" / "step-0"
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": sd}, checkpoint_id=str(folder))
+    config = JobConfig()
+    config.model.flavor = flavor
+    config.model.vocab_size = cfg["vocab_size"]
+    config.tokenizer.path = tok_file
+    (folder / "config.toml").write_text(to_toml(config))
+    (folder / MANIFEST).write_text(json.dumps(ids_manifest(tokenizer, "block_causal"), indent=2))
+    return folder
+
+
+def _matching_flavor(cfg: dict) -> str:
+    for name, fa in FLAVORS.items():
+        if (fa.dim, fa.n_layers, fa.n_heads, fa.n_kv_heads or fa.n_heads) == (
+            cfg["hidden_size"],
+            cfg["num_hidden_layers"],
+            cfg["num_attention_heads"],
+            cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        ) and ffn_hidden_dim(fa.dim, fa.multiple_of, fa.ffn_dim_multiplier) == cfg[
+            "intermediate_size"
+        ]:
+            return name
+    raise ExportError(
+        f"The HF model (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+        f"{cfg['num_attention_heads']} heads) matches no flavor ({', '.join(FLAVORS)}). Fix: "
+        "add a flavor with these shapes to torchtitan_lite/models/llama3/args.py."
+    )
+
+
+def load_hf_model(
+    hf_dir: Path, tokenizer_path: str | None = None
+) -> tuple[torch.nn.Module, ModelArgs, Tokenizer]:
+    """A plain CPU fp32 model from an exported HF folder, with its tokenizer."""
+    from safetensors.torch import load_file
+
+    from torchtitan_lite.models.llama3.model import Transformer
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok_file = tokenizer_path or str(hf_dir / "original" / "tokenizer.model")
+    tokenizer = load_tokenizer(tok_file)
+    args = model_args_for(_matching_flavor(cfg), max_seq_len=cfg["max_position_embeddings"])
+    args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    model = Transformer(args)
+    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(weights, args).items()})
+    return model.eval(), args, tokenizer
