@@ -157,3 +157,21 @@ def test_load_step_that_does_not_exist(tmp_path):
     proc = run_train(*BASE, "--checkpoint.load_step", "3", "--job.dump_folder", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "'checkpoint.load_step' is 3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_async_save_writes_complete_checkpoints_that_resume(tmp_path):
+    args = [
+        *BASE,
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.async_mode",
+        "async",
+        "--job.dump_folder",
+        str(tmp_path),
+    ]
+    ok(run_train(*args, "--training.steps", "4"))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-2", "step-4"]
+    proc = ok(run_train(*args, "--training.steps", "6"))
+    assert "checkpoint: loaded step 4" in proc.stdout
+    assert [r["step"] for r in metrics(tmp_path)][-2:] == [5, 6]
