@@ -30,21 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from torchtitan_lite.models.attention import build_attention_mask, build_block_mask, mask_mod_for
+from torchtitan_lite.models.attention import (
+    BLOCK_MASK_FIELDS,
+    build_attention_mask,
+    build_block_mask,
+    mask_mod_for,
+)
 from torchtitan_lite.models.llama3.args import model_args_for
 from torchtitan_lite.models.llama3.model import Transformer
 
 EOS = 0
-FIELDS = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
 
 
 def packed_batch(batch: int, seq_len: int, mean_doc: int, vocab: int, seed: int) -> torch.Tensor:
@@ -64,7 +59,7 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def identical(a, b) -> bool:
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in FIELDS) and (
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in BLOCK_MASK_FIELDS) and (
         a.seq_lengths == b.seq_lengths
     )
 

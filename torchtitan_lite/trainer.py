@@ -109,6 +109,12 @@ class Trainer:
         ):
             logger.warning(warning)
         self.attn_backend = resolve_backend(mc.attn_backend, self.device)
+        if self.attn_backend == "flex" and self.device.type != "cuda":
+            raise ConfigError(
+                f"Config key 'model.attn_backend' is 'flex' on {self.device.type}: "
+                "FlexAttention has no backward pass there, so it cannot train. Fix: set "
+                'model.attn_backend = "auto" (flex on CUDA, sdpa elsewhere) or "sdpa".'
+            )
 
         # 7. The model: on the meta device (no memory), initialized, parallelized
         #    (AC → compile → FSDP2), materialized on the device.
@@ -120,7 +126,7 @@ class Trainer:
             model.to_empty(device=self.device)
             with torch.no_grad():
                 model.init_weights(buffer_device=self.device)
-        self.model = parallelize(model, self.mesh, config)
+        self.model = parallelize(model, self.mesh, config, self.attn_backend)
         if not init_whole:  # 7b. shard by shard, on the device
             self.model.to_empty(device=self.device)
             with torch.no_grad():

@@ -302,6 +302,11 @@ BAD_CONFIGS = [
         ["'checkpoint.load_step' is 7"],
     ),
     ("bad boolean", ["--checkpoint.enable", "maybe"], ["'checkpoint.enable'", "boolean"]),
+    (
+        "flex cannot train on cpu",
+        ["--model.attn_backend", "flex"],
+        ["'model.attn_backend' is 'flex' on cpu", "no backward"],
+    ),
 ]
 
 

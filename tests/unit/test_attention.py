@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 from torchtitan_lite.models.attention import (
+    BLOCK_MASK_FIELDS,
     MASK_TYPES,
     attention,
     build_attention_mask,
@@ -19,16 +20,6 @@ from torchtitan_lite.models.attention import (
 )
 
 EOS = 0
-BLOCK_FIELDS = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
 
 
 def brute_force_mask(tokens: list[int], eos_id: int, mask_type: str) -> list[list[bool]]:
@@ -147,7 +138,7 @@ def test_build_block_mask_equals_create_block_mask(seq_len, mask_type):
     theirs = create_block_mask(
         mask_mod_for(tokens, EOS, mask_type), tokens.shape[0], 1, seq_len, seq_len, device="cpu"
     )
-    for name in BLOCK_FIELDS:
+    for name in BLOCK_MASK_FIELDS:
         a, b = getattr(ours, name), getattr(theirs, name)
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), name
@@ -178,7 +169,7 @@ def test_build_block_mask_other_block_sizes(block_size):
         device="cpu",
         BLOCK_SIZE=block_size,
     )
-    for name in BLOCK_FIELDS:
+    for name in BLOCK_MASK_FIELDS:
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
 
 
@@ -198,7 +189,7 @@ def test_randomized_layouts(seed):
             device="cpu",
             BLOCK_SIZE=32,
         )
-        for name in BLOCK_FIELDS:
+        for name in BLOCK_MASK_FIELDS:
             assert torch.equal(getattr(ours, name), getattr(theirs, name)), (mask_type, name)
 
 

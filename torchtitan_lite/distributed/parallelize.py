@@ -29,9 +29,11 @@ def apply_ac(model: nn.Module, mode: str, every: int) -> None:
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, fullgraph: bool) -> None:
+    """Compile each block. ``fullgraph`` for the flex path; the CPU sdpa path loops over
+    document segments in Python, which compiles as several graphs."""
     for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+        model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
 
 
 def apply_fsdp(
@@ -55,12 +57,14 @@ def apply_fsdp(
     )
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, config: JobConfig) -> nn.Module:
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh, config: JobConfig, attn_backend: str = "flex"
+) -> nn.Module:
     ac = config.activation_checkpoint
     if ac.mode != "none":
         apply_ac(model, ac.mode, ac.selective_ac_option)
     if config.compile.enable:
-        apply_compile(model)
+        apply_compile(model, fullgraph=attn_backend == "flex")
     tc = config.training
     apply_fsdp(
         model,

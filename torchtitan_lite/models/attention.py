@@ -36,6 +36,17 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 MASK_TYPES = ("causal", "block_causal")
+#: The block tables of a BlockMask that build_block_mask computes (kv side and q side).
+BLOCK_MASK_FIELDS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
 
 #: What the model receives: a BlockMask (flex), DocumentSegments (sdpa), or None (sdpa,
 #: plain causal). Defined below.
@@ -308,7 +319,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """
     if isinstance(mask, BlockMask):
         enable_gqa = q.shape[1] != k.shape[1]
-        if q.is_cuda:
+        if q.is_cuda and not torch.compiler.is_compiling():
+            # Inside a compiled block, flex is compiled with the block; outside, on its own.
             return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
     if q.device.type == "cpu" and q.dtype != torch.float32:
