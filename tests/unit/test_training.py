@@ -193,3 +193,47 @@ def test_shipped_configs_build_their_model_on_meta(flavor, billions):
         model = Transformer(args)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / 1e9 - billions) / billions < 0.01
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_memory_not_math(tmp_path, mode):
+    runs = {}
+    for name, args in (("none", []), (mode, ["--activation_checkpoint.mode", mode])):
+        trainer = make_trainer(
+            tmp_path, name, "--training.local_batch_size", "2", "--training.steps", "2", *args
+        )
+        grads = capture_grads(trainer)
+        try:
+            wrapped = sum(
+                "checkpoint_wrapped_module" in n for n, _ in trainer.model.named_parameters()
+            )
+            runs[name] = (trainer.train(), dict(grads), wrapped)
+        finally:
+            trainer.close()
+    (loss_a, g_a, w_a), (loss_b, g_b, w_b) = runs["none"], runs[mode]
+    assert w_a == 0 and w_b > 0  # the blocks really are wrapped
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    plain = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in g_b.items()}
+    assert plain.keys() == g_a.keys()
+    for key, g in g_a.items():
+        torch.testing.assert_close(plain[key], g, atol=1e-7, rtol=1e-5, msg=key)
+
+
+def test_profiler_writes_traces(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        "prof",
+        "--training.local_batch_size",
+        "2",
+        "--training.steps",
+        "3",
+        "--profiling.enable_profiling",
+        "--profiling.profile_freq",
+        "2",
+    )
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    traces = list((tmp_path / "prof" / "profile_traces").glob("rank0_step*.json"))
+    assert traces and traces[0].stat().st_size > 1000
