@@ -175,3 +175,29 @@ def test_async_save_writes_complete_checkpoints_that_resume(tmp_path):
     proc = ok(run_train(*args, "--training.steps", "6"))
     assert "checkpoint: loaded step 4" in proc.stdout
     assert [r["step"] for r in metrics(tmp_path)][-2:] == [5, 6]
+
+
+@pytest.mark.slow
+def test_last_save_model_only_in_export_dtype(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ok(
+        run_train(
+            *BASE,
+            "--training.steps",
+            "4",
+            "--checkpoint.interval",
+            "2",
+            "--checkpoint.last_save_model_only",
+            "--checkpoint.export_dtype",
+            "bfloat16",
+            "--job.dump_folder",
+            str(tmp_path),
+        )
+    )
+    full = dcp.FileSystemReader(str(tmp_path / "checkpoint" / "step-2")).read_metadata()
+    last = dcp.FileSystemReader(str(tmp_path / "checkpoint" / "step-4")).read_metadata()
+    assert any(k.startswith("optimizer.") for k in full.state_dict_metadata)
+    keys = last.state_dict_metadata
+    assert keys and all(k.startswith("model.") for k in keys)
+    assert {str(m.properties.dtype) for m in keys.values()} == {"torch.bfloat16"}

@@ -237,3 +237,20 @@ def test_profiler_writes_traces(tmp_path):
         trainer.close()
     traces = list((tmp_path / "prof" / "profile_traces").glob("rank0_step*.json"))
     assert traces and traces[0].stat().st_size > 1000
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(
+        tmp_path, "tb", "--training.local_batch_size", "2", "--metrics.enable_tensorboard", "true"
+    )
+    try:
+        losses = trainer.train()
+    finally:
+        trainer.close()
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx(losses)
+    assert "train/tokens_per_second" in events.Tags()["scalars"]
