@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -135,8 +136,9 @@ class Tokenizer(ABC):
         self.pad_id = self._select(pad_token, "pad_token", pad_id)
         self._extra_stop_ids = [self._select(t, "extra_stop_tokens", None) for t in stop_tokens]
 
-    @property
+    @functools.cached_property
     def file_sha256(self) -> str:
+        """Hash of the tokenizer file (recorded in checkpoints' ids manifest)."""
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def _select(self, token: str, key: str, default: int | None) -> int | None:

@@ -24,7 +24,6 @@ packer does not).
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import numpy as np
@@ -32,10 +31,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from torchtitan_lite.data.sources import DataError, DocumentSource
+from torchtitan_lite.logging import logger
 from torchtitan_lite.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-logger = logging.getLogger("torchtitan_lite")
 
 
 class PackedDataset(IterableDataset):
