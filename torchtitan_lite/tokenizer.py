@@ -223,9 +223,6 @@ class TikTokenizer(Tokenizer):
             return self._id_to_special[token_id]
         return self._model.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._model.decode_single_token_bytes(token_id)
-
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece ``.model``; bos/eos/pad come from the model (pad may be absent)."""

@@ -91,6 +91,11 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def is_complete(folder: Path) -> bool:
+    """A step folder that a finished save renamed into place (DCP metadata + manifest)."""
+    return (folder / ".metadata").is_file() and (folder / MANIFEST).is_file()
+
+
 def list_checkpoints(folder: Path) -> list[int]:
     """Steps of the complete checkpoints in ``folder``, oldest first."""
     if not folder.is_dir():
@@ -98,7 +103,7 @@ def list_checkpoints(folder: Path) -> list[int]:
     steps = []
     for child in folder.iterdir():
         match = _STEP.match(child.name)
-        if match and (child / ".metadata").is_file() and (child / MANIFEST).is_file():
+        if match and is_complete(child):
             steps.append(int(match.group(1)))
     return sorted(steps)
 

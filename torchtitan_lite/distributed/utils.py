@@ -61,13 +61,6 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    t = torch.tensor(value, device=device, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
 def clip_grad_norm_(parameters, max_norm: float, mesh) -> torch.Tensor:
     """Clip gradients by their global L2 norm across all shards; returns the norm before.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from torchtitan_lite.components.checkpoint import MANIFEST, SafeLoadPlanner, is_complete
 from torchtitan_lite.config.loader import tomllib
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.models.llama3.args import FLAVORS, ModelArgs, ffn_hidden_dim, model_args_for
@@ -28,8 +29,6 @@ from torchtitan_lite.tokenizer import (
     Tokenizer,
     load_tokenizer,
 )
-
-MANIFEST = "ids_manifest.json"
 
 
 class ExportError(UserError):
@@ -227,7 +226,7 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 def read_checkpoint_config(checkpoint_dir: Path) -> tuple[dict, dict]:
     """The config.toml and ids manifest stored in a step folder."""
     config_path, manifest_path = checkpoint_dir / "config.toml", checkpoint_dir / MANIFEST
-    if not (checkpoint_dir / ".metadata").is_file() or not manifest_path.is_file():
+    if not is_complete(checkpoint_dir):
         raise ExportError(
             f"{checkpoint_dir} is not a complete checkpoint folder (no .metadata or {MANIFEST}). "
             "Fix: pass a step folder such as outputs/debug_model/checkpoint/step-10."
@@ -241,7 +240,6 @@ def load_checkpoint_model(
     """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer."""
     import torch.distributed.checkpoint as dcp
 
-    from torchtitan_lite.components.checkpoint import SafeLoadPlanner
     from torchtitan_lite.ids import check_special_ids
     from torchtitan_lite.models.llama3.model import Transformer
 
@@ -354,24 +352,20 @@ def _model_card(config: dict, args: ModelArgs, tokenizer: Tokenizer, source: Pat
 # ------------------------------------------------------------------ HF → checkpoint
 
 
-def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -> Path:
-    """Write an HF Llama folder as a step-0 DCP checkpoint under ``out/checkpoint`` (start a
-    run with ``--job.dump_folder out --checkpoint.enable``); refuses disagreeing ids."""
-    import torch.distributed.checkpoint as dcp
+def read_hf_folder(
+    hf_dir: Path, tokenizer_path: str | None = None
+) -> tuple[dict, Tokenizer, ModelArgs, dict[str, torch.Tensor]]:
+    """An HF Llama folder as (config.json, tokenizer, our model args, our fp32 weights).
+
+    The tokenizer is ``tokenizer_path``, else ``original/tokenizer.model`` or
+    ``tokenizer.model`` in the folder; a config whose eos disagrees with it is refused."""
     from safetensors.torch import load_file
 
-    from torchtitan_lite.config import JobConfig, to_toml
-    from torchtitan_lite.ids import IdMismatchError, ids_manifest
+    from torchtitan_lite.ids import IdMismatchError
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    tok_file = tokenizer_path or next(
-        (
-            str(p)
-            for p in (hf_dir / "original" / "tokenizer.model", hf_dir / "tokenizer.model")
-            if p.is_file()
-        ),
-        None,
-    )
+    candidates = (hf_dir / "original" / "tokenizer.model", hf_dir / "tokenizer.model")
+    tok_file = tokenizer_path or next((str(p) for p in candidates if p.is_file()), None)
     if tok_file is None:
         raise ExportError(
             f"{hf_dir} has no tokenizer.model (tiktoken or sentencepiece). Fix: "
@@ -379,29 +373,39 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
         )
     tokenizer = load_tokenizer(tok_file)
     eos = cfg.get("eos_token_id")
-    eos_ids = eos if isinstance(eos, list) else [eos]
-    if tokenizer.eos_id not in eos_ids:
+    if tokenizer.eos_id not in (eos if isinstance(eos, list) else [eos]):
         raise IdMismatchError(
             f"Special-id mismatch: {hf_dir / 'config.json'} has eos_token_id {eos}, but the "
             f"tokenizer {tok_file} says eos {tokenizer.eos_id}. Fix: use the model's own "
             "tokenizer."
         )
-    flavor = _matching_flavor(cfg)
-    args = model_args_for(flavor)
+    args = model_args_for(_matching_flavor(cfg), max_seq_len=cfg["max_position_embeddings"])
     args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(hf_dir.glob("*.safetensors")):
         weights.update(load_file(str(file)))
-    sd = {k: v.float() for k, v in from_hf_state_dict(weights, args).items()}
+    state = {k: v.float() for k, v in from_hf_state_dict(weights, args).items()}
+    return cfg, tokenizer, args, state
+
+
+def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -> Path:
+    """Write an HF Llama folder as a step-0 DCP checkpoint under ``out/checkpoint`` (start a
+    run with ``--job.dump_folder out --checkpoint.enable``); refuses disagreeing ids."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_lite.config import JobConfig, to_toml
+    from torchtitan_lite.ids import ids_manifest
+
+    cfg, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path)
     folder = out / "checkpoint" / "step-0"
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": sd}, checkpoint_id=str(folder))
+        dcp.save({"model": state}, checkpoint_id=str(folder))
     config = JobConfig()
-    config.model.flavor = flavor
+    config.model.flavor = _matching_flavor(cfg)
     config.model.vocab_size = cfg["vocab_size"]
-    config.tokenizer.path = tok_file
+    config.tokenizer.path = str(tokenizer.path)
     (folder / "config.toml").write_text(to_toml(config))
     (folder / MANIFEST).write_text(json.dumps(ids_manifest(tokenizer, "block_causal"), indent=2))
     return folder
@@ -429,18 +433,9 @@ def load_hf_model(
     hf_dir: Path, tokenizer_path: str | None = None
 ) -> tuple[torch.nn.Module, ModelArgs, Tokenizer]:
     """A plain CPU fp32 model from an exported HF folder, with its tokenizer."""
-    from safetensors.torch import load_file
-
     from torchtitan_lite.models.llama3.model import Transformer
 
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    tok_file = tokenizer_path or str(hf_dir / "original" / "tokenizer.model")
-    tokenizer = load_tokenizer(tok_file)
-    args = model_args_for(_matching_flavor(cfg), max_seq_len=cfg["max_position_embeddings"])
-    args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(hf_dir.glob("*.safetensors")):
-        weights.update(load_file(str(file)))
+    _, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path)
     model = Transformer(args)
-    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(weights, args).items()})
+    model.load_state_dict(state)
     return model.eval(), args, tokenizer

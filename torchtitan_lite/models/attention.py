@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-MASK_TYPES = ("causal", "block_causal")
+from torchtitan_lite.config.job_config import MASK_TYPES  # the one list of mask types
+
 #: The block tables of a BlockMask that build_block_mask computes (kv side and q side).
 BLOCK_MASK_FIELDS = (
     "kv_num_blocks",
