@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from torchtitan_lite.config import help_text, load_config, parse_args
 from torchtitan_lite.errors import UserError
 
 
+@record  # under torchrun, an unexpected exception lands in that rank's error file
 def main(argv: list[str]) -> int:
     try:
         path, overrides, want_help = parse_args(argv)

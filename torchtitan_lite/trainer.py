@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_lite.components.checkpoint import CheckpointManager
+from torchtitan_lite.components.gc_control import GarbageCollection
 from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
@@ -26,6 +27,8 @@ from torchtitan_lite.distributed.utils import (
     clip_grad_norm_,
     init_distributed,
     local_device,
+    resolve_param_dtype,
+    set_collective_timeout,
     set_seed,
 )
 from torchtitan_lite.errors import ConfigError, UserError
@@ -36,7 +39,7 @@ from torchtitan_lite.models.attention import (
     document_positions,
     resolve_backend,
 )
-from torchtitan_lite.models.llama3.args import model_args_for
+from torchtitan_lite.models.llama3.args import ROPE_KEYS, model_args_for, rope_settings
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
 
@@ -53,8 +56,12 @@ class Trainer:
 
         # 1. Device, process group, parallel layout and mesh.
         self.device = _device(tc.device)
-        self.rank, self.world_size = init_distributed(self.device)
+        self.rank, self.world_size = init_distributed(self.device, config.comm.init_timeout_seconds)
         self.device = local_device(self.device)
+        # bf16 only where the device computes in it natively (auto), else fp32.
+        self.param_dtype, self.param_dtype_reason = resolve_param_dtype(
+            tc.mixed_precision_param, self.device
+        )
         self.parallel_dims = ParallelDims(
             config.parallelism.data_parallel_replicate_degree,
             config.parallelism.data_parallel_shard_degree,
@@ -93,7 +100,11 @@ class Trainer:
 
         # 6. Model args from the tokenizer, then the startup id check over every part.
         self.model_args = model_args_for(
-            mc.flavor, max_seq_len=tc.seq_len, attn_mask_type=mc.attn_mask_type
+            mc.flavor,
+            max_seq_len=tc.seq_len,
+            attn_mask_type=mc.attn_mask_type,
+            flex_compile_mode=config.compile.flex_mode,
+            **{key: getattr(mc, key) for key in ROPE_KEYS},
         )
         self.model_args.update_from_tokenizer(
             self.tokenizer,
@@ -126,7 +137,7 @@ class Trainer:
             model.to_empty(device=self.device)
             with torch.no_grad():
                 model.init_weights(buffer_device=self.device)
-        self.model = parallelize(model, self.mesh, config, self.attn_backend)
+        self.model = parallelize(model, self.mesh, config, self.attn_backend, self.param_dtype)
         if not init_whole:  # 7b. shard by shard, on the device
             self.model.to_empty(device=self.device)
             with torch.no_grad():
@@ -138,7 +149,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.steps, config.lr_scheduler)
 
         # 9. Checkpoints: resume from the newest complete one when there is one.
-        self.step, self.tokens_seen = 0, 0
+        self.step, self.tokens_seen, self.epoch = 0, 0, 0
         self.skipped_steps: list[int] = []
         self.checkpointer = CheckpointManager(
             config,
@@ -147,7 +158,10 @@ class Trainer:
             self.optimizer,
             self.lr_scheduler,
             self.dataloader,
-            ids_manifest(self.tokenizer, mc.attn_mask_type),
+            {
+                **ids_manifest(self.tokenizer, mc.attn_mask_type),
+                "rope": rope_settings(self.model_args),
+            },
             self.rank,
             self.rank,
         )
@@ -163,10 +177,11 @@ class Trainer:
         tb = self.dump_folder / mx.save_tb_folder
         if write_tb and not mx.rank_0_only:
             tb = tb / f"rank_{self.rank}"
+        peak, self.peak_source = peak_tflops(self.device, mx.peak_tflops)
         self.metrics = MetricsLogger(
             self.model_args,
             self.device,
-            peak_tflops(self.device, mx.peak_tflops),
+            peak,
             tb if write_tb else None,
             self.dump_folder / "metrics.jsonl" if self.rank == 0 else None,
         )
@@ -188,9 +203,11 @@ class Trainer:
         logger.info(
             f"world: {self.world_size} process(es) on {self.device.type}, data parallel "
             f"replicate {pd.dp_replicate} × shard {pd.dp_shard} "
-            f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'}), params "
-            f"{c.training.mixed_precision_param} / reduce "
-            f"{c.training.mixed_precision_reduce}"
+            f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'})"
+        )
+        logger.info(
+            f"precision: params {self.param_dtype} ({self.param_dtype_reason}), gradient "
+            f"reduce {c.training.mixed_precision_reduce}"
         )
         pad = "none" if t.pad_id is None else f"{t.pad_id} {t.id_to_token(t.pad_id)!r}"
         logger.info(
@@ -203,10 +220,18 @@ class Trainer:
             f"{a.n_heads} heads ({a.n_kv_heads or a.n_heads} kv), vocab {a.vocab_size}, "
             f"eos {a.eos_id}, {self.num_params / 1e6:,.1f}M parameters"
         )
+        kernel = self.attn_backend
+        if kernel == "flex" and self.device.type == "cuda":
+            kernel += (
+                ", compiled with each block"
+                if c.compile.enable
+                else f", compiled on its own (mode {c.compile.flex_mode})"
+            )
         logger.info(
             f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id}),"
-            f" kernel {self.attn_backend} on {self.device}"
+            f" kernel {kernel} on {self.device}"
         )
+        logger.info(f"MFU peak: {self.peak_source}")
         logger.info(
             f"data {c.data.path}: seq_len {c.training.seq_len}, local batch "
             f"{c.training.local_batch_size}, global batch {global_batch} (gradient "
@@ -221,13 +246,20 @@ class Trainer:
     def forward_backward_step(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """One micro-batch: the mask (once, shared by all layers), forward, backward.
 
-        Returns the summed token loss; backpropagates ``loss_sum × scale``.
+        Returns the summed token loss (a device tensor, not read here); backpropagates
+        ``loss_sum × scale``.
         """
         inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
         labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
         eos_id = self.model_args.eos_id
+        # flex builds its BlockMask on the device; sdpa cuts its segments on the host copy of
+        # the tokens (no device→host read), placing their small masks on the device.
         mask = build_attention_mask(
-            inputs, eos_id, self.model_args.attn_mask_type, self.attn_backend
+            inputs if self.attn_backend == "flex" else batch["input"],
+            eos_id,
+            self.model_args.attn_mask_type,
+            self.attn_backend,
+            device=self.device,
         )
         positions = (
             document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
@@ -242,42 +274,51 @@ class Trainer:
         """One optimizer step over the micro-batches; returns (loss, grad norm).
 
         The loss is normalized by the number of valid targets over all micro-batches and all
-        ranks, so accumulation and data parallelism give the gradient of one big batch.
+        ranks, so accumulation and data parallelism give the gradient of one big batch. That
+        count comes from the host copies of the labels and is summed over ranks on the CPU
+        backend, so the device queue never waits for it; the step reads the device once.
         """
-        valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        global_valid = int(all_reduce_sum(torch.tensor(float(valid), device=self.device)))
+        valid = sum(host_count(b["labels"] != IGNORE_INDEX) for b in micro_batches)
+        global_valid = max(host_count(all_reduce_sum(torch.tensor([valid]))), 1)
         # FSDP averages gradients over the data-parallel ranks; undo that mean.
-        scale = self.parallel_dims.dp / max(global_valid, 1)
+        scale = self.parallel_dims.dp / global_valid
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum += self.forward_backward_step(batch, scale)
-        grad_norm = float(
-            clip_grad_norm_(self.model.parameters(), self.config.training.max_norm, self.mesh)
+        grad_norm = clip_grad_norm_(
+            self.model.parameters(), self.config.training.max_norm, self.mesh
         )
-        loss = float(all_reduce_sum(loss_sum)) / max(global_valid, 1)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # Divergence guard: every rank sees the same global loss and norm, so all skip.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps.append(self.step)
-            limit = self.config.training.skip_nonfinite_steps
-            if len(self.skipped_steps) > limit:
-                raise DivergenceError(
-                    f"Training diverged: loss {loss} / grad norm {grad_norm} at step {self.step}"
-                    f"; non-finite steps so far: {self.skipped_steps} (more than "
-                    f"training.skip_nonfinite_steps = {limit}). Nothing was saved after the "
-                    "divergence, so the newest checkpoint is the last good state. Fix: lower "
-                    "optimizer.lr or raise lr_scheduler.warmup_steps, check the data, and "
-                    "restart (it resumes from that checkpoint)."
-                )
-            logger.warning(
-                f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; "
-                f"update skipped ({len(self.skipped_steps)} of at most {limit})"
-            )
-            return loss, grad_norm
+        loss = all_reduce_sum(loss_sum) / global_valid
+        # The one device→host sync of the step: the divergence guard must see the loss and
+        # the norm before the optimizer applies the update. Both come back in one transfer.
+        loss_value, norm_value = torch.stack([loss, grad_norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            # Every rank sees the same global loss and norm, so all skip.
+            self._skip_nonfinite(loss_value, norm_value)
+            return loss_value, norm_value
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        return loss, grad_norm
+        return loss_value, norm_value
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Divergence guard: drop this step's gradients, or stop after too many such steps."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps.append(self.step)
+        limit = self.config.training.skip_nonfinite_steps
+        if len(self.skipped_steps) > limit:
+            raise DivergenceError(
+                f"Training diverged: loss {loss} / grad norm {grad_norm} at step {self.step}"
+                f"; non-finite steps so far: {self.skipped_steps} (more than "
+                f"training.skip_nonfinite_steps = {limit}). Nothing was saved after the "
+                "divergence, so the newest checkpoint is the last good state. Fix: lower "
+                "optimizer.lr or raise lr_scheduler.warmup_steps, check the data, and "
+                "restart (it resumes from that checkpoint)."
+            )
+        logger.warning(
+            f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; "
+            f"update skipped ({len(self.skipped_steps)} of at most {limit})"
+        )
 
     def train(self) -> list[float]:
         """Run ``training.steps`` optimizer steps; returns the loss of every step.
@@ -285,13 +326,37 @@ class Trainer:
         SIGTERM / SIGINT (what schedulers send before pre-emption) end the run at the next
         step boundary with a checkpoint, exit status 0; a second signal exits at once.
         """
-        with _stop_signals() as stop_requested:
-            return self._train(stop_requested)
+        with (
+            _stop_signals() as stop_requested,
+            GarbageCollection(self.config.training.gc_freq) as gc,
+        ):
+            return self._train(stop_requested, gc)
 
-    def _train(self, stop_requested) -> list[float]:
+    def _next_micro_batch(self, data_iter) -> dict[str, torch.Tensor] | None:
+        """The next batch of this rank (None when a finite dataset is exhausted), with its
+        host-side metrics recorded; a short last batch is padded to the full batch shape."""
+        start = time.perf_counter()
+        try:
+            batch = next(data_iter)
+        except StopIteration:
+            return None
+        except UserError as e:  # raised in a loader worker: drop its traceback
+            raise type(e)(_original_message(str(e))) from None
+        a = self.model_args
+        self.metrics.add_batch(
+            batch["input"],
+            attention_pairs(batch["input"], a.eos_id, a.attn_mask_type),
+            time.perf_counter() - start,
+        )
+        self.epoch = host_count(batch.pop("epoch").max())
+        pad_id = self.dataloader.dataset.pad_id
+        return _pad_rows(batch, self.config.training.local_batch_size, pad_id)
+
+    def _train(self, stop_requested, gc: GarbageCollection) -> list[float]:
         tc = self.config.training
         losses: list[float] = []
         data_iter = iter(self.dataloader)
+        first_step = self.step + 1
         logger.info(f"training {tc.steps} steps")
         self.metrics.reset()
         with _profiler(self.config, self.dump_folder, self.rank) as profiler:
@@ -299,34 +364,26 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 micro_batches = []
                 for _ in range(self.grad_accum_steps):
-                    start = time.perf_counter()
-                    try:
-                        batch = next(data_iter)
-                    except StopIteration:
+                    batch = self._next_micro_batch(data_iter)
+                    if batch is None:
                         logger.info(
                             f"data exhausted after step {self.step} "
                             "(data.infinite = false); stopping"
                         )
                         return losses
-                    except UserError as e:  # raised in a loader worker: drop its traceback
-                        raise type(e)(_original_message(str(e))) from None
-                    self.metrics.add_batch(
-                        batch["input"],
-                        attention_pairs(
-                            batch["input"], self.model_args.eos_id, self.model_args.attn_mask_type
-                        ),
-                        time.perf_counter() - start,
-                    )
                     micro_batches.append(batch)
                 self.step += 1
+                gc.step(self.step)
                 loss, grad_norm = self.train_step(micro_batches)
                 self.tokens_seen += sum(b["input"].numel() for b in micro_batches) * (
                     self.parallel_dims.dp
                 )
                 losses.append(loss)
+                if self.step == first_step:
+                    # Start-up (compilation, loading, warm-up) is over: hung ranks now fail fast.
+                    set_collective_timeout(self.config.comm.train_timeout_seconds)
                 if self.step % self.config.metrics.log_freq == 0 or self.step == tc.steps:
-                    epoch = self.dataloader.dataset.state_dict()["epoch"]
-                    self.metrics.log(self.step, loss, grad_norm, lr, epoch)
+                    self.metrics.log(self.step, loss, grad_norm, lr, self.epoch)
                 if profiler is not None:
                     profiler.step()
                 saved = False
@@ -337,7 +394,7 @@ class Trainer:
                     )
                     self.checkpointer.save(self.step, self.tokens_seen, model_only=model_only)
                     saved = True
-                if self.step < tc.steps and _any_rank(stop_requested(), self.device):
+                if self.step < tc.steps and _any_rank(stop_requested()):
                     if self.config.checkpoint.enable and not saved and not diverging:
                         self.checkpointer.save(self.step, self.tokens_seen)
                     logger.warning(
@@ -422,9 +479,32 @@ def _original_message(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank has ``flag`` set (ranks stop at the same step)."""
-    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when any rank has ``flag`` set (ranks stop at the same step). A CPU
+    tensor: reduced by gloo, also in CUDA runs, without touching the device queue."""
+    return host_count(all_reduce_sum(torch.tensor([int(flag)]))) > 0
+
+
+def host_count(tensor: torch.Tensor) -> int:
+    """Sum of a host (CPU) tensor as a Python int. Read through numpy, which refuses device
+    tensors, so a host read here can never hide a device→host sync."""
+    return int(tensor.numpy().sum())
+
+
+def _pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A short last batch (``data.infinite = false``) grows to ``rows`` rows of pad tokens
+    whose labels are all ignored: the loss is unchanged, and compiled graphs keep the one
+    static shape they were built for instead of compiling another."""
+    missing = rows - batch["input"].shape[0]
+    if missing <= 0:
+        return batch
+    width = batch["input"].shape[1]
+    return {
+        "input": torch.cat([batch["input"], batch["input"].new_full((missing, width), pad_id)]),
+        "labels": torch.cat(
+            [batch["labels"], batch["labels"].new_full((missing, width), IGNORE_INDEX)]
+        ),
+    }
 
 
 @contextlib.contextmanager

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, run_train
-from torchtitan_lite.export.hf import export_to_hf, import_from_hf, load_checkpoint_model
+from tests.conftest import DEBUG_CONFIG, TIKTOKEN_2K, run_train
+from torchtitan_lite.export.hf import (
+    ExportError,
+    export_to_hf,
+    import_from_hf,
+    load_checkpoint_model,
+    load_hf_model,
+)
 from torchtitan_lite.models.attention import build_attention_mask
+from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import llama3_special_tokens
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer"
@@ -130,6 +139,122 @@ def test_import_refuses_a_disagreeing_eos(exported, tmp_path):
         import_from_hf(
             bad, tmp_path / "out", tokenizer_path=str(exported / "original" / "tokenizer.model")
         )
+
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.fixture(scope="module")
+def llama31_style(tmp_path_factory):
+    """A Llama 3.1-style HF folder written by transformers itself: theta 500000 and the
+    'llama3' RoPE scaling, in the debug model's shapes (random weights)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("llama31")
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=768,
+        vocab_size=2304,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling=dict(LLAMA31_ROPE),
+        rms_norm_eps=1e-5,
+        bos_token_id=2048,
+        eos_token_id=2049,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(folder))
+    (folder / "original").mkdir()
+    (folder / "original" / "tokenizer.model").write_bytes(TIKTOKEN_2K.read_bytes())
+    return folder, model
+
+
+def test_llama31_import_keeps_rope_scaling_and_theta(llama31_style, tmp_path):
+    folder, hf = llama31_style
+    ids = list(range(1, 1 + 600))  # long enough for the scaled low frequencies to matter
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits
+    ours, args, _ = load_hf_model(folder)
+    assert (args.rope_theta, args.rope_scaling_factor) == (500000.0, 8.0)
+    assert (args.rope_low_freq_factor, args.rope_high_freq_factor) == (1.0, 4.0)
+    assert args.rope_original_max_len == 8192
+    torch.testing.assert_close(our_logits(ours, ids), theirs, atol=1e-4, rtol=1e-4)
+    # The check has teeth: the same weights without the scaling compute other logits.
+    unscaled = Transformer(dataclasses.replace(args, rope_scaling_factor=0.0)).eval()
+    unscaled.load_state_dict(ours.state_dict())
+    assert (our_logits(unscaled, ids) - theirs).abs().max() > 1e-3  # 10x the tolerance
+
+    # HF -> checkpoint -> HF: the settings survive both conversions.
+    step0 = import_from_hf(folder, tmp_path / "imported")
+    back = export_to_hf(step0, tmp_path / "back", dtype="float32")
+    config = json.loads((back / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0 and config["rope_scaling"] == LLAMA31_ROPE
+    reloaded, _, _ = load_checkpoint_model(step0)
+    torch.testing.assert_close(our_logits(reloaded, ids), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_training_from_an_import_refuses_other_rope_settings(llama31_style, tmp_path, capsys):
+    """A run whose config lacks the imported model's RoPE settings stops before step 1,
+    naming the keys; with them set, it resumes from the imported weights."""
+    import train
+
+    folder, _ = llama31_style
+    out = tmp_path / "run"
+    import_from_hf(folder, out)
+    common = [
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(out),
+        "--checkpoint.enable",
+        "--training.steps",
+        "1",
+        "--lr_scheduler.warmup_steps",
+        "0",
+        "--training.seq_len",
+        "64",
+        "--training.local_batch_size",
+        "1",
+        "--metrics.enable_tensorboard",
+        "false",
+    ]
+    assert train.main(common) == 2
+    err = capsys.readouterr().err
+    assert "model.rope_scaling_factor = 8.0 there, 0.0 here" in err and "Traceback" not in err
+    assert train.main([*common, "--model.rope_scaling_factor", "8"]) == 0
+    assert "checkpoint: loaded step 0" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"rope_parameters": None, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "'yarn'.*only Llama 3.1's 'llama3' scaling",
+        ),
+        ({"rms_norm_eps": 1e-6}, r"rms_norm_eps = 1e-06.*rms_norm_eps = 1e-05"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings = True.*would silently change"),
+    ],
+)
+def test_import_refuses_what_it_cannot_represent(llama31_style, tmp_path, change, message):
+    folder, _ = llama31_style
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config.update(change)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=message):
+        import_from_hf(bad, tmp_path / "out")
 
 
 def test_generate_stops_at_stop_ids_and_max_tokens(checkpoint):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from torchtitan_lite.models import attention as attention_module
 from torchtitan_lite.models.attention import (
     BLOCK_MASK_FIELDS,
     MASK_TYPES,
@@ -130,20 +131,62 @@ def test_block_causal_is_a_strict_subset_of_causal_when_documents_exist():
     assert (bc[3] != c[3]).any()
 
 
+def assert_same_block_mask(ours: BlockMask, theirs: BlockMask) -> None:
+    """Field by field, as a GPU kernel would read them: every tensor of the BlockMask with the
+    same values, dtype, shape and strides (``torch.equal`` alone ignores strides, and the
+    Triton templates read the tables raw), every other field equal."""
+    a_items, b_items = ours.as_tuple(), theirs.as_tuple()
+    assert len(a_items) == len(b_items)
+    for i, (a, b) in enumerate(zip(a_items, b_items, strict=True)):
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor), i
+            assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), i
+            assert a.stride() == b.stride(), (i, a.stride(), b.stride())
+            assert a.is_contiguous() and b.is_contiguous(), i
+            assert torch.equal(a, b), i
+        elif callable(b):  # the mask_mods: our closure and the one we handed to theirs
+            assert callable(a)
+        else:
+            assert a == b, (i, a, b)
+    for name in BLOCK_MASK_FIELDS:  # by name as well (as_tuple's order is torch's business)
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert a.stride() == b.stride() and a.is_contiguous() and torch.equal(a, b), name
+    assert ours.seq_lengths == theirs.seq_lengths
+    assert ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+
+
+def torch_block_mask(tokens: torch.Tensor, mask_type: str, block_size: int = 128) -> BlockMask:
+    batch, seq_len = tokens.shape
+    return create_block_mask(
+        mask_mod_for(tokens, EOS, mask_type),
+        batch,
+        1,
+        seq_len,
+        seq_len,
+        device="cpu",
+        BLOCK_SIZE=block_size,
+    )
+
+
 @pytest.mark.parametrize("seq_len", [1, 127, 128, 129, 300, 2000, 2048])
 @pytest.mark.parametrize("mask_type", MASK_TYPES)
 def test_build_block_mask_equals_create_block_mask(seq_len, mask_type):
     tokens = batch_of_layouts(seq_len, seed=seq_len)
     ours = build_block_mask(tokens, EOS, mask_type)
-    theirs = create_block_mask(
-        mask_mod_for(tokens, EOS, mask_type), tokens.shape[0], 1, seq_len, seq_len, device="cpu"
-    )
+    assert_same_block_mask(ours, torch_block_mask(tokens, mask_type))
+    assert ours.seq_lengths == (seq_len, seq_len)
+
+
+def test_block_mask_tables_are_contiguous_with_torch_strides():
+    """The regression behind the GPU defect: counts came out as (B, 1, N) views with strides
+    (N·N, N·N, N), which the Triton kernels would have read with a unit stride."""
+    tokens = batch_of_layouts(300)  # B = 9, N = 3 blocks, the last one short
+    ours = build_block_mask(tokens, EOS, "block_causal")
     for name in BLOCK_MASK_FIELDS:
-        a, b = getattr(ours, name), getattr(theirs, name)
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a, b), name
-    assert ours.seq_lengths == theirs.seq_lengths == (seq_len, seq_len)
-    assert ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+        table = getattr(ours, name)
+        assert table.is_contiguous() and table.dtype == torch.int32, name
+    assert ours.kv_num_blocks.shape == (9, 1, 3) and ours.kv_num_blocks.stride() == (3, 3, 1)
+    assert ours.q_indices.shape == (9, 1, 3, 3) and ours.q_indices.stride() == (9, 9, 3, 1)
 
 
 @pytest.mark.parametrize("seq_len", [1, 127, 129, 300])
@@ -156,21 +199,12 @@ def test_build_block_mask_expands_to_the_reference(seq_len, mask_type):
     )
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
-def test_build_block_mask_other_block_sizes(block_size):
-    tokens = batch_of_layouts(200, seed=3)
-    ours = build_block_mask(tokens, EOS, "block_causal", block_size=block_size)
-    theirs = create_block_mask(
-        mask_mod_for(tokens, EOS, "block_causal"),
-        tokens.shape[0],
-        1,
-        200,
-        200,
-        device="cpu",
-        BLOCK_SIZE=block_size,
-    )
-    for name in BLOCK_MASK_FIELDS:
-        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("mask_type", MASK_TYPES)
+def test_build_block_mask_other_block_sizes(block_size, mask_type):
+    tokens = batch_of_layouts(200, seed=3)  # 200 is no multiple of any: a short last block
+    ours = build_block_mask(tokens, EOS, mask_type, block_size=block_size)
+    assert_same_block_mask(ours, torch_block_mask(tokens, mask_type, block_size))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -180,17 +214,31 @@ def test_randomized_layouts(seed):
     tokens = torch.randint(0, 6, (4, seq_len), generator=gen)  # EOS with p = 1/6
     for mask_type in MASK_TYPES:
         ours = build_block_mask(tokens, EOS, mask_type, block_size=32)
-        theirs = create_block_mask(
-            mask_mod_for(tokens, EOS, mask_type),
-            4,
-            1,
-            seq_len,
-            seq_len,
-            device="cpu",
-            BLOCK_SIZE=32,
-        )
-        for name in BLOCK_MASK_FIELDS:
-            assert torch.equal(getattr(ours, name), getattr(theirs, name)), (mask_type, name)
+        assert_same_block_mask(ours, torch_block_mask(tokens, mask_type, 32))
+
+
+def test_the_direct_constructor_is_chosen_by_signature_and_matches_the_public_path(monkeypatch):
+    """Every supported torch (2.11–2.14) takes all tables as keywords, so the direct path is
+    the one used; the public ``from_kv_blocks`` path (for a torch that does not) gives the
+    same BlockMask, strides included."""
+    assert attention_module._DIRECT_BLOCK_MASK is True
+    tokens = batch_of_layouts(300, seed=11)
+    direct = build_block_mask(tokens, EOS, "block_causal", block_size=64)
+    monkeypatch.setattr(attention_module, "_DIRECT_BLOCK_MASK", False)
+    public = build_block_mask(tokens, EOS, "block_causal", block_size=64)
+    assert_same_block_mask(direct, public)
+    assert_same_block_mask(public, torch_block_mask(tokens, "block_causal", 64))
+
+
+def test_a_broken_table_is_not_hidden_by_a_fallback(monkeypatch):
+    """A real error while building the BlockMask surfaces; nothing falls back silently."""
+
+    def broken(*args, **kwargs):
+        raise TypeError("a real bug")
+
+    monkeypatch.setattr(attention_module, "BlockMask", broken)
+    with pytest.raises(TypeError, match="a real bug"):
+        build_block_mask(batch_of_layouts(64), EOS, "block_causal")
 
 
 def test_document_segments_cover_each_row_and_respect_boundaries():

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import DEBUG_CONFIG
+from torchtitan_lite import trainer as trainer_module
+from torchtitan_lite.components import gc_control
+from torchtitan_lite.components.device_reads import DeviceReads
 from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.components.optimizer import lr_factor
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import LRScheduler
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
+from torchtitan_lite.distributed.parallelize import apply_ac
 from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.models.attention import build_attention_mask, reference_mask
 from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
@@ -195,10 +202,14 @@ def test_shipped_configs_build_their_model_on_meta(flavor, billions):
     assert abs(count / 1e9 - billions) / billions < 0.01
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_changes_memory_not_math(tmp_path, mode):
+@pytest.mark.parametrize(
+    "ac",
+    [["full"], ["selective", "--activation_checkpoint.selective_ac_option", "2"], ["selective"]],
+)
+def test_activation_checkpointing_changes_memory_not_math(tmp_path, ac):
     runs = {}
-    for name, args in (("none", []), (mode, ["--activation_checkpoint.mode", mode])):
+    mode = ac[0]
+    for name, args in (("none", []), (mode, ["--activation_checkpoint.mode", *ac])):
         trainer = make_trainer(
             tmp_path, name, "--training.local_batch_size", "2", "--training.steps", "2", *args
         )
@@ -217,6 +228,54 @@ def test_activation_checkpointing_changes_memory_not_math(tmp_path, mode):
     assert plain.keys() == g_a.keys()
     for key, g in g_a.items():
         torch.testing.assert_close(plain[key], g, atol=1e-7, rtol=1e-5, msg=key)
+
+
+class OpCounts(TorchDispatchMode):
+    """How often each aten op runs (by name) while the mode is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_op_counts(mode: str, option: str = "op") -> Counter[str]:
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        multiple_of=32,
+        max_seq_len=64,
+        vocab_size=50,
+        eos_id=3,
+    )
+    torch.manual_seed(0)
+    model = Transformer(args)
+    if mode != "none":
+        apply_ac(model, mode, option)
+    tokens = torch.randint(4, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    tokens[:, 20] = 3
+    out = model(tokens, build_attention_mask(tokens, 3, "block_causal", "sdpa"))
+    counter = OpCounts()
+    with counter:
+        out.square().sum().backward()
+    return counter.counts
+
+
+def test_per_op_selective_ac_recomputes_no_matmul_and_no_attention():
+    """Per-op SAC keeps the matmul and attention outputs: backward runs exactly the matmuls
+    of a run without AC, no attention forward, and recomputes only the cheap ops (SiLU, the
+    norms); full AC recomputes the matmuls and the attention too."""
+    attention_fwd = "_scaled_dot_product_flash_attention_for_cpu"
+    none, op, full = (backward_op_counts(m) for m in ("none", "selective", "full"))
+    assert op["mm"] == none["mm"] > 0 and op[attention_fwd] == 0
+    assert op["silu"] == 2 and none["silu"] == 0  # one SwiGLU per block, recomputed
+    assert op["rsqrt"] > none["rsqrt"] == 0  # the RMSNorms, recomputed
+    assert full["mm"] > none["mm"] and full[attention_fwd] > 0
 
 
 def test_profiler_writes_traces(tmp_path):
@@ -254,3 +313,103 @@ def test_tensorboard_scalars_are_written(tmp_path):
     logged = [e.value for e in events.Scalars("train/loss")]
     assert logged == pytest.approx(losses)
     assert "train/tokens_per_second" in events.Tags()["scalars"]
+
+
+def test_one_device_read_per_optimizer_step(tmp_path):
+    """The step reads the device once (loss and grad norm together, for the divergence
+    guard), whatever the accumulation, logging or stop-flag traffic around it. (The one read
+    the counter must find also shows that it sees reads at all.)"""
+    trainer = make_trainer(
+        tmp_path,
+        "syncs",
+        "--training.local_batch_size",
+        "2",
+        "--training.global_batch_size",
+        "4",  # 2 micro-batches per step
+        "--training.steps",
+        "3",
+        "--metrics.log_freq",
+        "2",
+    )
+    reads = DeviceReads()
+    try:
+        with reads:
+            losses = trainer.train()
+    finally:
+        trainer.close()
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert reads.calls == ["trainer.py:train_step tolist"] * 3
+
+
+def test_garbage_collection_runs_on_schedule_and_is_restored(tmp_path, monkeypatch):
+    collected: list[tuple] = []
+    enabled_during_steps: list[bool] = []
+    real_collect = gc_control.gc.collect
+    monkeypatch.setattr(
+        gc_control.gc, "collect", lambda *a: collected.append(a) or real_collect(*a)
+    )
+    trainer = make_trainer(
+        tmp_path,
+        "gc",
+        "--training.local_batch_size",
+        "1",
+        "--training.steps",
+        "4",
+        "--training.gc_freq",
+        "2",
+    )
+    real_step = trainer.train_step
+
+    def step(batches):
+        enabled_during_steps.append(gc_control.gc.isenabled())
+        return real_step(batches)
+
+    trainer.train_step = step
+    try:
+        assert gc_control.gc.isenabled()
+        trainer.train()
+        assert gc_control.gc.isenabled()  # restored for whatever runs next
+    finally:
+        trainer.close()
+    assert enabled_during_steps == [False] * 4
+    assert collected == [(), (1,), (1,), ()]  # start, steps 2 and 4, end
+
+
+def test_collective_timeout_drops_after_the_first_step(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        "timeout",
+        "--training.local_batch_size",
+        "1",
+        "--training.steps",
+        "2",
+        "--comm.init_timeout_seconds",
+        "321",
+        "--comm.train_timeout_seconds",
+        "77",
+    )
+    gloo = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    try:
+        assert gloo.options._timeout.total_seconds() == 321
+        trainer.train()
+        assert gloo.options._timeout.total_seconds() == 77
+    finally:
+        trainer.close()
+
+
+def test_an_unexpected_error_is_recorded_for_torchrun(tmp_path, monkeypatch):
+    """``train.main`` carries torchelastic's ``record``: a crash that is not a user error
+    writes the rank's error file (torchrun then reports it) and still raises."""
+    import json
+
+    import train
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom from deep inside")
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(trainer_module, "Trainer", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.main(["--config", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path / "o")])
+    assert "boom from deep inside" in json.loads(error_file.read_text())["message"]["message"]

@@ -129,6 +129,11 @@ class CheckpointManager:
         self.manifest = manifest
         self.rank, self.dp_rank = rank, dp_rank
         self._pending = None  # (future, tmp folder, final folder) of an async save
+        # Checkpoint collectives get a gloo group of their own (every rank creates it here, in
+        # the same order): CPU-side, so an async save can run them from its background thread
+        # on CUDA runs too, never interleaved with the training collectives of the default
+        # group, and under the default long timeout rather than the short training one.
+        self.pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     # ------------------------------------------------------------------ save
 
@@ -155,21 +160,21 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        self._barrier()
         state = self._state(step, tokens_seen, model_only)
         if model_only and self.cc.export_dtype != "float32":
             dtype = getattr(torch, self.cc.export_dtype)
             state = {"model": {k: v.to(dtype) for k, v in state["model"].state_dict().items()}}
         if self.cc.async_mode == "async":
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg)
             self._pending = (future, tmp, final, step)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
             self._finalize(tmp, final, step)
         return final
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
-        _barrier()
+        self._barrier()
         if self.rank == 0:
             # File sizes let a later load detect a truncated or partly copied checkpoint.
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -180,7 +185,11 @@ class CheckpointManager:
             tmp.rename(final)  # atomic: step-N/ appears complete or not at all
             self._prune()
             logger.info(f"checkpoint: saved step {step} to {final}")
-        _barrier()
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.pg is not None and dist.get_world_size(self.pg) > 1:
+            dist.barrier(group=self.pg)
 
     def wait(self) -> None:
         """Finish an async save in flight (before the next save and at the end)."""
@@ -208,7 +217,7 @@ class CheckpointManager:
                     f"checkpoint: removed {tmp}, an unfinished save of an earlier "
                     "run (it was never complete)"
                 )
-        _barrier()
+        self._barrier()
 
     def load(self, tokenizer, allow_id_change: bool = False) -> dict[str, Any] | None:
         """Load the chosen (or newest complete) checkpoint; returns its train state or None.
@@ -254,6 +263,19 @@ class CheckpointManager:
         return None
 
     def _check_manifest(self, path: Path, manifest: dict, tokenizer, allow: bool) -> None:
+        saved_rope, rope = manifest.get("rope"), self.manifest.get("rope")
+        if saved_rope is not None and rope is not None and saved_rope != rope:
+            differ = ", ".join(
+                f"model.{k} = {saved_rope[k]} there, {rope.get(k)} here"
+                for k in saved_rope
+                if saved_rope[k] != rope.get(k)
+            )
+            raise CheckpointError(
+                f"Checkpoint {path} was trained with other RoPE settings than this run "
+                f"({differ}); its weights would compute different attention here. Fix: set "
+                "those keys to the checkpoint's values (an import from Hugging Face writes "
+                "them into the checkpoint's config.toml)."
+            )
         try:
             for w in check_special_ids(tokenizer, manifest=manifest):
                 logger.warning(w)
@@ -273,7 +295,7 @@ class CheckpointManager:
         data_key = f"dataloader.dp_rank_{self.dp_rank}"
         if not model_only and data_key not in metadata.state_dict_metadata:
             state.pop(data_key)
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=self.pg)
         logger.info(
             f"checkpoint: loaded step {step} from {path}"
             + (" (model weights only)" if model_only else "")
@@ -309,8 +331,3 @@ def _verify_files(path: Path, manifest: dict) -> None:
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != size:
             raise CheckpointError(f"file {name} has {actual} bytes, the manifest says {size}")
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

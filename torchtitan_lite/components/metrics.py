@@ -7,37 +7,57 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from torchtitan_lite.logging import logger
 from torchtitan_lite.models.attention import document_ids
 from torchtitan_lite.models.llama3.args import ModelArgs
 
-# Dense bf16 peak of one device, for MFU (the rest of the world: set metrics.peak_tflops).
-PEAK_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.0}
+#: Dense (no sparsity) bf16 tensor-core peak TFLOP/s of one device, keyed by the exact name
+#: ``torch.cuda.get_device_name`` reports: variants of one chip differ (H100 SXM 989, PCIe
+#: 756, NVL 835), so names are matched whole, never by substring. Others: metrics.peak_tflops.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA H100 80GB HBM3": 989.4,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H200": 989.4,  # H200 SXM
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA L40S": 362.05,
+    "NVIDIA L4": 121.0,
+    "AMD Instinct MI300X": 1307.4,
+}
 
 
-def peak_tflops(device: torch.device, configured: float) -> float | None:
+def peak_tflops(device: torch.device, configured: float) -> tuple[float | None, str]:
+    """(peak dense bf16 TFLOP/s for MFU, where it came from); None when unknown."""
     if configured > 0:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value
-    return None
+        return configured, "metrics.peak_tflops"
+    if device.type != "cuda":
+        return None, f"no peak known for {device.type}: set metrics.peak_tflops for MFU"
+    name = torch.cuda.get_device_name(device).strip()
+    if name in PEAK_BF16_TFLOPS:
+        return PEAK_BF16_TFLOPS[name], f"{name}, dense bf16"
+    return None, (
+        f"no peak known for {name!r}: set metrics.peak_tflops to its dense bf16 TFLOP/s for MFU"
+    )
 
 
 def attention_pairs(tokens: torch.Tensor, eos_id: int, mask_type: str) -> int:
-    """Unmasked (query, key) pairs of a batch: Σ L(L+1)/2 over documents, or per row."""
+    """Unmasked (query, key) pairs of a batch: Σ L(L+1)/2 over documents, or per row.
+
+    Host work on host tokens (the loader's batch), counted with numpy: no device sync."""
     batch, seq_len = tokens.shape
     if mask_type == "causal":
         return batch * seq_len * (seq_len + 1) // 2
-    ids = (
-        document_ids(tokens, eos_id).long()
-        + torch.arange(batch, device=tokens.device)[:, None] * seq_len
-    )
-    lengths = torch.bincount(ids.flatten(), minlength=batch * seq_len)
+    docs = document_ids(tokens, eos_id).numpy()  # (B, S), non-decreasing along each row
+    lengths = np.bincount((docs + np.arange(batch)[:, None] * seq_len).ravel())
     return int((lengths * (lengths + 1) // 2).sum())
 
 

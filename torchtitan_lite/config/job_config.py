@@ -17,6 +17,7 @@ MASK_TYPES = ("causal", "block_causal")
 ATTN_BACKENDS = ("auto", "flex", "sdpa")
 DTYPES = ("float32", "bfloat16")
 AC_MODES = ("none", "full", "selective")
+FLEX_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 DECAY_TYPES = ("linear", "cosine", "sqrt")
 
 
@@ -58,6 +59,24 @@ class Model:
     eos_id: int = -1
     """-1 takes the tokenizer's eos id (recommended). A set value must equal the tokenizer's, or
     the startup check refuses the run: the document mask would split at the wrong token."""
+
+    rope_theta: float = -1.0
+    """RoPE base frequency. -1 takes the flavor's (500000 for the Llama 3 flavors)."""
+
+    rope_scaling_factor: float = -1.0
+    """Llama 3.1-style long-context RoPE scaling: 8 for Llama 3.1 / 3.3, 32 for Llama 3.2, 0
+    for none; -1 takes the flavor's (none). A checkpoint records the RoPE settings it was
+    trained with and refuses to resume under others."""
+
+    rope_low_freq_factor: float = 1.0
+    """With rope_scaling_factor: wavelengths above rope_original_max_len / this are scaled
+    by the full factor."""
+
+    rope_high_freq_factor: float = 4.0
+    """With rope_scaling_factor: wavelengths below rope_original_max_len / this are kept."""
+
+    rope_original_max_len: int = 8192
+    """With rope_scaling_factor: the context length the model was first trained at."""
 
 
 @dataclass
@@ -145,8 +164,10 @@ class Training:
     deterministic: bool = False
     """Use deterministic algorithms (slower) so a rerun gives the same loss trace."""
 
-    mixed_precision_param: str = "bfloat16"
-    """Parameter dtype in forward/backward under FSDP (``bfloat16`` or ``float32``)."""
+    mixed_precision_param: str = "auto"
+    """Parameter dtype in forward/backward under FSDP: ``bfloat16``, ``float32`` or ``auto``
+    (bf16 on CUDA devices that support it and on CPUs with native bf16 — AVX512-BF16 or AMX —
+    else fp32, where bf16 matmuls are emulated ~30× slower; the banner says which and why)."""
 
     mixed_precision_reduce: str = "float32"
     """Gradient reduction dtype under FSDP."""
@@ -157,6 +178,11 @@ class Training:
     skip_nonfinite_steps: int = 3
     """Divergence guard: skip (no update) up to this many steps whose loss or gradient norm is
     not finite, then stop without saving; 0 stops at the first."""
+
+    gc_freq: int = 50
+    """Python's automatic garbage collection is off during training (its pauses would hit
+    ranks at different moments and stall the collectives); a collection runs every this many
+    steps instead, on every rank at once. 0 leaves automatic collection on."""
 
 
 @dataclass
@@ -262,14 +288,37 @@ class ActivationCheckpoint:
     mode: str = "none"
     """``none``, ``full`` or ``selective``."""
 
-    selective_ac_option: int = 2
-    """With ``selective``: checkpoint every this many transformer blocks."""
+    selective_ac_option: str = "op"
+    """With ``selective``: ``"op"`` keeps the outputs of the matmuls and attention of every
+    block and recomputes the rest (norms, activations, RoPE) in backward; a number ``"N"``
+    fully recomputes every N-th block instead."""
 
 
 @dataclass
 class Compile:
     enable: bool = False
-    """torch.compile each transformer block."""
+    """torch.compile each transformer block (``fullgraph`` on the flex path, static shapes)."""
+
+    backend: str = "inductor"
+    """``torch.compile`` backend of the blocks: ``inductor`` (generates kernels) or
+    ``aot_eager`` (traces forward and backward graphs, runs them with eager kernels: for
+    checking graphs and recompilations where inductor cannot run, e.g. flex on CPU)."""
+
+    flex_mode: str = "max-autotune-no-cudagraphs"
+    """``torch.compile`` mode of FlexAttention compiled on its own (on CUDA, when the blocks
+    are not compiled; a compiled block compiles its attention with it): ``default``,
+    ``max-autotune-no-cudagraphs`` or ``max-autotune``."""
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = 300
+    """Collective timeout until the first step is done (start-up: compilation, checkpoint
+    loading and data warm-up may keep some ranks waiting for others)."""
+
+    train_timeout_seconds: int = 100
+    """Collective timeout after the first step: a hung rank then stops the job in seconds,
+    not half an hour."""
 
 
 @dataclass
@@ -303,6 +352,7 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    comm: Comm = field(default_factory=Comm)
     profiling: Profiling = field(default_factory=Profiling)
 
     def validate(self) -> None:
@@ -311,11 +361,24 @@ class JobConfig:
         _one_of("model.attn_backend", self.model.attn_backend, ATTN_BACKENDS)
         _one_of("model.name", self.model.name, ("llama3",))
         _one_of("training.device", self.training.device, ("auto", "cpu", "cuda"))
-        _one_of("training.mixed_precision_param", self.training.mixed_precision_param, DTYPES)
+        _one_of(
+            "training.mixed_precision_param",
+            self.training.mixed_precision_param,
+            ("auto",) + DTYPES,
+        )
         _one_of("training.mixed_precision_reduce", self.training.mixed_precision_reduce, DTYPES)
         _one_of("checkpoint.export_dtype", self.checkpoint.export_dtype, DTYPES + ("float16",))
         _one_of("checkpoint.async_mode", self.checkpoint.async_mode, ("disabled", "async"))
         _one_of("activation_checkpoint.mode", self.activation_checkpoint.mode, AC_MODES)
+        _one_of("compile.flex_mode", self.compile.flex_mode, FLEX_COMPILE_MODES)
+        _one_of("compile.backend", self.compile.backend, ("inductor", "aot_eager"))
+        option = self.activation_checkpoint.selective_ac_option
+        if option != "op" and not (option.isdigit() and int(option) >= 1):
+            raise ConfigError(
+                f"Config key 'activation_checkpoint.selective_ac_option' is {option!r}, which is "
+                'neither "op" nor a positive whole number. Fix: set it to "op" (per-op: keep '
+                'matmul and attention outputs) or to "N" (recompute every N-th block), e.g. "2".'
+            )
         _one_of("lr_scheduler.decay_type", self.lr_scheduler.decay_type, DECAY_TYPES)
         _one_of("optimizer.name", self.optimizer.name, ("AdamW",))
         _one_of("data.format", self.data.format, ("auto", "hf"))
@@ -338,10 +401,9 @@ class JobConfig:
             ("checkpoint.interval", self.checkpoint.interval),
             ("metrics.log_freq", self.metrics.log_freq),
             ("profiling.profile_freq", self.profiling.profile_freq),
-            (
-                "activation_checkpoint.selective_ac_option",
-                self.activation_checkpoint.selective_ac_option,
-            ),
+            ("comm.init_timeout_seconds", self.comm.init_timeout_seconds),
+            ("model.rope_original_max_len", self.model.rope_original_max_len),
+            ("comm.train_timeout_seconds", self.comm.train_timeout_seconds),
             (
                 "parallelism.data_parallel_replicate_degree",
                 self.parallelism.data_parallel_replicate_degree,
@@ -355,6 +417,7 @@ class JobConfig:
         for key, value in (
             ("data.num_workers", self.data.num_workers),
             ("training.skip_nonfinite_steps", self.training.skip_nonfinite_steps),
+            ("training.gc_freq", self.training.gc_freq),
             ("checkpoint.keep_latest_k", self.checkpoint.keep_latest_k),
             ("lr_scheduler.warmup_steps", self.lr_scheduler.warmup_steps),
             ("training.max_norm", self.training.max_norm),
@@ -376,6 +439,22 @@ class JobConfig:
                 raise ConfigError(
                     f"Config key '{key}' must be -1 (automatic) or positive, got "
                     f"{value}. Fix: set {key} = -1 or a positive integer."
+                )
+        m = self.model
+        if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+            raise ConfigError(
+                "Config keys 'model.rope_low_freq_factor' and 'model.rope_high_freq_factor' "
+                f"must satisfy 0 < low < high, got {m.rope_low_freq_factor} and "
+                f"{m.rope_high_freq_factor}. Fix: use Llama 3.1's 1.0 and 4.0."
+            )
+        for key, value in (
+            ("model.rope_theta", m.rope_theta),
+            ("model.rope_scaling_factor", m.rope_scaling_factor),
+        ):
+            if value < 0 and value != -1:
+                raise ConfigError(
+                    f"Config key '{key}' must be -1 (the flavor's) or not negative, got "
+                    f"{value}. Fix: set {key} = -1 or a value ≥ 0."
                 )
         if not self.optimizer.lr > 0:
             raise ConfigError(

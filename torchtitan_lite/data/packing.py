@@ -92,12 +92,14 @@ class PackedDataset(IterableDataset):
 
     # ---------------------------------------------------------------- iteration
 
-    def _sample(self, window: np.ndarray) -> dict[str, torch.Tensor]:
+    def _sample(self, window: np.ndarray) -> dict[str, Any]:
+        """``input`` and ``labels`` (the window shifted by one), and the ``epoch`` the window
+        belongs to (it travels with the batch, also out of loader worker processes)."""
         inputs = torch.from_numpy(window[:-1].copy())
         labels = torch.from_numpy(window[1:].copy())
         if self.mask_cross_document_targets:
             labels[inputs == self.eos_id] = IGNORE_INDEX
-        return {"input": inputs, "labels": labels}
+        return {"input": inputs, "labels": labels, "epoch": self._epoch}
 
     def __iter__(self):
         shard, num_shards = self._shard()
@@ -145,14 +147,16 @@ class PackedDataset(IterableDataset):
                 f"data: shard {shard}/{num_shards} finished epoch {self._epoch} "
                 f"({self.skipped_empty} empty documents skipped so far)"
             )
+            last = None
+            if not self.infinite and filled > 1:
+                # the last partial window, padded and ignored in the loss (of this epoch)
+                pad = np.full(need - filled, self.pad_id, dtype=np.int64)
+                last = self._sample(np.concatenate([*pieces, pad]))
+                last["labels"][filled - 1 :] = IGNORE_INDEX
             self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
             if not self.infinite:
-                if filled > 1:  # the last partial window, padded and ignored in the loss
-                    window = np.concatenate(pieces)
-                    pad = np.full(need - filled, self.pad_id, dtype=np.int64)
-                    sample = self._sample(np.concatenate([window, pad]))
-                    sample["labels"][filled - 1 :] = IGNORE_INDEX
-                    yield sample
+                if last is not None:
+                    yield last
                 return
 
 

@@ -11,29 +11,74 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan_lite.config.job_config import JobConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def apply_ac(model: nn.Module, mode: str, every: int) -> None:
-    """``full``: recompute every block in backward; ``selective``: every ``every``-th block."""
+@functools.cache
+def _saved_ops() -> frozenset:
+    """The ops whose outputs per-op selective AC keeps: the matmuls and every attention kernel
+    this model can run (SDPA's CUDA and CPU kernels, FlexAttention). The rest — norms, RoPE,
+    SiLU, products — is cheap to recompute and is recomputed in backward."""
+    aten = torch.ops.aten
+    names = (
+        "mm",
+        "bmm",
+        "addmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    return frozenset(ops | ({flex} if flex is not None else set()))
+
+
+def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def op_sac_context():
+    """A fresh pair of forward/recompute contexts for one checkpointed block call."""
+    return create_selective_checkpoint_contexts(_save_matmuls_and_attention)
+
+
+def apply_ac(model: nn.Module, mode: str, option: str) -> None:
+    """``full``: recompute every block in backward. ``selective`` with ``option = "op"``: keep
+    the outputs of the ops in :func:`_saved_ops` of every block and recompute the rest; with
+    ``option = "N"``: recompute every N-th block fully."""
+    per_op = mode == "selective" and option == "op"
     for i, (name, block) in enumerate(list(model.layers.named_children())):
-        if mode == "full" or (mode == "selective" and i % every == 0):
-            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+        if per_op:
+            wrapped = checkpoint_wrapper(block, context_fn=op_sac_context, preserve_rng_state=False)
+        elif mode == "full" or (mode == "selective" and i % int(option) == 0):
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            continue
+        model.layers.register_module(name, wrapped)
 
 
-def apply_compile(model: nn.Module, fullgraph: bool) -> None:
-    """Compile each block. ``fullgraph`` for the flex path; the CPU sdpa path loops over
-    document segments in Python, which compiles as several graphs."""
+def apply_compile(model: nn.Module, fullgraph: bool, backend: str = "inductor") -> None:
+    """Compile each block with static shapes (``dynamic=False``): a new batch shape (a short
+    last batch) compiles its own static graph instead of turning every later graph dynamic.
+    ``fullgraph`` for the flex path; the sdpa path's document-segment loop stays eager (a
+    graph break, see ``models/attention.py``)."""
+    compile_block = functools.partial(
+        torch.compile, fullgraph=fullgraph, dynamic=False, backend=backend
+    )
     for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
+        model.layers.register_module(name, compile_block(block))
 
 
 def apply_fsdp(
@@ -58,19 +103,23 @@ def apply_fsdp(
 
 
 def parallelize(
-    model: nn.Module, mesh: DeviceMesh, config: JobConfig, attn_backend: str = "flex"
+    model: nn.Module,
+    mesh: DeviceMesh,
+    config: JobConfig,
+    attn_backend: str = "flex",
+    param_dtype: str = "float32",
 ) -> nn.Module:
+    """``param_dtype`` is the resolved ``training.mixed_precision_param`` (never ``auto``)."""
     ac = config.activation_checkpoint
     if ac.mode != "none":
         apply_ac(model, ac.mode, ac.selective_ac_option)
     if config.compile.enable:
-        apply_compile(model, fullgraph=attn_backend == "flex")
-    tc = config.training
+        apply_compile(model, fullgraph=attn_backend == "flex", backend=config.compile.backend)
     apply_fsdp(
         model,
         mesh,
-        DTYPES[tc.mixed_precision_param],
-        DTYPES[tc.mixed_precision_reduce],
+        DTYPES[param_dtype],
+        DTYPES[config.training.mixed_precision_reduce],
         config.parallelism.fsdp_reshard_after_forward,
     )
     return model

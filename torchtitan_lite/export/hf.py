@@ -21,7 +21,14 @@ import torch
 from torchtitan_lite.components.checkpoint import MANIFEST, SafeLoadPlanner, is_complete
 from torchtitan_lite.config.loader import tomllib
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.models.llama3.args import FLAVORS, ModelArgs, ffn_hidden_dim, model_args_for
+from torchtitan_lite.models.llama3.args import (
+    FLAVORS,
+    ROPE_KEYS,
+    ModelArgs,
+    ffn_hidden_dim,
+    model_args_for,
+    rope_settings,
+)
 from torchtitan_lite.tokenizer import (
     LLAMA3_PATTERN,
     SentencePieceTokenizer,
@@ -134,13 +141,13 @@ def hf_config(args: ModelArgs, tokenizer: Tokenizer, dtype: torch.dtype) -> dict
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if args.rope_scaling:
+    if args.rope_scaling_factor > 0:
         config["rope_scaling"] = {
             "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
+            "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_low_freq_factor,
+            "high_freq_factor": args.rope_high_freq_factor,
+            "original_max_position_embeddings": args.rope_original_max_len,
         }
     if tokenizer.pad_id is not None and tokenizer.pad_id not in tokenizer.stop_ids:
         config["pad_token_id"] = tokenizer.pad_id
@@ -258,6 +265,7 @@ def load_checkpoint_model(
         model_cfg["flavor"],
         max_seq_len=config["training"]["seq_len"],
         attn_mask_type=model_cfg["attn_mask_type"],
+        **{key: model_cfg[key] for key in ROPE_KEYS if key in model_cfg},
     )
     args.update_from_tokenizer(
         tokenizer, model_cfg["vocab_size"], model_cfg["vocab_size_multiple_of"], model_cfg["eos_id"]
@@ -379,7 +387,12 @@ def read_hf_folder(
             f"tokenizer {tok_file} says eos {tokenizer.eos_id}. Fix: use the model's own "
             "tokenizer."
         )
-    args = model_args_for(_matching_flavor(cfg), max_seq_len=cfg["max_position_embeddings"])
+    args = model_args_for(
+        _matching_flavor(cfg),
+        max_seq_len=cfg["max_position_embeddings"],
+        **_rope_from_hf(cfg, hf_dir / "config.json"),
+    )
+    _check_representable(cfg, args, hf_dir / "config.json")
     args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(hf_dir.glob("*.safetensors")):
@@ -405,10 +418,64 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
     config = JobConfig()
     config.model.flavor = _matching_flavor(cfg)
     config.model.vocab_size = cfg["vocab_size"]
+    for key, value in rope_settings(args).items():  # the model's RoPE, kept exactly
+        setattr(config.model, key, value)
     config.tokenizer.path = str(tokenizer.path)
     (folder / "config.toml").write_text(to_toml(config))
-    (folder / MANIFEST).write_text(json.dumps(ids_manifest(tokenizer, "block_causal"), indent=2))
+    manifest = {**ids_manifest(tokenizer, "block_causal"), "rope": rope_settings(args)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def _rope_from_hf(cfg: dict, path: Path) -> dict[str, float]:
+    """RoPE theta and Llama 3.1 scaling from an HF config — the older ``rope_theta`` +
+    ``rope_scaling`` keys, or transformers 5's ``rope_parameters``. Another kind of scaling
+    is refused: importing it as none would silently change the model."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    rope = {"rope_theta": float(theta), "rope_scaling_factor": 0.0}
+    if kind == "default":
+        return rope
+    if kind != "llama3":
+        raise ExportError(
+            f"{path} uses RoPE scaling of type {kind!r}; only Llama 3.1's 'llama3' scaling is "
+            "implemented, and importing the model without it would change what it computes. "
+            "Fix: import a Llama 3 / 3.1 / 3.2 / 3.3 model."
+        )
+    return {
+        **rope,
+        "rope_scaling_factor": float(scaling["factor"]),
+        "rope_low_freq_factor": float(scaling["low_freq_factor"]),
+        "rope_high_freq_factor": float(scaling["high_freq_factor"]),
+        "rope_original_max_len": int(scaling["original_max_position_embeddings"]),
+    }
+
+
+def _check_representable(cfg: dict, args: ModelArgs, path: Path) -> None:
+    """Refuse what the flavor cannot express: importing it anyway would change the model."""
+    expected = {
+        "rms_norm_eps": args.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+    }
+    defaults = {"rms_norm_eps": 1e-6, "hidden_act": "silu"}  # transformers' own defaults
+    differ = {
+        key: cfg.get(key, defaults.get(key, False))
+        for key, value in expected.items()
+        if cfg.get(key, defaults.get(key, False)) != value
+    }
+    if differ:
+        wanted = ", ".join(f"{k} = {expected[k]!r}" for k in differ)
+        found = ", ".join(f"{k} = {v!r}" for k, v in differ.items())
+        raise ExportError(
+            f"{path} has {found}, but the Llama 3 flavors here have {wanted}; importing it "
+            "would silently change what the model computes. Fix: import a Llama 3 model, or "
+            "add a flavor with these settings to torchtitan_lite/models/llama3/args.py."
+        )
 
 
 def _matching_flavor(cfg: dict) -> str:

@@ -28,8 +28,10 @@ and passed into the model; nothing here keeps state between calls. Two kernel pa
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -141,18 +143,24 @@ class DocumentSegments:
     rows: tuple[tuple[tuple[int, int, Tensor | None], ...], ...]
 
 
-def document_segments(tokens: Tensor, eos_id: int, group_len: int = 128) -> DocumentSegments:
+def document_segments(
+    tokens: Tensor, eos_id: int, group_len: int = 128, device: torch.device | None = None
+) -> DocumentSegments:
     """Cut every row at its EOS tokens; runs of documents shorter than ``group_len`` share a
-    segment of at most ``group_len`` tokens under a small dense mask."""
-    batch, seq_len = tokens.shape
-    ends_per_row: list[list[int]] = [[] for _ in range(batch)]
-    for b, pos in (tokens == eos_id).nonzero().tolist():  # one host sync per batch
-        ends_per_row[b].append(pos + 1)
+    segment of at most ``group_len`` tokens under a small dense mask, placed on ``device``
+    (default: the tokens' device).
+
+    The cutting is host work: pass host tokens (the data loader's batch) to keep the device
+    queue free; device tokens are copied to the host first (a device→host sync).
+    """
+    host = tokens.cpu().numpy()  # no copy for CPU tokens
+    batch, seq_len = host.shape
     rows = []
-    for ends in ends_per_row:
+    for b in range(batch):
+        ends = (np.flatnonzero(host[b] == eos_id) + 1).tolist()
         if not ends or ends[-1] != seq_len:
             ends.append(seq_len)
-        rows.append(_segment_row(ends, group_len, tokens.device))
+        rows.append(_segment_row(ends, group_len, device or tokens.device))
     return DocumentSegments(tuple(rows))
 
 
@@ -166,13 +174,9 @@ def _segment_row(
         if len(group) == 2:  # one short document: plain causal
             segments.append((group[0], group[1], None))
         elif group:
-            lengths = torch.tensor([e - s for s, e in zip(group, group[1:], strict=False)])
-            docs = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
-            n = docs.numel()
-            causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-            segments.append(
-                (group[0], group[-1], ((docs[:, None] == docs[None]) & causal)[None, None])
-            )
+            docs = np.repeat(np.arange(len(group) - 1), np.diff(group))  # document of each token
+            mask = (docs[:, None] == docs[None, :]) & np.tri(len(docs), dtype=bool)
+            segments.append((group[0], group[-1], _host_to(mask[None, None], device)))
         group.clear()
 
     start = 0
@@ -189,6 +193,15 @@ def _segment_row(
     return tuple(segments)
 
 
+def _host_to(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host array on ``device``; to CUDA from pinned memory, so the copy is queued and the
+    host does not wait for the device."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 # ------------------------------------------------------------------------------ flex path
 
 
@@ -196,7 +209,9 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """Block rows → (count, indices): active indices ascending, then the inactive ones.
 
     The layout of FlexAttention's own conversion (a stable descending argsort), computed with
-    a cumsum and a scatter instead of a sort, so the tables equal ``create_block_mask``'s.
+    a cumsum and a scatter instead of a sort, so the tables equal ``create_block_mask``'s —
+    values, dtype and memory layout: both come out contiguous (GPU kernels read the counts
+    with a unit stride and the indices with their row stride, whatever the strides say).
     """
     n = dense.shape[-1]
     active = dense.to(torch.int32)
@@ -205,7 +220,7 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     cols = torch.arange(n, dtype=torch.int32, device=dense.device)
     slot = torch.where(dense, rank - 1, count + cols - rank)  # where column j goes in the row
     indices = torch.empty_like(active).scatter_(-1, slot.long(), cols.expand_as(active))
-    return count.squeeze(-1), indices
+    return count.squeeze(-1).contiguous(), indices
 
 
 def block_tables(
@@ -239,46 +254,39 @@ def block_tables(
     return (overlap & ~full)[:, None], full[:, None]
 
 
+def _block_mask_takes_all_tables() -> bool:
+    """Whether this torch's ``BlockMask`` constructor takes every table as a keyword (2.11
+    through 2.14 do; 2.13 adds keyword-only ``dq_*`` fields that default to None)."""
+    params = inspect.signature(BlockMask.__init__).parameters
+    return all(name in params for name in ("seq_lengths", "BLOCK_SIZE", *BLOCK_MASK_FIELDS))
+
+
+#: Decided once, from the signature: the direct constructor (all eight tables, as computed
+#: here) or the public ``from_kv_blocks`` path (q tables recomputed with an argsort).
+_DIRECT_BLOCK_MASK = _block_mask_takes_all_tables()
+
+
 def build_block_mask(
     tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128
 ) -> BlockMask:
     """The FlexAttention ``BlockMask`` of a batch, equal to ``create_block_mask``'s.
 
     Built directly from per-block document ranges (see :func:`block_tables`) on the tokens'
-    device, q-side tables included; the ``mask_mod`` refines the partial blocks.
+    device, q-side tables included; the ``mask_mod`` refines the partial blocks. Every table
+    has ``create_block_mask``'s values, dtype (int32), shape and strides (contiguous).
     """
     partial, full = block_tables(tokens, eos_id, mask_type, block_size)
     # kv tables (rows = query blocks) and q tables (the transposes), in one batched pass
     counts, indices = _ordered(torch.stack([partial, full, partial.mT, full.mT]))
     seq_len = tokens.shape[1]
-    fields = {
-        "kv_num_blocks": counts[0],
-        "kv_indices": indices[0],
-        "full_kv_num_blocks": counts[1],
-        "full_kv_indices": indices[1],
-        "q_num_blocks": counts[2],
-        "q_indices": indices[2],
-        "full_q_num_blocks": counts[3],
-        "full_q_indices": indices[3],
-    }
+    tables = [t for pair in zip(counts, indices, strict=True) for t in pair]
+    fields = dict(zip(BLOCK_MASK_FIELDS, tables, strict=True))  # the order of the stack
     mask_mod = mask_mod_for(tokens, eos_id, mask_type)
-    try:
-        return BlockMask(
-            seq_lengths=(seq_len, seq_len),
-            BLOCK_SIZE=(block_size, block_size),
-            mask_mod=mask_mod,
-            **fields,
-        )
-    except TypeError:  # a torch whose constructor differs: the public path recomputes q tables
-        return BlockMask.from_kv_blocks(
-            fields["kv_num_blocks"],
-            fields["kv_indices"],
-            fields["full_kv_num_blocks"],
-            fields["full_kv_indices"],
-            BLOCK_SIZE=(block_size, block_size),
-            mask_mod=mask_mod,
-            seq_lengths=(seq_len, seq_len),
-        )
+    sizes = {"BLOCK_SIZE": (block_size, block_size), "seq_lengths": (seq_len, seq_len)}
+    if _DIRECT_BLOCK_MASK:
+        return BlockMask(mask_mod=mask_mod, **sizes, **fields)
+    kv_fields = {name: value for name, value in fields.items() if "kv" in name}
+    return BlockMask.from_kv_blocks(mask_mod=mask_mod, **sizes, **kv_fields)
 
 
 # ------------------------------------------------------------------------------ dispatch
@@ -288,14 +296,24 @@ AttentionMask = BlockMask | DocumentSegments | None
 
 
 def build_attention_mask(
-    tokens: Tensor, eos_id: int, mask_type: str, backend: str
+    tokens: Tensor,
+    eos_id: int,
+    mask_type: str,
+    backend: str,
+    device: torch.device | None = None,
 ) -> AttentionMask:
-    """The mask for one batch, in the form the chosen kernel (``flex`` or ``sdpa``) takes."""
+    """The mask for one batch, in the form the chosen kernel (``flex`` or ``sdpa``) takes.
+
+    ``flex`` builds on the tokens' device (pass device tokens); ``sdpa`` cuts segments on the
+    host (pass host tokens) and puts their masks on ``device`` (default: the tokens').
+    """
     if backend == "flex":
         return build_block_mask(tokens, eos_id, mask_type)
     if backend == "sdpa":
         _check_mask_type(mask_type)
-        return None if mask_type == "causal" else document_segments(tokens, eos_id)
+        if mask_type == "causal":
+            return None
+        return document_segments(tokens, eos_id, device=device)
     raise ValueError(f"unknown attention backend {backend!r}; expected 'flex' or 'sdpa'")
 
 
@@ -307,22 +325,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 @functools.cache
-def _compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
+def compiled_flex_attention(mode: str = "default"):
+    """``flex_attention`` compiled on its own, static shapes, one compiled function per mode."""
+    return torch.compile(flex_attention, dynamic=False, mode=mode)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, flex_mode: str = "default"
+) -> Tensor:
     """``(B, H, S, D)`` queries against ``(B, H_kv, S, D)`` keys/values under ``mask``.
 
-    A BlockMask runs FlexAttention (compiled on CUDA; eager elsewhere, forward only on CPU);
-    DocumentSegments run SDPA segment by segment, None runs causal SDPA. Grouped-query heads
-    are expanded for SDPA.
+    A BlockMask runs FlexAttention: on CUDA compiled — with the transformer block when the
+    block is compiled, else on its own with ``torch.compile`` mode ``flex_mode`` — and eager
+    elsewhere (forward only on CPU). DocumentSegments run SDPA segment by segment, None runs
+    causal SDPA. Grouped-query heads are shared by the kernels (``enable_gqa``), never copied.
     """
+    enable_gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, BlockMask):
-        enable_gqa = q.shape[1] != k.shape[1]
         if q.is_cuda and not torch.compiler.is_compiling():
-            # Inside a compiled block, flex is compiled with the block; outside, on its own.
-            return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+            flex = compiled_flex_attention(flex_mode)
+            return flex(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
     if q.device.type == "cpu" and q.dtype != torch.float32:
         # The CPU flash kernel is several times slower in bf16 than in fp32 at these sizes
@@ -330,22 +352,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         out_dtype = q.dtype
         q, k, v = q.float(), k.float(), v.float()
         return attention(q, k, v, mask).to(out_dtype)
-    if q.shape[1] != k.shape[1]:
-        repeats = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeats, dim=1)
-        v = v.repeat_interleave(repeats, dim=1)
     if mask is None and q.shape[2] != k.shape[2]:
         # Decoding with a KV cache: the new queries follow all cached keys (one token at a time)
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
     if mask is None or all(len(row) == 1 and row[0][2] is None for row in mask.rows):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
     return _segmented_sdpa(q, k, v, mask)
 
 
+@torch.compiler.disable
 def _segmented_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: DocumentSegments) -> Tensor:
     """SDPA segment by segment. The rows are laid end to end as ``(B·S, H, D)`` and cut with
     one ``split`` (whose backward is a single ``cat``), not with per-segment slices, whose
-    backward would zero-fill a full-size gradient for every segment."""
+    backward would zero-fill a full-size gradient for every segment. Never compiled: the
+    segment lengths change with every batch, so a compiled block runs this part eagerly
+    instead of recompiling for each document layout."""
     batch, heads, seq_len, head_dim = q.shape
     lengths = [e - s for row in mask.rows for s, e, _ in row]
     masks = [m for row in mask.rows for _, _, m in row]
@@ -360,6 +381,7 @@ def _segmented_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: DocumentSegments) -> 
             vs.transpose(0, 1)[None],
             attn_mask=m,
             is_causal=m is None,
+            enable_gqa=q.shape[1] != k.shape[1],
         )[0].transpose(0, 1)  # (L, H, D)
         for qs, ks, vs, m in zip(*pieces, masks, strict=True)
     ]

@@ -20,10 +20,18 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: bool = False  # Llama 3.1 long-context frequency scaling
+    # Llama 3.1 long-context RoPE scaling (0 = off; 8 for Llama 3.1 / 3.3, 32 for 3.2): the
+    # low frequencies slow down by this factor, blended over the band that the two frequency
+    # factors cut out of the original context length.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     max_seq_len: int = 2048
     depth_init: bool = True  # scale output-projection init by depth (as torchtitan)
     attn_mask_type: str = "block_causal"
+    # torch.compile mode of FlexAttention compiled on its own (CUDA, blocks not compiled)
+    flex_compile_mode: str = "max-autotune-no-cudagraphs"
     # Set only by update_from_tokenizer: the tokenizer is the single source of truth.
     vocab_size: int = -1
     eos_id: int = -1
@@ -116,8 +124,26 @@ FLAVORS: dict[str, ModelArgs] = {
 }
 
 
+#: The RoPE settings, under the same names in ModelArgs and in the config's [model] section.
+ROPE_KEYS = (
+    "rope_theta",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+)
+
+
+def rope_settings(args: ModelArgs) -> dict[str, float]:
+    """The RoPE settings of a model (recorded in checkpoints, compared on load)."""
+    return {key: getattr(args, key) for key in ROPE_KEYS}
+
+
 def model_args_for(flavor: str, **overrides) -> ModelArgs:
-    """A fresh copy of a flavor's args (the presets themselves are never mutated)."""
+    """A fresh copy of a flavor's args (the presets themselves are never mutated).
+
+    A negative ``rope_theta`` or ``rope_scaling_factor`` (the config's "unset") keeps the
+    flavor's value."""
     if flavor not in FLAVORS:
         import difflib
 
@@ -127,4 +153,7 @@ def model_args_for(flavor: str, **overrides) -> ModelArgs:
             f"Config key 'model.flavor' is {flavor!r}, which is not a llama3 flavor."
             f"{hint} Fix: use one of {', '.join(FLAVORS)}."
         )
+    for key in ("rope_theta", "rope_scaling_factor"):
+        if overrides.get(key, 0) < 0:
+            del overrides[key]
     return dataclasses.replace(FLAVORS[flavor], **overrides)

@@ -17,11 +17,20 @@ from torchtitan_lite.models.attention import AttentionMask, attention
 from torchtitan_lite.models.llama3.args import ModelArgs, ffn_hidden_dim
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: bool) -> Tensor:
-    """``(end, head_dim // 2)`` complex rotations ``exp(i·pos·freq)``."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    if scaling:
-        freqs = _llama31_scale(freqs)
+def precompute_freqs_cis(args: ModelArgs, end: int) -> Tensor:
+    """``(end, head_dim // 2)`` complex rotations ``exp(i·pos·freq)`` (RoPE settings from
+    ``args``: theta, and the Llama 3.1 scaling when its factor is set)."""
+    head_dim = args.dim // args.n_heads
+    exponents = torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim
+    freqs = 1.0 / (args.rope_theta**exponents)
+    if args.rope_scaling_factor > 0:
+        freqs = _llama31_scale(
+            freqs,
+            args.rope_scaling_factor,
+            args.rope_low_freq_factor,
+            args.rope_high_freq_factor,
+            args.rope_original_max_len,
+        )
     t = torch.arange(end, dtype=torch.float32)
     return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))
 
@@ -81,6 +90,7 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads or args.n_heads
         self.head_dim = args.dim // args.n_heads
+        self.flex_compile_mode = args.flex_compile_mode
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -103,7 +113,7 @@ class Attention(nn.Module):
         q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask, self.flex_compile_mode)
         return self.wo(out.transpose(1, 2).reshape(bs, seq_len, -1))
 
 
@@ -167,11 +177,8 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", self._freqs_cis(), persistent=False)
 
     def _freqs_cis(self) -> Tensor:
-        a = self.args
         # Twice the training length, so evaluation and generation can run a little longer.
-        return precompute_freqs_cis(
-            a.dim // a.n_heads, a.max_seq_len * 2, a.rope_theta, a.rope_scaling
-        )
+        return precompute_freqs_cis(self.args, self.args.max_seq_len * 2)
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Fill every parameter and buffer (after ``to_empty`` from the meta device)."""

@@ -1,0 +1,291 @@
+"""GPU acceptance in one go: every check the CPU cannot make, with a report.
+
+Run through ``bash scripts/gpu_check.sh`` (which supplies torchdata from a carried wheel on a
+GPU image without it). Each check runs as a subprocess with its own time limit, in this
+order, and the report is rewritten after each one, so a cut-off run still says what passed:
+
+1. the GPU-marked tests (compiled flex forward + backward against SDPA under the dense oracle
+   mask in fp32 and bf16, gradients too; zero recompiles over 5 compiled training steps; one
+   device→host sync per step);
+2. a 30-step debug run (bf16, compiled flex, async checkpoints every 10 steps) whose loss
+   falls;
+3. a resume from its step-20 checkpoint that continues its loss trace over steps 21–30;
+4. flex block_causal vs SDPA causal forward + backward at S=8192 with ~500-token documents;
+5. an 8B-shaped slice (4 of its 32 blocks): tokens/s, dense and mask-kept MFU, peak memory,
+   with the 8B config's activation checkpointing and without any.
+
+Writes ``gpu_report.md`` (``--report``): pass/fail per check, the numbers, the device and
+the torch version; the logs of every check go to ``--work`` (default: a temporary folder).
+Exit status 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "train_configs" / "debug_model.toml")
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool | None  # None: not run (time budget)
+    numbers: str
+    seconds: float
+    log: str = ""
+
+
+@dataclass
+class Harness:
+    work: Path
+    report: Path
+    deadline: float
+    results: list[Result] = field(default_factory=list)
+
+    def run(self, name: str, argv: list[str], limit: float) -> tuple[int, str, float]:
+        """Run a command (from the repo root); returns (status, output, seconds)."""
+        limit = min(limit, self.deadline - time.monotonic())
+        if limit < 30:
+            raise TimeoutError("time budget spent")
+        log = self.work / f"{name}.log"
+        start = time.monotonic()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=limit,
+            )
+            status, out = proc.returncode, proc.stdout
+        except subprocess.TimeoutExpired as e:
+            status = 124
+            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            out += f"\n[gpu_check: stopped after {limit:.0f} s]"
+        log.write_text(out)
+        return status, out, time.monotonic() - start
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        mark = {True: "pass", False: "FAIL", None: "not run"}[result.ok]
+        print(f"== {result.name}: {mark} ({result.seconds:.0f} s) {result.numbers}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        props = torch.cuda.get_device_properties(0)
+        lines = [
+            "# GPU acceptance report",
+            "",
+            f"- device: {torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB, "
+            f"{props.multi_processor_count} SMs)",
+            f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python "
+            f"{sys.version.split()[0]}",
+            f"- commit {_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "- produced by `bash scripts/gpu_check.sh`",
+            "",
+            "| check | result | numbers | seconds |",
+            "|---|---|---|---|",
+        ]
+        for r in self.results:
+            mark = {True: "pass", False: "**FAIL**", None: "not run"}[r.ok]
+            lines.append(f"| {r.name} | {mark} | {r.numbers} | {r.seconds:.0f} |")
+        failed = [r for r in self.results if r.ok is False]
+        if failed:
+            lines += ["", "## Failures (last lines of each log)"]
+            for r in failed:
+                tail = "\n".join(r.log.strip().splitlines()[-40:])
+                lines += ["", f"### {r.name}", "", "```", tail, "```"]
+        self.report.write_text("\n".join(lines) + "\n")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _metrics(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+def check_gpu_tests(h: Harness) -> Result:
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    status, out, secs = h.run("gpu_tests", cmd, 300)
+    summary = next((line for line in reversed(out.splitlines()) if " in " in line), "")
+    passed = status == 0 and "passed" in summary and "skipped" not in summary
+    return Result("GPU-marked tests", passed, summary.strip("= "), secs, out)
+
+
+def _debug_run(dump: Path, steps: int) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        DEBUG,
+        "--job.dump_folder",
+        str(dump),
+        "--training.steps",
+        str(steps),
+        "--model.attn_backend",
+        "flex",
+        "--compile.enable",
+        "--training.mixed_precision_param",
+        "bfloat16",
+        "--checkpoint.enable",
+        "--checkpoint.async_mode",
+        "async",
+        "--checkpoint.interval",
+        "10",
+        "--metrics.log_freq",
+        "1",
+    ]
+
+
+def check_debug_run(h: Harness) -> Result:
+    dump = h.work / "debug"
+    status, out, secs = h.run("debug_run", _debug_run(dump, 30), 240)
+    rows = _metrics(dump)
+    losses = [r["loss"] for r in rows]
+    saved = sorted(p.name for p in (dump / "checkpoint").glob("step-*"))
+    if status != 0 or len(losses) != 30 or not all(math.isfinite(x) for x in losses):
+        return Result(
+            "30-step bf16 debug run", False, f"exit {status}, {len(losses)} steps", secs, out
+        )
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    tps = statistics.median(r["tokens_per_second"] for r in rows[5:])
+    ok = last < first - 0.5 and saved == ["step-10", "step-20", "step-30"] and "bfloat16" in out
+    numbers = (
+        f"loss {losses[0]:.3f} → {losses[-1]:.3f} (mean of first/last 5: {first:.3f} / "
+        f"{last:.3f}); {tps:,.0f} tokens/s; async checkpoints {', '.join(saved)}"
+    )
+    return Result(
+        "30-step bf16 debug run (compiled flex, async checkpoints)", ok, numbers, secs, out
+    )
+
+
+def check_resume(h: Harness) -> Result:
+    original = h.work / "debug"
+    resumed = h.work / "resumed"
+    source = original / "checkpoint" / "step-20"
+    if not source.is_dir():
+        return Result("resume from the async step-20 checkpoint", False, "no step-20", 0.0)
+    shutil.copytree(source, resumed / "checkpoint" / "step-20")
+    status, out, secs = h.run("resume", _debug_run(resumed, 30), 180)
+    a = {r["step"]: r["loss"] for r in _metrics(original)}
+    b = {r["step"]: r["loss"] for r in _metrics(resumed)}
+    steps = list(range(21, 31))
+    if status != 0 or sorted(b) != steps or "loaded step 20" not in out:
+        return Result(
+            "resume from the async step-20 checkpoint",
+            False,
+            f"exit {status}, steps {sorted(b)}",
+            secs,
+            out,
+        )
+    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
+    numbers = f"steps 21–30 vs the uninterrupted run: max relative loss difference {worst:.1e}"
+    return Result("resume from the async step-20 checkpoint", worst <= 1e-2, numbers, secs, out)
+
+
+def _bench(h: Harness, name: str, args: list[str], limit: float) -> tuple[dict, Result | None]:
+    out_json = h.work / f"{name}.json"
+    cmd = [sys.executable, "scripts/bench_gpu.py", *args, "--json", str(out_json)]
+    status, out, secs = h.run(name, cmd, limit)
+    if status != 0 or not out_json.is_file():
+        return {}, Result(name, False, f"exit {status}", secs, out)
+    data = json.loads(out_json.read_text())
+    data["_seconds"], data["_log"] = secs, out
+    return data, None
+
+
+def check_attention(h: Harness) -> Result:
+    name = "flex block_causal vs SDPA causal, S=8192, fwd+bwd"
+    data, failed = _bench(h, "bench_attention", ["--only", "attention"], 200)
+    if failed:
+        return Result(name, False, failed.numbers, failed.seconds, failed.log)
+    a = data["attention"]
+    flex, sdpa = a["flex_block_causal_ms"], a["sdpa_causal_ms"]
+    numbers = (
+        f"flex document mask {flex:.2f} ms, flex causal {a['flex_causal_ms']:.2f} ms, SDPA "
+        f"causal {sdpa:.2f} ms ({sdpa / flex:.2f}x); mask build {a['mask_build_ms']:.2f} ms"
+    )
+    return Result(name, flex < sdpa, numbers, data["_seconds"], data["_log"])
+
+
+def check_slice(h: Harness, ac: str) -> Result:
+    label = "the 8B config's" if ac == "config" else ac
+    name = f"8B slice (4 of 32 blocks, S=8192), activation checkpointing {label}"
+    data, failed = _bench(
+        h, f"bench_slice_{ac.replace(':', '_')}", ["--only", "slice", "--ac", ac], 240
+    )
+    if failed:
+        return Result(name, False, failed.numbers, failed.seconds, failed.log)
+    s = data["slice"]
+    numbers = (
+        f"{s['activation_checkpoint']}: {s['step_ms']:.0f} ms/step, {s['tokens_per_s']:,.0f} "
+        f"tokens/s, MFU kept {s['mfu_kept_pct']:.1f}% (target 40%: "
+        f"{'met' if s['mfu_kept_pct'] >= 40 else 'not met'}), dense formula "
+        f"{s['mfu_dense_pct']:.1f}%, peak {s['peak_memory_gib']:.1f} GiB"
+    )
+    return Result(name, True, numbers, data["_seconds"], data["_log"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--report", default=str(REPO / "gpu_report.md"))
+    p.add_argument("--work", help="folder for the checks' logs and outputs")
+    p.add_argument("--budget", type=float, default=570, help="seconds for all checks")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing to check", file=sys.stderr)
+        return 1
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    h = Harness(work, Path(args.report), time.monotonic() + args.budget)
+    print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}; logs in {work}")
+    checks = [
+        ("GPU-marked tests", check_gpu_tests),
+        ("30-step bf16 debug run", check_debug_run),
+        ("resume from the async step-20 checkpoint", check_resume),
+        ("flex vs SDPA at S=8192", check_attention),
+        ("8B slice, the config's activation checkpointing", lambda h: check_slice(h, "config")),
+        ("8B slice, no activation checkpointing", lambda h: check_slice(h, "none")),
+    ]
+    for name, check in checks:
+        try:
+            h.add(check(h))
+        except TimeoutError as e:
+            h.add(Result(name, None, str(e), 0.0))
+    print(f"gpu_check: report written to {h.report}")
+    return 0 if all(r.ok for r in h.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

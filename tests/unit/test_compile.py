@@ -1,0 +1,188 @@
+"""Compiled graphs on CPU: the closest look at the GPU graph without a GPU.
+
+FlexAttention has no backward on CPU, so these run forward without grad. The model is built
+and parallelized by the training code itself (``parallelize``: per-block ``torch.compile`` with
+``fullgraph=True, dynamic=False``, then FSDP2 on a one-rank group) and traced with the
+``aot_eager`` backend — on torch 2.13 inductor's CPU flex template cannot take the model's
+query (the buffer behind it is 5-D after the complex RoPE view), which the GPU template can.
+FlexAttention compiled on its own does go through inductor here.
+
+The proofs: after the first batch, batches with other document layouts run with
+``error_on_recompile`` (a fresh BlockMask and mask_mod per batch must not recompile), and the
+outputs equal the SDPA path and an oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.conftest import DEBUG_CONFIG
+from torchtitan_lite.config import load_config
+from torchtitan_lite.distributed.parallel_dims import ParallelDims
+from torchtitan_lite.distributed.parallelize import parallelize
+from torchtitan_lite.distributed.utils import init_distributed
+from torchtitan_lite.models.attention import (
+    build_attention_mask,
+    build_block_mask,
+    compiled_flex_attention,
+    reference_mask,
+)
+from torchtitan_lite.models.llama3.args import model_args_for
+from torchtitan_lite.models.llama3.model import Transformer
+
+EOS = 0
+VOCAB = 2304
+
+
+def packed_batch(seed: int, seq_len: int, batch: int = 2) -> torch.Tensor:
+    """Rows with a layout that changes with the seed: no EOS, long and short documents,
+    EOS at block edges, runs of EOS."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (batch, seq_len), generator=gen)
+    kind = seed % 5
+    if kind == 1:
+        tokens[torch.rand(batch, seq_len, generator=gen) < 1 / 100] = EOS
+    elif kind == 2:
+        tokens[torch.rand(batch, seq_len, generator=gen) < 1 / 5] = EOS
+    elif kind == 3:
+        tokens[:, 127::128] = EOS
+    elif kind == 4:
+        tokens[:, seq_len // 3 : seq_len // 2] = EOS
+    return tokens
+
+
+@pytest.fixture
+def one_rank_group():
+    init_distributed(torch.device("cpu"))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mask_type", ["block_causal", "causal"])
+def test_compiled_blocks_on_the_flex_path_never_recompile_and_equal_sdpa(
+    mask_type, one_rank_group, fresh_dynamo
+):
+    seq_len = 384  # three 128-blocks
+    config = load_config(
+        DEBUG_CONFIG,
+        ["--compile.enable", "--compile.backend", "aot_eager", "--model.attn_mask_type", mask_type],
+    )
+    args = model_args_for(
+        "debugmodel", max_seq_len=seq_len, vocab_size=VOCAB, eos_id=EOS, attn_mask_type=mask_type
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights()
+    eager = Transformer(args)  # the same weights, uncompiled, unsharded, on the sdpa path
+    eager.load_state_dict(model.state_dict())
+    model = parallelize(model, ParallelDims(1, -1, 1).build_mesh("cpu"), config, "flex")
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    assert all(isinstance(b, compiled) for b in model.layers.values())
+    model.eval()
+    eager.eval()
+
+    with torch.no_grad():
+        for seed in range(6):
+            tokens = packed_batch(seed, seq_len)
+            # the first batch compiles; every later layout must reuse that graph
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+                out = model(tokens, build_attention_mask(tokens, EOS, mask_type, "flex"))
+            ref = eager(tokens, build_attention_mask(tokens, EOS, mask_type, "sdpa"))
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, msg=f"batch {seed}")
+        # The guard is live: another sequence length is a new static graph, and is refused.
+        shorter = packed_batch(0, seq_len - 128)
+        with (
+            torch._dynamo.config.patch(error_on_recompile=True),
+            pytest.raises(Exception, match="[Rr]ecompil"),
+        ):
+            model(shorter, build_attention_mask(shorter, EOS, mask_type, "flex"))
+
+
+@pytest.mark.slow
+def test_flex_attention_compiled_alone_by_inductor_never_recompiles(fresh_dynamo):
+    """The standalone compiled flex (what CUDA runs when the blocks are not compiled) on our
+    BlockMask, through inductor's CPU template: equal to SDPA under the dense oracle mask."""
+    seq_len, heads, kv_heads, head_dim = 384, 4, 2, 16
+    flex = compiled_flex_attention("default")
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(5):
+        tokens = packed_batch(seed, seq_len)
+        q = torch.randn(2, heads, seq_len, head_dim, generator=gen)
+        k, v = torch.randn(2, 2, kv_heads, seq_len, head_dim, generator=gen)
+        with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+            out = flex(
+                q, k, v, block_mask=build_block_mask(tokens, EOS, "block_causal"), enable_gqa=True
+            )
+        oracle = reference_mask(tokens, EOS, "block_causal")[:, None]
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=oracle, enable_gqa=True)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, msg=f"batch {seed}")
+
+
+def gpu_trainer(tmp_path):
+    from torchtitan_lite.trainer import Trainer
+
+    config = load_config(
+        DEBUG_CONFIG,
+        [
+            "--job.dump_folder",
+            str(tmp_path),
+            "--model.attn_backend",
+            "flex",
+            "--compile.enable",
+            "--training.mixed_precision_param",
+            "bfloat16",
+            "--training.local_batch_size",
+            "4",
+            "--metrics.enable_tensorboard",
+            "false",
+        ],
+    )
+    return Trainer(config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_five_compiled_training_steps_on_gpu_never_recompile(tmp_path):
+    """Compiled blocks (inductor, flex fused in), FSDP2, bf16: after the first step, four
+    more batches with their own document layouts run without a recompilation, and each step
+    reads the device exactly once (CUDA's sync debug mode warns on every sync)."""
+    import warnings
+
+    trainer = gpu_trainer(tmp_path)
+    try:
+        data = iter(trainer.dataloader)
+        batches = [next(data) for _ in range(5)]
+        losses = [trainer.train_step([batches[0]])[0]]
+        torch.cuda.synchronize()
+        with (
+            torch._dynamo.config.patch(error_on_recompile=True),
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for batch in batches[1:]:
+                    losses.append(trainer.train_step([batch])[0])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        trainer.close()
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
+    assert len(syncs) == 4, [str(w.message) for w in syncs]
