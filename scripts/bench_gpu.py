@@ -182,6 +182,11 @@ def main() -> None:
         help="activation checkpointing of the slice: config (the 8B config's), none, full, "
         "selective:op or selective:N",
     )
+    p.add_argument(
+        "--flex-mode",
+        help="torch.compile mode of the standalone flex in the attention benchmark (default: "
+        "the 8B config's compile.flex_mode)",
+    )
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -189,7 +194,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.only in (None, "attention"):
-        flex_mode = load_config(CONFIG_8B).compile.flex_mode
+        flex_mode = args.flex_mode or load_config(CONFIG_8B).compile.flex_mode
         results["attention"] = bench_attention(args.seq, flex_mode)
     if args.only in (None, "slice"):
         results["slice"] = bench_slice(args.layers, args.seq, args.steps, args.ac)

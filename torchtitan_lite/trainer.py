@@ -349,6 +349,7 @@ class Trainer:
             time.perf_counter() - start,
         )
         self.epoch = host_count(batch.pop("epoch").max())
+        self.tokens_seen += batch["input"].numel() * self.parallel_dims.dp  # padding excluded
         pad_id = self.dataloader.dataset.pad_id
         return _pad_rows(batch, self.config.training.local_batch_size, pad_id)
 
@@ -375,9 +376,6 @@ class Trainer:
                 self.step += 1
                 gc.step(self.step)
                 loss, grad_norm = self.train_step(micro_batches)
-                self.tokens_seen += sum(b["input"].numel() for b in micro_batches) * (
-                    self.parallel_dims.dp
-                )
                 losses.append(loss)
                 if self.step == first_step:
                     # Start-up (compilation, loading, warm-up) is over: hung ranks now fail fast.

@@ -71,10 +71,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
 @pytest.mark.parametrize("mask_type", ["block_causal", "causal"])
-def test_compiled_blocks_on_the_flex_path_never_recompile_and_equal_sdpa(
-    mask_type, one_rank_group, fresh_dynamo
+def test_compiled_blocks_never_recompile_and_equal_the_eager_sdpa_path(
+    backend, mask_type, one_rank_group, fresh_dynamo
 ):
+    """flex: the whole block is one graph (fullgraph). sdpa: the document segments stay out
+    of the graph (a graph break), so a new layout must not recompile either."""
     seq_len = 384  # three 128-blocks
     config = load_config(
         DEBUG_CONFIG,
@@ -91,7 +94,7 @@ def test_compiled_blocks_on_the_flex_path_never_recompile_and_equal_sdpa(
         model.init_weights()
     eager = Transformer(args)  # the same weights, uncompiled, unsharded, on the sdpa path
     eager.load_state_dict(model.state_dict())
-    model = parallelize(model, ParallelDims(1, -1, 1).build_mesh("cpu"), config, "flex")
+    model = parallelize(model, ParallelDims(1, -1, 1).build_mesh("cpu"), config, backend)
     compiled = torch._dynamo.eval_frame.OptimizedModule
     assert all(isinstance(b, compiled) for b in model.layers.values())
     model.eval()
@@ -102,7 +105,7 @@ def test_compiled_blocks_on_the_flex_path_never_recompile_and_equal_sdpa(
             tokens = packed_batch(seed, seq_len)
             # the first batch compiles; every later layout must reuse that graph
             with torch._dynamo.config.patch(error_on_recompile=seed > 0):
-                out = model(tokens, build_attention_mask(tokens, EOS, mask_type, "flex"))
+                out = model(tokens, build_attention_mask(tokens, EOS, mask_type, backend))
             ref = eager(tokens, build_attention_mask(tokens, EOS, mask_type, "sdpa"))
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, msg=f"batch {seed}")
         # The guard is live: another sequence length is a new static graph, and is refused.
@@ -111,7 +114,7 @@ def test_compiled_blocks_on_the_flex_path_never_recompile_and_equal_sdpa(
             torch._dynamo.config.patch(error_on_recompile=True),
             pytest.raises(Exception, match="[Rr]ecompil"),
         ):
-            model(shorter, build_attention_mask(shorter, EOS, mask_type, "flex"))
+            model(shorter, build_attention_mask(shorter, EOS, mask_type, backend))
 
 
 @pytest.mark.slow
@@ -134,37 +137,105 @@ def test_flex_attention_compiled_alone_by_inductor_never_recompiles(fresh_dynamo
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, msg=f"batch {seed}")
 
 
-def gpu_trainer(tmp_path):
+# The 8B config's path on the debug model: compiled blocks (inductor, flex fused in),
+# per-op selective AC, FSDP2.
+COMPILED_FLEX = ["--model.attn_backend", "flex", "--compile.enable"]
+SAC_OP = [
+    "--activation_checkpoint.mode",
+    "selective",
+    "--activation_checkpoint.selective_ac_option",
+    "op",
+]
+
+
+def trainer_for(tmp_path, name: str, *overrides: str):
     from torchtitan_lite.trainer import Trainer
 
     config = load_config(
         DEBUG_CONFIG,
         [
             "--job.dump_folder",
-            str(tmp_path),
-            "--model.attn_backend",
-            "flex",
-            "--compile.enable",
-            "--training.mixed_precision_param",
-            "bfloat16",
-            "--training.local_batch_size",
-            "4",
+            str(tmp_path / name),
             "--metrics.enable_tensorboard",
             "false",
+            *overrides,
         ],
     )
     return Trainer(config)
 
 
+def grads_of(trainer) -> dict[str, torch.Tensor]:
+    return {
+        n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor().float().cpu()
+        for n, p in trainer.model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            ["--compile.backend", "aot_eager", "--training.seq_len", "256"],
+            id="cpu-aot_eager-sdpa",
+        ),
+        pytest.param(
+            ["--model.attn_backend", "flex"],
+            id="gpu-inductor-flex",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_compiled_per_op_sac_changes_no_gradient(tmp_path, fresh_dynamo, path):
+    """Per-op SAC inside compiled blocks (AOT autograd partitions by the SAC policy): the same
+    loss and gradients as compiled blocks without AC, in fp32. On CPU the sdpa path traced by
+    aot_eager; on a GPU the 8B config's path, inductor with flex fused into the blocks."""
+    runs = {}
+    for name, ac in (("none", []), ("sac", SAC_OP)):
+        trainer = trainer_for(
+            tmp_path,
+            name,
+            "--compile.enable",
+            *path,
+            *ac,
+            "--training.mixed_precision_param",
+            "float32",
+            "--training.local_batch_size",
+            "2",
+        )
+        try:
+            batch = next(iter(trainer.dataloader))
+            scale = 1.0 / int((batch["labels"] != -100).sum())  # as train_step normalizes
+            loss = trainer.forward_backward_step(batch, scale)
+            runs[name] = (float(loss), grads_of(trainer))
+        finally:
+            trainer.close()
+    (loss_a, g_a), (loss_b, g_b) = runs["none"], runs["sac"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert g_a.keys() == g_b.keys()
+    for key in g_a:
+        torch.testing.assert_close(g_b[key], g_a[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_five_compiled_training_steps_on_gpu_never_recompile(tmp_path):
-    """Compiled blocks (inductor, flex fused in), FSDP2, bf16: after the first step, four
-    more batches with their own document layouts run without a recompilation, and each step
-    reads the device exactly once (CUDA's sync debug mode warns on every sync)."""
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param([*COMPILED_FLEX, *SAC_OP], id="compiled-flex-sac"),
+        pytest.param(["--model.attn_backend", "sdpa"], id="eager-sdpa"),
+    ],
+)
+def test_gpu_steps_never_recompile_and_read_the_device_once(tmp_path, path):
+    """After the first step, four more batches with their own document layouts run without
+    a recompilation, and each step synchronizes with the device exactly once (CUDA's sync
+    debug mode warns on every sync). On the sdpa path that proves the segments are cut from
+    the host batch."""
     import warnings
 
-    trainer = gpu_trainer(tmp_path)
+    trainer = trainer_for(tmp_path, "steps", *path, "--training.mixed_precision_param", "bfloat16")
     try:
         data = iter(trainer.dataloader)
         batches = [next(data) for _ in range(5)]

@@ -110,6 +110,10 @@ def test_extends_missing_base_names_both_files(tmp_path):
         ("[training]\nsteps = 5.5\n", r"'training.steps'.*expects an integer but got 5.5"),
         ("[checkpoint]\nenable = 1\n", r"'checkpoint.enable'.*expects a boolean but got 1"),
         ("[tokenizer]\nextra_stop_tokens = [1]\n", r"'tokenizer.extra_stop_tokens\[0\]'.*string"),
+        (
+            "[activation_checkpoint]\nselective_ac_option = 2\n",
+            r"'activation_checkpoint.selective_ac_option'.*expects a string but got 2.*\"2\"",
+        ),
         ("[training\nsteps = 5\n", r"not valid TOML"),
     ],
 )
@@ -152,6 +156,14 @@ def test_bad_overrides(args, pattern):
         (["--model.eos_id", "-5"], r"'model.eos_id' must be -1"),
         (["--lr_scheduler.lr_min", "2"], r"lr_min"),
         (["--optimizer.lr", "0"], r"'optimizer.lr' must be positive"),
+        (
+            ["--activation_checkpoint.selective_ac_option", "0"],
+            r"'activation_checkpoint.selective_ac_option' is '0'.*\"op\".*positive whole number",
+        ),
+        (["--compile.flex_mode", "fast"], r"'compile.flex_mode' is 'fast'.*max-autotune"),
+        (["--training.mixed_precision_param", "fp8"], r"mixed_precision_param' is 'fp8'.*'auto'"),
+        (["--model.rope_low_freq_factor", "5"], r"0 < low < high, got 5.0 and 4.0"),
+        (["--model.rope_theta", "-3"], r"'model.rope_theta' must be -1"),
     ],
 )
 def test_validate_rejects_bad_values(args, pattern):

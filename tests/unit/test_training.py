@@ -19,6 +19,7 @@ from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.components.optimizer import lr_factor
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import LRScheduler
+from torchtitan_lite.data import build_dataloader
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
 from torchtitan_lite.distributed.parallelize import apply_ac
 from torchtitan_lite.errors import ConfigError
@@ -413,3 +414,61 @@ def test_an_unexpected_error_is_recorded_for_torchrun(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         train.main(["--config", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path / "o")])
     assert "boom from deep inside" in json.loads(error_file.read_text())["message"]["message"]
+
+
+def test_the_logged_epoch_comes_from_the_loader_workers(tmp_path):
+    """With loader worker processes the main process's dataset never advances; the epoch
+    travels with each batch instead, so the log follows the workers' epochs."""
+    import json
+
+    corpus = tmp_path / "small.jsonl"
+    docs = [f"document {i}: " + "to be or not to be " * (2 + i) for i in range(4)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    trainer = make_trainer(
+        tmp_path,
+        "epochs",
+        "--data.path",
+        str(corpus),
+        "--data.num_workers",
+        "2",
+        "--training.local_batch_size",
+        "1",
+        "--training.steps",
+        "12",
+    )
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "epochs" / "metrics.jsonl").open()]
+    logged = [r["epoch"] for r in rows]
+    # The reference: the same loader, read directly, batch by batch (workers alternate).
+    loader = build_dataloader(trainer.config.data, trainer.tokenizer, 64, 1)
+    expected = [int(b["epoch"]) for b, _ in zip(loader, range(12), strict=False)]
+    assert logged == expected and max(logged) >= 2, (logged, expected)
+    assert trainer.dataloader.dataset.state_dict()["epoch"] == 0  # the main process's copy
+
+
+def test_a_short_last_batch_is_padded_without_changing_the_loss(tmp_path):
+    trainer = make_trainer(tmp_path, "pad", "--training.local_batch_size", "4")
+    try:
+        batch = next(iter(trainer.dataloader))
+        short = {k: v[:3] for k, v in batch.items() if k != "epoch"}
+        padded = trainer_module._pad_rows(short, 4, trainer.dataloader.dataset.pad_id)
+        assert padded["input"].shape == batch["input"].shape
+        assert (padded["labels"][3] == -100).all() and torch.equal(
+            padded["input"][:3], short["input"]
+        )
+        results = []
+        scale = 1.0 / int((short["labels"] != -100).sum())  # as train_step normalizes
+        for b in (short, padded):
+            loss = trainer.forward_backward_step(b, scale)
+            grads = {n: full(p.grad).clone() for n, p in trainer.model.named_parameters()}
+            trainer.optimizer.zero_grad(set_to_none=True)
+            results.append((float(loss), grads))
+    finally:
+        trainer.close()
+    (loss_a, g_a), (loss_b, g_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name, g in g_a.items():  # the summation order differs with the batch shape
+        torch.testing.assert_close(g_b[name], g, atol=1e-7, rtol=1e-4, msg=name)

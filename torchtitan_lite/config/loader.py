@@ -105,10 +105,12 @@ def _check_value(dotted: str, value: Any, tp: Any, where: str) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
+        # a number for a text key (selective_ac_option = 2): suggest the same value, quoted
+        quoted = tp is str and isinstance(value, (int, float)) and not isinstance(value, bool)
+        example = f'"{value}"' if quoted else _example(tp)
         raise ConfigError(
             f"Config key '{dotted}' in {where} expects {_a(tp)} but got {value!r} "
-            f"({type(value).__name__}). Fix: write {_a(tp)}, e.g. "
-            f"{_example(tp)}."
+            f"({type(value).__name__}). Fix: write {_a(tp)}, e.g. {example}."
         )
     return value
 

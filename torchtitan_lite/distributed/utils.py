@@ -95,8 +95,10 @@ def cpu_native_bf16() -> tuple[bool, str]:
     if not features:
         return False, "this CPU has no AVX512-BF16 or AMX, so bf16 matmuls would be emulated"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if cap in _ONEDNN_ISAS_WITHOUT_BF16 or not _onednn_bf16():
+    if cap in _ONEDNN_ISAS_WITHOUT_BF16:
         return False, f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN off the CPU's bf16 instructions"
+    if not _onednn_bf16():
+        return False, "this PyTorch's oneDNN reports no bf16 support on this CPU"
     return True, f"this CPU has {' and '.join(features)}"
 
 

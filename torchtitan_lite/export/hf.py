@@ -420,6 +420,7 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
     config.model.vocab_size = cfg["vocab_size"]
     for key, value in rope_settings(args).items():  # the model's RoPE, kept exactly
         setattr(config.model, key, value)
+    config.training.seq_len = args.max_seq_len  # its context length, written back on export
     config.tokenizer.path = str(tokenizer.path)
     (folder / "config.toml").write_text(to_toml(config))
     manifest = {**ids_manifest(tokenizer, "block_causal"), "rope": rope_settings(args)}
@@ -443,6 +444,13 @@ def _rope_from_hf(cfg: dict, path: Path) -> dict[str, float]:
             f"{path} uses RoPE scaling of type {kind!r}; only Llama 3.1's 'llama3' scaling is "
             "implemented, and importing the model without it would change what it computes. "
             "Fix: import a Llama 3 / 3.1 / 3.2 / 3.3 model."
+        )
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [f for f in fields if f not in scaling]
+    if missing:
+        raise ExportError(
+            f"{path} has 'llama3' RoPE scaling without {', '.join(missing)}. Fix: complete it "
+            "from the model's original config.json."
         )
     return {
         **rope,

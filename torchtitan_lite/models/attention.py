@@ -355,7 +355,7 @@ def attention(
     if mask is None and q.shape[2] != k.shape[2]:
         # Decoding with a KV cache: the new queries follow all cached keys (one token at a time)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
-    if mask is None or all(len(row) == 1 and row[0][2] is None for row in mask.rows):
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
     return _segmented_sdpa(q, k, v, mask)
 
@@ -366,7 +366,11 @@ def _segmented_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: DocumentSegments) -> 
     one ``split`` (whose backward is a single ``cat``), not with per-segment slices, whose
     backward would zero-fill a full-size gradient for every segment. Never compiled: the
     segment lengths change with every batch, so a compiled block runs this part eagerly
-    instead of recompiling for each document layout."""
+    instead of recompiling for each document layout (the segments are never looked at by a
+    compiled graph)."""
+    enable_gqa = q.shape[1] != k.shape[1]
+    if all(len(row) == 1 and row[0][2] is None for row in mask.rows):  # one document a row
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
     batch, heads, seq_len, head_dim = q.shape
     lengths = [e - s for row in mask.rows for s, e, _ in row]
     masks = [m for row in mask.rows for _, _, m in row]
@@ -381,7 +385,7 @@ def _segmented_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: DocumentSegments) -> 
             vs.transpose(0, 1)[None],
             attn_mask=m,
             is_causal=m is None,
-            enable_gqa=q.shape[1] != k.shape[1],
+            enable_gqa=enable_gqa,
         )[0].transpose(0, 1)  # (L, H, D)
         for qs, ks, vs, m in zip(*pieces, masks, strict=True)
     ]

@@ -135,8 +135,10 @@ ROPE_KEYS = (
 
 
 def rope_settings(args: ModelArgs) -> dict[str, float]:
-    """The RoPE settings of a model (recorded in checkpoints, compared on load)."""
-    return {key: getattr(args, key) for key in ROPE_KEYS}
+    """The RoPE settings that decide what a model computes (recorded in checkpoints, compared
+    on load): theta and the scaling factor, and the scaling band only when the factor is on."""
+    keys = ROPE_KEYS if args.rope_scaling_factor > 0 else ROPE_KEYS[:2]
+    return {key: getattr(args, key) for key in keys}
 
 
 def model_args_for(flavor: str, **overrides) -> ModelArgs:
