@@ -59,9 +59,13 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def identical(a, b) -> bool:
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in BLOCK_MASK_FIELDS) and (
-        a.seq_lengths == b.seq_lengths
-    )
+    """Every table with the same values, dtype, shape and strides (what a GPU kernel reads)."""
+
+    def same(x, y) -> bool:
+        return x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(x, y)
+
+    tables = all(same(getattr(a, f), getattr(b, f)) for f in BLOCK_MASK_FIELDS)
+    return tables and a.seq_lengths == b.seq_lengths and a.BLOCK_SIZE == b.BLOCK_SIZE
 
 
 def bench_masks(args) -> None:
