@@ -31,12 +31,18 @@ FAST = [
 ]
 
 
-def test_startup_banner_and_resolved_config(tmp_path):
+def test_startup_banner_and_resolved_config(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX2-only CPU, on any CPU
     proc = run_train("--config", str(DEBUG_CONFIG), "--job.dump_folder", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr
     log = proc.stdout
     assert f"config {DEBUG_CONFIG}" in log
+    assert (
+        "precision: params float32 (auto: ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN off the CPU's "
+        "bf16 instructions), gradient reduce float32"
+    ) in log
+    assert "MFU peak: no peak known for cpu: set metrics.peak_tflops for MFU" in log
     assert (
         "vocab 2304, bos 2048 '<|begin_of_text|>', eos 2049 '<|end_of_text|>', pad none, "
         "stop ids [2049, 2057]"
