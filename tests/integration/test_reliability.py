@@ -3,6 +3,7 @@ divergence, bad configuration, bad data, mismatched ids, unsafe input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -31,6 +32,23 @@ def launch(*args: str, nproc: int = 1) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, by pid. torchrun starts its ranks in sessions
+    of their own, so killing its process group alone leaves them running (or waiting in
+    rendezvous) after the test. The root is stopped first so it cannot start another child
+    between the listing and the kill."""
+    os.kill(pid, signal.SIGSTOP)
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        i += 1
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def final_trace(folder: Path) -> dict[int, float]:
@@ -80,7 +98,7 @@ def test_kill_9_at_random_points_then_restart_matches_uninterrupted(tmp_path, np
         wait_for_metrics(killed, done + rng.randint(1, 4), proc)
         time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun + ranks
+            kill_tree(proc.pid)  # torchrun and its ranks
             kills += 1
         proc.wait(timeout=60)
     proc = launch(*args, "--job.dump_folder", str(killed), nproc=nproc)
