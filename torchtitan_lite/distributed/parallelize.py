@@ -74,11 +74,9 @@ def apply_compile(model: nn.Module, fullgraph: bool, backend: str = "inductor") 
     last batch) compiles its own static graph instead of turning every later graph dynamic.
     ``fullgraph`` for the flex path; the sdpa path's document-segment loop stays eager (a
     graph break, see ``models/attention.py``)."""
-    compile_block = functools.partial(
-        torch.compile, fullgraph=fullgraph, dynamic=False, backend=backend
-    )
     for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, compile_block(block))
+        compiled = torch.compile(block, fullgraph=fullgraph, dynamic=False, backend=backend)
+        model.layers.register_module(name, compiled)
 
 
 def apply_fsdp(

@@ -471,11 +471,8 @@ def _check_representable(cfg: dict, args: ModelArgs, path: Path) -> None:
         "tie_word_embeddings": False,
     }
     defaults = {"rms_norm_eps": 1e-6, "hidden_act": "silu"}  # transformers' own defaults
-    differ = {
-        key: cfg.get(key, defaults.get(key, False))
-        for key, value in expected.items()
-        if cfg.get(key, defaults.get(key, False)) != value
-    }
+    found = {key: cfg.get(key, defaults.get(key, False)) for key in expected}
+    differ = {key: value for key, value in found.items() if value != expected[key]}
     if differ:
         wanted = ", ".join(f"{k} = {expected[k]!r}" for k in differ)
         found = ", ".join(f"{k} = {v!r}" for k, v in differ.items())
