@@ -11,6 +11,11 @@ Usage::
     python scripts/generate.py outputs/debug_model/checkpoint/step-10 --prompt "ROMEO:"
     python scripts/generate.py outputs/hf_debug --prompt "To be" --temperature 0 \\
         --max-new-tokens 50 --logit-bias 2049=5.0
+    python scripts/generate.py outputs/hf_sft --chat "In Hamlet, Bernardo says: Who's there? \\
+        Who speaks next?" --system "You know Shakespeare's plays by heart."
+
+``--chat`` renders the message with the Llama 3 chat template (as chat fine-tuning trained it)
+and prints the assistant's answer, which ends at ``<|eot_id|>``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from torchtitan_lite.chat_template import ChatTemplate
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.export.hf import load_checkpoint_model, load_hf_model
 from torchtitan_lite.models.llama3.model import KVCache
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path)
     p.add_argument("--prompt", default="")
+    p.add_argument("--chat", help="a user message, answered in the Llama 3 chat template")
+    p.add_argument("--system", default="", help="with --chat: a system message")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
@@ -103,7 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bias = {int(k): float(v) for k, v in (item.split("=", 1) for item in a.logit_bias)}
-    prompt = tok.encode(a.prompt, bos=True)
+    if a.chat is not None:
+        messages = [{"role": "system", "content": a.system}] if a.system else []
+        messages.append({"role": "user", "content": a.chat})
+        try:
+            prompt = ChatTemplate.from_tokenizer(tok).generation_prompt(tok, messages)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        prompt = tok.encode(a.prompt, bos=True)
     out: list[int] = []
     printed = ""
     for token in generate(

@@ -93,12 +93,15 @@ def check_special_ids(
     data_eos_id: int | None = None,
     manifest: dict[str, Any] | None = None,
     allow_eot_boundary: bool = False,
+    manifest_keys: tuple[str, ...] = ("vocab_size", "bos_id", "eos_id", "pad_id"),
 ) -> list[str]:
     """Prove that every part of the job uses the tokenizer's special ids.
 
     Returns warnings worth logging; raises :class:`IdMismatchError` on any disagreement.
     ``data_eos_id`` is the boundary token the data pipeline appends to each document;
-    ``manifest`` is the ids record of the checkpoint being resumed (see :func:`ids_manifest`).
+    ``manifest`` is the ids record of the checkpoint being resumed (see :func:`ids_manifest`);
+    ``manifest_keys`` the ids that must agree with it (a run that only starts from its weights
+    may choose another pad).
     """
     warnings = check_tokenizer_ids(tokenizer, allow_eot_boundary)
     t = tokenizer
@@ -123,7 +126,7 @@ def check_special_ids(
         )
     if manifest is not None:
         ours = ids_manifest(t, mask_type=str(manifest.get("mask_type", "")))
-        for key in ("vocab_size", "bos_id", "eos_id", "pad_id"):
+        for key in manifest_keys:
             if key in manifest and manifest[key] != ours[key]:
                 raise IdMismatchError(
                     f"Special-id mismatch: the checkpoint was trained with {key} = "

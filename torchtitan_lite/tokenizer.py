@@ -33,6 +33,11 @@ NUM_LLAMA3_SPECIAL_TOKENS = 256
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 EOT = "<|eot_id|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+# Llama 3 ships no pad token; its reserved specials are never produced by encoding text, and
+# Llama 3.1 names one of them <|finetune_right_pad_id|> for exactly this use.
+RESERVED_PAD = "<|reserved_special_token_0|>"
 # tiktoken's regex engine can overflow its stack on very long inputs; encode in chunks.
 _MAX_ENCODE_CHARS = 400_000
 
@@ -135,6 +140,17 @@ class Tokenizer(ABC):
         self.eos_id = self._select(eos_token, "eos_token", eos_id)
         self.pad_id = self._select(pad_token, "pad_token", pad_id)
         self._extra_stop_ids = [self._select(t, "extra_stop_tokens", None) for t in stop_tokens]
+
+    @property
+    def padding_id(self) -> int | None:
+        """The id that fills padding: ``pad_id`` when set, else a Llama 3 reserved special
+        token (never produced by text, never a stop id); None when neither exists. Padding
+        with eos would put false document ends in the rows and, exported as the pad token,
+        teach fine-tuning tools to mask eos out of the loss (a model that never stops)."""
+        if self.pad_id is not None:
+            return self.pad_id
+        reserved = self.special_tokens.get(RESERVED_PAD)
+        return reserved if reserved is not None and reserved not in self.stop_ids else None
 
     @functools.cached_property
     def file_sha256(self) -> str:

@@ -19,7 +19,7 @@ from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.config import JobConfig, to_toml
-from torchtitan_lite.data import IGNORE_INDEX, build_dataloader
+from torchtitan_lite.data import IGNORE_INDEX, build_dataloader, build_validation_loader
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
 from torchtitan_lite.distributed.parallelize import parallelize
 from torchtitan_lite.distributed.utils import (
@@ -95,8 +95,16 @@ class Trainer:
             )
         self.grad_accum_steps = global_batch // (tc.local_batch_size * dp)
         self.dataloader = build_dataloader(
-            config.data, self.tokenizer, tc.seq_len, tc.local_batch_size, self.rank, self.world_size
+            config.data,
+            self.tokenizer,
+            tc.seq_len,
+            tc.local_batch_size,
+            self.rank,
+            self.world_size,
+            config.validation,
         )
+        # Chat data renders with the tokenizer's chat template (its ids were checked there).
+        self.chat_template = getattr(self.dataloader.dataset, "template", None)
 
         # 6. Model args from the tokenizer, then the startup id check over every part.
         self.model_args = model_args_for(
@@ -166,10 +174,19 @@ class Trainer:
             self.rank,
         )
         cc = config.checkpoint
+        state = None
         if cc.enable and not cc.create_seed_checkpoint:
             state = self.checkpointer.load(self.tokenizer, cc.allow_id_change)
             if state is not None:
                 self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if state is None and (cc.initial_load_path or cc.initial_load_hf):
+            self.checkpointer.load_initial(self.tokenizer, self.model_args)
+        elif state is None and config.data.format.startswith("chat"):
+            logger.warning(
+                "chat fine-tuning from randomly initialized weights: set "
+                "checkpoint.initial_load_path (a pretraining checkpoint) or "
+                "checkpoint.initial_load_hf (a Hugging Face model) to fine-tune a trained model"
+            )
 
         # 10. Metrics.
         mx = config.metrics
@@ -184,8 +201,15 @@ class Trainer:
             peak,
             tb if write_tb else None,
             self.dump_folder / "metrics.jsonl" if self.rank == 0 else None,
+            show_trained=self.chat_template is not None,
         )
         self._log_banner(config_path, global_batch)
+
+        # 11. Validation: held-out data through the same mask and loss rules, no gradient.
+        vc = config.validation
+        self.val_batch_size = (
+            vc.local_batch_size if vc.local_batch_size > 0 else tc.local_batch_size
+        )
 
     # ------------------------------------------------------------------ banner
 
@@ -237,8 +261,23 @@ class Trainer:
             f"{c.training.local_batch_size}, global batch {global_batch} (gradient "
             f"accumulation {self.grad_accum_steps}), {c.data.num_workers} loader workers"
         )
+        if self.chat_template is not None:
+            d = c.data
+            ids = ", ".join(f"{k} {v}" for k, v in self.chat_template.special_ids().items())
+            logger.info(
+                f"chat template (Llama 3): {ids}, pad {self.dataloader.dataset.pad_id}; "
+                f"{'packed (block-causal between conversations)' if d.packing else 'padded'}"
+                f", loss on {'every token' if d.train_on_prompt else 'the assistant turns'}; "
+                "tps counts every input position, 'trained' the supervised targets"
+            )
+        vc = c.validation
+        if vc.enable:
+            source = vc.path or f"{vc.split_fraction:g} of {c.data.path}, held out of training"
+            steps = "all batches" if vc.steps < 0 else f"{vc.steps} batches"
+            logger.info(f"validation: {source}, every {vc.freq} steps, {steps}")
         logger.info(
             "startup id check passed: tokenizer, model and data agree on vocab, bos, eos, pad"
+            + (", and the chat template's ids are usable" if self.chat_template else "")
         )
 
     # ------------------------------------------------------------------ steps
@@ -249,6 +288,13 @@ class Trainer:
         Returns the summed token loss (a device tensor, not read here); backpropagates
         ``loss_sum × scale``.
         """
+        loss_sum = self.loss_sum(batch)
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token loss of one micro-batch: the mask (once, shared by all layers), then
+        the forward; training and validation both go through here."""
         inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
         labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
         eos_id = self.model_args.eos_id
@@ -265,10 +311,59 @@ class Trainer:
             document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
         )
         logits = self.model(inputs, mask, positions=positions)
-        loss_sum = cross_entropy_sum(logits, labels)
-        del logits
-        (loss_sum * scale).backward()
-        return loss_sum.detach()
+        return cross_entropy_sum(logits, labels)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss and perplexity over the validation data (``validation.steps`` batches per rank,
+        or all of it), normalized like training: by the global count of valid targets.
+
+        Every rank runs the same number of forwards (FSDP's collectives need it): a rank whose
+        share ran out feeds fully padded batches until every rank is done."""
+        vc, tc = self.config.validation, self.config.training
+        loader = build_validation_loader(
+            self.config.data,
+            vc,
+            self.tokenizer,
+            tc.seq_len,
+            self.val_batch_size,
+            self.rank,
+            self.world_size,
+        )
+        data_iter = iter(loader)
+        pad_id = self.dataloader.dataset.pad_id
+        loss_sum = torch.zeros((), device=self.device)
+        valid = batches = 0
+        self.model.eval()
+        try:
+            while vc.steps < 0 or batches < vc.steps:
+                batch = next(data_iter, None)
+                if not _any_rank(batch is not None):
+                    break
+                if batch is None:
+                    batch = {"input": torch.full((0, tc.seq_len), pad_id, dtype=torch.long)}
+                    batch["labels"] = torch.full_like(batch["input"], IGNORE_INDEX)
+                batch.pop("epoch", None)
+                batch = _pad_rows(batch, self.val_batch_size, pad_id)
+                valid += host_count(batch["labels"] != IGNORE_INDEX)
+                loss_sum += self.loss_sum(batch)
+                batches += 1
+        finally:
+            self.model.train()
+        global_valid = host_count(all_reduce_sum(torch.tensor([valid])))
+        if global_valid == 0:
+            raise UserError(
+                f"Validation data ({self.config.validation.path or self.config.data.path}) has "
+                "no trained targets on any rank. Fix: point validation.path at data with "
+                "text (or assistant turns), or raise validation.split_fraction."
+            )
+        loss = all_reduce_sum(loss_sum).item() / global_valid
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 80.0)),
+            "targets": global_valid,
+            "batches": batches,
+        }
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the micro-batches; returns (loss, grad norm).
@@ -347,6 +442,7 @@ class Trainer:
             batch["input"],
             attention_pairs(batch["input"], a.eos_id, a.attn_mask_type),
             time.perf_counter() - start,
+            trained=host_count(batch["labels"] != IGNORE_INDEX),
         )
         self.epoch = host_count(batch.pop("epoch").max())
         self.tokens_seen += batch["input"].numel() * self.parallel_dims.dp  # padding excluded
@@ -384,6 +480,11 @@ class Trainer:
                     self.metrics.log(self.step, loss, grad_norm, lr, self.epoch)
                 if profiler is not None:
                     profiler.step()
+                vc = self.config.validation
+                if vc.enable and (self.step % vc.freq == 0 or self.step == tc.steps):
+                    start = time.perf_counter()
+                    result = self.validate()
+                    self.metrics.log_validation(self.step, result, time.perf_counter() - start)
                 saved = False
                 diverging = bool(self.skipped_steps) and self.skipped_steps[-1] == self.step
                 if self.checkpointer.should_save(self.step, tc.steps) and not diverging:

@@ -88,7 +88,10 @@ def test_last_partial_window_is_padded_and_ignored(tmp_path):
     real = n_targets - 64 * (len(samples) - 1)
     assert (last["labels"][real:] == IGNORE_INDEX).all()
     assert (last["labels"][:real] != IGNORE_INDEX).all()
-    assert (last["input"][real + 1 :] == TOK.eos_id).all()  # no pad id: eos fills
+    # no pad id: a reserved special token fills (never eos, never a stop id)
+    assert TOK.pad_id is None and TOK.padding_id not in TOK.stop_ids
+    assert TOK.id_to_token(TOK.padding_id) == "<|reserved_special_token_0|>"
+    assert (last["input"][real + 1 :] == TOK.padding_id).all()
 
 
 def test_a_document_longer_than_many_windows(tmp_path):

@@ -121,6 +121,8 @@ class CheckpointManager:
         rank: int,
         dp_rank: int,
     ) -> None:
+        """``manifest`` is written into every checkpoint (ids, RoPE); the run's lineage — the
+        weights it started from and the data of every stage — is added at each save."""
         cc = config.checkpoint
         self.config, self.cc = config, cc
         self.folder = dump_folder / cc.folder
@@ -134,6 +136,15 @@ class CheckpointManager:
         # on CUDA runs too, never interleaved with the training collectives of the default
         # group, and under the default long timeout rather than the short training one.
         self.pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # Where this run's weights came from: earlier stages (from the initial checkpoint),
+        # then this run's own stage; the stop ids of a Hugging Face base model.
+        self.lineage: list[dict] = []
+        self.base_stop_ids: list[int] = []
+        self.stage = {
+            "start": "random initialization",
+            "data": config.data.path,
+            "format": config.data.format,
+        }
 
     # ------------------------------------------------------------------ save
 
@@ -178,7 +189,13 @@ class CheckpointManager:
         if self.rank == 0:
             # File sizes let a later load detect a truncated or partly copied checkpoint.
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = {**self.manifest, "step": step, "files": files}
+            manifest = {
+                **self.manifest,
+                "step": step,
+                "files": files,
+                "lineage": [*self.lineage, {**self.stage, "steps": step}],
+                "base_stop_ids": self.base_stop_ids,
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             (tmp / "config.toml").write_text(to_toml(self.config))
             shutil.rmtree(final, ignore_errors=True)
@@ -238,6 +255,7 @@ class CheckpointManager:
             path = self.folder / f"step-{step}"
             manifest = json.loads((path / MANIFEST).read_text())
             self._check_manifest(path, manifest, tokenizer, allow_id_change)
+            self._inherit(manifest, own=True)
             try:
                 _verify_files(path, manifest)
                 return self._load(path, step)
@@ -262,7 +280,69 @@ class CheckpointManager:
                 )
         return None
 
-    def _check_manifest(self, path: Path, manifest: dict, tokenizer, allow: bool) -> None:
+    def _inherit(self, manifest: dict, own: bool) -> None:
+        """Take over the lineage of a loaded checkpoint: all of it when resuming this run's
+        own checkpoint, its finished stages when starting a new stage from its weights."""
+        lineage = manifest.get("lineage", [])
+        self.base_stop_ids = list(manifest.get("base_stop_ids", []))
+        if own and lineage:
+            *self.lineage, last = lineage
+            self.stage = {k: v for k, v in last.items() if k != "steps"}
+        elif not own:
+            self.lineage = lineage
+
+    def load_initial(self, tokenizer, model_args) -> None:
+        """Start from the weights of ``checkpoint.initial_load_path`` (a DCP step folder) or
+        ``checkpoint.initial_load_hf`` (a Hugging Face folder), as step 0."""
+        if self.cc.initial_load_path:
+            path = Path(self.cc.initial_load_path)
+            if not is_complete(path):
+                raise CheckpointError(
+                    f"Config key 'checkpoint.initial_load_path' is {str(path)!r}, which is not a "
+                    f"complete checkpoint step folder (no .metadata or {MANIFEST}). Fix: point it "
+                    "at a step folder such as outputs/debug_model/checkpoint/step-10."
+                )
+            manifest = json.loads((path / MANIFEST).read_text())
+            self._check_manifest(
+                path,
+                manifest,
+                tokenizer,
+                self.cc.allow_id_change,
+                ("vocab_size", "bos_id", "eos_id"),  # the pad may change (it is never trained)
+            )
+            self._inherit(manifest, own=False)
+            state = {"model": ModelWrapper(self.model)}
+            try:
+                dcp.load(
+                    state, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=self.pg
+                )
+            except (RuntimeError, ValueError, OSError, CheckpointException) as e:
+                raise CheckpointError(
+                    f"Checkpoint {path} (checkpoint.initial_load_path) cannot be loaded into "
+                    f"this model ({_reason(e)}). Fix: use a checkpoint of the same model.flavor "
+                    "and vocabulary."
+                ) from None
+            self.stage["start"] = f"checkpoint {path}"
+        else:
+            from torchtitan_lite.export.hf import read_hf_base
+
+            path = Path(self.cc.initial_load_hf)
+            weights, stop_ids = read_hf_base(path, tokenizer, model_args)
+            set_model_state_dict(
+                self.model, weights, options=StateDictOptions(full_state_dict=True, strict=True)
+            )
+            self.base_stop_ids = stop_ids
+            self.stage["start"] = f"Hugging Face model {path}"
+        logger.info(f"checkpoint: starting from the weights of {path} (step 0)")
+
+    def _check_manifest(
+        self,
+        path: Path,
+        manifest: dict,
+        tokenizer,
+        allow: bool,
+        id_keys: tuple[str, ...] = ("vocab_size", "bos_id", "eos_id", "pad_id"),
+    ) -> None:
         saved_rope, rope = manifest.get("rope"), self.manifest.get("rope")
         if saved_rope is not None and rope is not None and saved_rope != rope:
             differ = ", ".join(
@@ -277,7 +357,7 @@ class CheckpointManager:
                 "them into the checkpoint's config.toml)."
             )
         try:
-            for w in check_special_ids(tokenizer, manifest=manifest):
+            for w in check_special_ids(tokenizer, manifest=manifest, manifest_keys=id_keys):
                 logger.warning(w)
         except IdMismatchError as e:
             if not allow:

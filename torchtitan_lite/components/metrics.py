@@ -97,8 +97,12 @@ class MetricsLogger:
         peak: float | None,
         tb_folder: Path | None,
         jsonl_path: Path | None = None,
+        show_trained: bool = False,
     ) -> None:
+        """``show_trained``: the step line also gives the supervised targets per second (chat
+        data, where most positions are prompt or padding and carry no loss)."""
         self.flops = FlopCounter(args)
+        self.show_trained = show_trained
         self.device = device
         self.peak = peak
         self.jsonl_path = jsonl_path
@@ -112,6 +116,7 @@ class MetricsLogger:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.tokens = 0
+        self.trained = 0
         self.pairs = 0
         self.data_seconds = 0.0
         self.steps = 0
@@ -119,8 +124,13 @@ class MetricsLogger:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def add_batch(self, tokens: torch.Tensor, pairs: int, data_seconds: float) -> None:
+    def add_batch(
+        self, tokens: torch.Tensor, pairs: int, data_seconds: float, trained: int = 0
+    ) -> None:
+        """``tokens``: the batch's input positions (all computed on, padding included);
+        ``trained``: its loss targets."""
         self.tokens += tokens.numel()
+        self.trained += trained
         self.seq_len = tokens.shape[1]
         self.pairs += pairs
         self.data_seconds += data_seconds
@@ -134,6 +144,7 @@ class MetricsLogger:
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens_per_second": self.tokens / elapsed,
+            "trained_tokens_per_second": self.trained / elapsed,
             "tflops": dense,
             "tflops_kept": kept,
             "memory_gib": peak_memory_gib(self.device),
@@ -146,21 +157,39 @@ class MetricsLogger:
             mfu = f"mfu: {metrics['mfu_pct']:.1f}% (kept {metrics['mfu_kept_pct']:.1f}%)"
         else:
             mfu = "mfu: n/a"
+        trained = (
+            f" (trained {metrics['trained_tokens_per_second']:,.0f})" if self.show_trained else ""
+        )
         logger.info(
             f"step: {step:>4}  loss: {loss:8.4f}  grad_norm: {grad_norm:7.4f}  lr: {lr:.2e}  "
             f"memory: {metrics['memory_gib']:5.2f}GiB  tps: {metrics['tokens_per_second']:,.0f}"
-            f"  tflops: {dense:.3f} (kept {kept:.3f})  {mfu}  data: "
+            f"{trained}  tflops: {dense:.3f} (kept {kept:.3f})  {mfu}  data: "
             f"{metrics['data_loading_pct']:.1f}%"
         )
+        self._write("train", step, metrics, metrics)
+        self.reset()
+        return metrics
+
+    def log_validation(self, step: int, result: dict, seconds: float) -> None:
+        """The validation line and scalars; its time is left out of the training tokens/s."""
+        self.start += seconds
+        logger.info(
+            f"validation: step {step:>4}  loss: {result['loss']:8.4f}  perplexity: "
+            f"{result['perplexity']:,.2f}  ({result['targets']:,} targets, "
+            f"{result['batches']} batches per rank, {seconds:.1f}s)"
+        )
+        scalars = {"loss": result["loss"], "perplexity": result["perplexity"]}
+        self._write("validation", step, scalars, {f"validation_{k}": v for k, v in scalars.items()})
+
+    def _write(self, group: str, step: int, scalars: dict, record: dict) -> None:
+        """TensorBoard scalars ``group/key`` and one metrics.jsonl record."""
         if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{group}/{key}", value, step)
             self.writer.flush()
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.reset()
-        return metrics
+                f.write(json.dumps({"step": step, **record}) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

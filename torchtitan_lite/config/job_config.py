@@ -192,10 +192,30 @@ class Data:
     with format ``hf``, a Hugging Face dataset name or folder."""
 
     format: str = "auto"
-    """``auto`` (from the file names) or ``hf`` (stream with the optional datasets package)."""
+    """What the rows are and where they come from: ``auto`` (pretraining text from files, the
+    file type from their names), ``hf`` (pretraining text streamed from a Hugging Face dataset
+    with the optional datasets package), ``chat`` (conversations from JSONL / Parquet files:
+    a ``messages`` list of ``{role, content}`` per row, rendered with the Llama 3 chat
+    template, loss on the assistant's turns) or ``chat_hf`` (conversations from a Hugging Face
+    dataset)."""
 
     text_field: str = "text"
     """JSONL field / Parquet column holding a document's text."""
+
+    messages_field: str = "messages"
+    """Chat data: the field / column holding a conversation's list of messages."""
+
+    train_on_prompt: bool = False
+    """Chat data: also train on system and user turns and the headers (default: only on
+    what the assistant says, and the ``<|eot_id|>`` that ends it)."""
+
+    packing: bool = True
+    """Chat data: pack whole conversations into each row, kept apart by the block-causal
+    document mask (padding-free). False: one conversation per row, right-padded."""
+
+    pack_buffer: int = 256
+    """Chat data with packing: conversations packed together (best-fit decreasing) at a
+    time. Larger fills rows better; each buffer is re-read on resume."""
 
     separator: str = ""
     """Text files: the string between documents. Empty: one document per file."""
@@ -215,6 +235,34 @@ class Data:
 
     mask_cross_document_targets: bool = False
     """Ignore the label that predicts the first token of the next document after an EOS."""
+
+
+@dataclass
+class Validation:
+    enable: bool = False
+    """Evaluate the loss (no gradient, same mask and label rules as training) on held-out
+    data every ``freq`` steps and at the last step: loss and perplexity go to the log,
+    metrics.jsonl and TensorBoard."""
+
+    path: str = ""
+    """Validation data, in data.format (files or a Hugging Face dataset). Empty: hold out
+    ``split_fraction`` of data.path instead."""
+
+    split_fraction: float = 0.0
+    """Hold out this fraction of data.path's documents (evenly spaced by index) for
+    validation; training then never sees them. 0 with validation.path set."""
+
+    hf_split: str = "validation"
+    """With a Hugging Face dataset in validation.path: the split to read."""
+
+    freq: int = 10
+    """Evaluate every this many steps (and after the last step)."""
+
+    steps: int = -1
+    """Batches per evaluation on each rank; -1: all of the validation data."""
+
+    local_batch_size: int = -1
+    """Rows per validation batch on each rank; -1: training.local_batch_size."""
 
 
 @dataclass
@@ -258,6 +306,17 @@ class Checkpoint:
 
     last_save_model_only: bool = False
     """The final save holds only the model weights, in export_dtype (for export / inference)."""
+
+    initial_load_path: str = ""
+    """A checkpoint step folder (e.g. a pretraining run's ``outputs/debug_model/checkpoint/
+    step-10``) whose model weights start this run at step 0, with a fresh optimizer, schedule
+    and data. Used only while this run's own checkpoint folder holds no checkpoint (after
+    that, the run resumes its own). Its vocab, bos and eos must agree with the tokenizer."""
+
+    initial_load_hf: str = ""
+    """A Hugging Face Llama 3 / 3.1 folder (config.json + safetensors) whose weights start
+    this run at step 0, as initial_load_path does. Its shapes and RoPE settings must match
+    model.* (the error names the keys to set); its generation stop ids are kept for export."""
 
     allow_id_change: bool = False
     """Resume even though the checkpoint's ids manifest disagrees with the tokenizer (a
@@ -349,6 +408,7 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    validation: Validation = field(default_factory=Validation)
     metrics: Metrics = field(default_factory=Metrics)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
@@ -381,7 +441,7 @@ class JobConfig:
             )
         _one_of("lr_scheduler.decay_type", self.lr_scheduler.decay_type, DECAY_TYPES)
         _one_of("optimizer.name", self.optimizer.name, ("AdamW",))
-        _one_of("data.format", self.data.format, ("auto", "hf"))
+        _one_of("data.format", self.data.format, ("auto", "hf", "chat", "chat_hf"))
         _one_of(
             "optimizer.implementation",
             self.optimizer.implementation,
@@ -404,6 +464,8 @@ class JobConfig:
             ("comm.init_timeout_seconds", self.comm.init_timeout_seconds),
             ("model.rope_original_max_len", self.model.rope_original_max_len),
             ("comm.train_timeout_seconds", self.comm.train_timeout_seconds),
+            ("data.pack_buffer", self.data.pack_buffer),
+            ("validation.freq", self.validation.freq),
             (
                 "parallelism.data_parallel_replicate_degree",
                 self.parallelism.data_parallel_replicate_degree,
@@ -434,6 +496,8 @@ class JobConfig:
             ("training.global_batch_size", self.training.global_batch_size),
             ("parallelism.data_parallel_shard_degree", self.parallelism.data_parallel_shard_degree),
             ("checkpoint.load_step", self.checkpoint.load_step),
+            ("validation.steps", self.validation.steps),
+            ("validation.local_batch_size", self.validation.local_batch_size),
         ):
             if value < -1 or value == 0:
                 raise ConfigError(
@@ -484,6 +548,12 @@ class JobConfig:
                 f"'training.local_batch_size' ({lbs}). Fix: make it local_batch_size × data-"
                 "parallel degree × gradient-accumulation steps, or -1."
             )
+        self._validate_validation()
+        if self.checkpoint.initial_load_path and self.checkpoint.initial_load_hf:
+            raise ConfigError(
+                "Config keys 'checkpoint.initial_load_path' and 'checkpoint.initial_load_hf' are "
+                "both set; a run starts from one set of weights. Fix: keep one of them."
+            )
         if not self.tokenizer.path:
             raise ConfigError(
                 "Config key 'tokenizer.path' is empty. Fix: point it at a tiktoken "
@@ -492,6 +562,29 @@ class JobConfig:
         for key in ("checkpoint.folder", "metrics.save_tb_folder", "profiling.save_traces_folder"):
             section, name = key.split(".")
             _inside_dump_folder(key, getattr(getattr(self, section), name))
+
+    def _validate_validation(self) -> None:
+        v = self.validation
+        if not 0.0 <= v.split_fraction < 1.0:
+            raise ConfigError(
+                f"Config key 'validation.split_fraction' must be in [0, 1), got "
+                f"{v.split_fraction}. Fix: hold out a small fraction, e.g. 0.05."
+            )
+        if not v.enable:
+            return
+        if v.path and v.split_fraction > 0:
+            raise ConfigError(
+                f"Config keys 'validation.path' ({v.path!r}) and 'validation.split_fraction' "
+                f"({v.split_fraction}) are both set: validate on a file of its own, or on a "
+                "held-out part of data.path, not both. Fix: clear one of them."
+            )
+        if not v.path and v.split_fraction == 0:
+            raise ConfigError(
+                "Config section 'validation' is enabled without data: 'validation.path' is "
+                "empty and 'validation.split_fraction' is 0. Fix: set validation.path to "
+                "held-out data, or validation.split_fraction (e.g. 0.05) to hold out part of "
+                "data.path."
+            )
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

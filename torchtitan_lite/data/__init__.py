@@ -7,15 +7,67 @@ import warnings
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torchtitan_lite.config.job_config import Data
+from torchtitan_lite.config.job_config import Data, Validation
+from torchtitan_lite.data.chat import ConversationDataset
 from torchtitan_lite.data.packing import IGNORE_INDEX, PackedDataset
-from torchtitan_lite.data.sources import DataError, DocumentSource
+from torchtitan_lite.data.sources import DataError, DocumentSource, Split
 from torchtitan_lite.tokenizer import Tokenizer
 
 # torchdata 0.11 calls a deprecated torch API on every iterator; the warning is not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-__all__ = ["IGNORE_INDEX", "DataError", "DocumentSource", "PackedDataset", "build_dataloader"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ConversationDataset",
+    "DataError",
+    "DocumentSource",
+    "PackedDataset",
+    "build_dataloader",
+    "build_validation_loader",
+]
+
+
+def _dataset(
+    data: Data,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    dp_rank: int,
+    dp_world_size: int,
+    path: str,
+    infinite: bool,
+    select: Split | None,
+    hf_split: str,
+) -> PackedDataset | ConversationDataset:
+    chat = data.format in ("chat", "chat_hf")
+    source = DocumentSource(
+        path,
+        fmt=data.format,
+        text_field=data.messages_field if chat else data.text_field,
+        separator=data.separator,
+        hf_split=hf_split,
+        select=select,
+    )
+    if chat:
+        return ConversationDataset(
+            source,
+            tokenizer,
+            seq_len,
+            rank=dp_rank,
+            world_size=dp_world_size,
+            infinite=infinite,
+            packing=data.packing,
+            pack_buffer=data.pack_buffer,
+            train_on_prompt=data.train_on_prompt,
+        )
+    return PackedDataset(
+        source,
+        tokenizer,
+        seq_len,
+        rank=dp_rank,
+        world_size=dp_world_size,
+        infinite=infinite,
+        mask_cross_document_targets=data.mask_cross_document_targets,
+    )
 
 
 def build_dataloader(
@@ -25,23 +77,21 @@ def build_dataloader(
     batch_size: int,
     dp_rank: int = 0,
     dp_world_size: int = 1,
+    validation: Validation | None = None,
 ) -> StatefulDataLoader:
-    """The loader of one data-parallel rank: ``{"input", "labels"}`` of shape (B, S)."""
-    source = DocumentSource(
-        data.path,
-        fmt=data.format,
-        text_field=data.text_field,
-        separator=data.separator,
-        hf_split=data.hf_split,
-    )
-    dataset = PackedDataset(
-        source,
+    """The loader of one data-parallel rank: ``{"input", "labels"}`` of shape (B, S). With a
+    validation split of ``data.path``, the held-out documents are left out."""
+    split = validation is not None and validation.enable and validation.split_fraction > 0
+    dataset = _dataset(
+        data,
         tokenizer,
         seq_len,
-        rank=dp_rank,
-        world_size=dp_world_size,
-        infinite=data.infinite,
-        mask_cross_document_targets=data.mask_cross_document_targets,
+        dp_rank,
+        dp_world_size,
+        data.path,
+        data.infinite,
+        Split(validation.split_fraction, validation=False) if split else None,
+        data.hf_split,
     )
     return StatefulDataLoader(
         dataset,
@@ -51,3 +101,31 @@ def build_dataloader(
         prefetch_factor=2 if data.num_workers > 0 else None,
         persistent_workers=data.num_workers > 0,
     )
+
+
+def build_validation_loader(
+    data: Data,
+    validation: Validation,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+) -> StatefulDataLoader:
+    """One pass over this rank's share of the validation data (``validation.path``, or the
+    held-out split of ``data.path``), with the training data's format, mask and label rules.
+    Build a new one for every evaluation: each sees the same batches."""
+    held_out = validation.split_fraction > 0
+    dataset = _dataset(
+        data,
+        tokenizer,
+        seq_len,
+        dp_rank,
+        dp_world_size,
+        data.path if held_out else validation.path,
+        False,
+        Split(validation.split_fraction, validation=True) if held_out else None,
+        data.hf_split if held_out else validation.hf_split,
+    )
+    dataset.label = "validation data"
+    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=0)

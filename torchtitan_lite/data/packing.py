@@ -10,9 +10,10 @@ last token of a window is the first of the next and **no target is lost at a bou
   document is trained exactly once per epoch, by one rank.
 * Resumption: the state is where the next window starts — ``(epoch, document index, token
   offset)``; restoring it reproduces the uninterrupted stream exactly.
-* ``infinite = false``: one epoch; the last partial window is **padded** (inputs with the
-  pad id, or eos when the tokenizer has none; labels with ``ignore_index``) and then the
-  iteration ends. With ``infinite = true`` (training) epochs follow each other without a gap.
+* ``infinite = false``: one epoch; the last partial window is **padded** (inputs with
+  ``Tokenizer.padding_id``, or eos when the tokenizer has none; labels with
+  ``ignore_index``) and then the iteration ends. With ``infinite = true`` (training) epochs
+  follow each other without a gap.
 * ``mask_cross_document_targets``: the label at an input EOS (which would predict the next
   document's first token) becomes ``ignore_index``, like Megatron's ``eod_mask_loss``.
 
@@ -55,10 +56,12 @@ class PackedDataset(IterableDataset):
         self.infinite = infinite
         self.mask_cross_document_targets = mask_cross_document_targets
         self.eos_id = tokenizer.eos_id  # the boundary the model's mask splits on
-        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        pad = tokenizer.padding_id  # never a stop id; eos only for a tokenizer with no other
+        self.pad_id = pad if pad is not None else tokenizer.eos_id
         # where the next window starts: epoch, document index, token offset in that document
         self._epoch, self._doc, self._offset = 0, 0, 0
         self.skipped_empty = 0
+        self.label = "data"  # names this data in log lines ("validation data" for evaluation)
 
     # ---------------------------------------------------------------- sharding
 
@@ -81,7 +84,8 @@ class PackedDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_shards", self._shard()[1]) != self._shard()[1]:
             logger.warning(
-                f"data: the checkpoint's data state was written by {state['num_shards']} shards"
+                f"{self.label}: the checkpoint's data state was written by "
+                f"{state['num_shards']} shards"
                 f" (ranks × workers), this run has {self._shard()[1]}: each shard restarts "
                 f"epoch {state['epoch']} from its first document, so documents of that epoch "
                 "may be seen again or skipped; later epochs are exact."
@@ -144,7 +148,7 @@ class PackedDataset(IterableDataset):
                     "Fix: check data.path and data.text_field."
                 )
             logger.info(
-                f"data: shard {shard}/{num_shards} finished epoch {self._epoch} "
+                f"{self.label}: shard {shard}/{num_shards} finished epoch {self._epoch} "
                 f"({self.skipped_empty} empty documents skipped so far)"
             )
             last = None

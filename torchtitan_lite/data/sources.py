@@ -6,9 +6,14 @@ files (``.txt`` / ``.txt.gz``: one document per file, or documents split on
 name), and a Hugging Face dataset streamed with the optional ``datasets`` package
 (``data.format = "hf"``).
 
+Conversations (``data.format = "chat"`` / ``"chat_hf"``) come from the same JSONL, Parquet and
+Hugging Face sources: each row's ``data.text_field`` (``messages`` for chat) holds a list of
+``{role, content}`` messages, checked in :mod:`torchtitan_lite.data.chat`.
+
 Every document has a global index in that order; sharding and resumption work on the index.
-Bad input stops with a :class:`DataError` naming the file and line; documents with no text
-are skipped and counted.
+A :class:`Split` keeps a deterministic fraction of the indices for validation (and the rest for
+training). Bad input stops with a :class:`DataError` naming the file and line; documents with
+no text are skipped and counted.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torchtitan_lite.errors import UserError
 
@@ -31,8 +37,23 @@ class DataError(UserError):
 @dataclass(frozen=True)
 class Document:
     index: int  # global position in the source order
-    text: str
+    text: Any  # the text; for chat data, the list of messages
     origin: str  # "file:line", for messages
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which side of a train/validation split a document index falls on: ``fraction`` of the
+    indices, evenly spaced (index ``i`` is held out when ``⌊(i+1)·f⌋ > ⌊i·f⌋``), go to
+    validation. Independent of the number of documents and of the sharding."""
+
+    fraction: float
+    validation: bool  # True: keep the held-out indices; False: keep the others
+
+    def __call__(self, index: int) -> bool:
+        parts = round(self.fraction * 1_000_000)
+        held_out = (index + 1) * parts // 1_000_000 > index * parts // 1_000_000
+        return held_out == self.validation
 
 
 def _suffix(path: Path) -> str:
@@ -75,10 +96,23 @@ class DocumentSource:
         text_field: str = "text",
         separator: str = "",
         hf_split: str = "train",
+        select: Split | None = None,
     ) -> None:
         self.path, self.fmt, self.text_field = path, fmt, text_field
         self.separator, self.hf_split = separator, hf_split
-        self.files = [] if fmt == "hf" else list_files(path)
+        self.chat = fmt in ("chat", "chat_hf")
+        self.hf = fmt in ("hf", "chat_hf")
+        self.select = select
+        self.field_key = "data.messages_field" if self.chat else "data.text_field"
+        self.files = [] if self.hf else list_files(path)
+        text_files = [f for f in self.files if _suffix(f).startswith(".txt")]
+        if self.chat and text_files:
+            raise DataError(
+                f'Data file {text_files[0]} is plain text, but data.format = "chat" reads '
+                "conversations: rows whose 'messages' field lists {role, content} messages. "
+                'Fix: write the conversations as JSONL or Parquet, or set data.format = "auto" '
+                "for pretraining text."
+            )
 
     def __iter__(self) -> Iterator[Document]:
         return self.documents()
@@ -86,7 +120,9 @@ class DocumentSource:
     def documents(self, owned=None) -> Iterator[Document]:
         """All documents in order; ``owned(index)`` (optional) selects which ones to decode —
         the others are counted but not parsed, so shards skip cheaply."""
-        if self.fmt == "hf":
+        if self.select is not None:
+            owned = _both(self.select, owned)
+        if self.hf:
             yield from self._hf_documents(owned)
             return
         index = 0
@@ -147,17 +183,21 @@ class DocumentSource:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(
                     f"Data file {path}, line {lineno}: no field {self.text_field!r} (found "
-                    f"{keys}). Fix: set data.text_field to the field that holds the text."
+                    f"{keys}). Fix: set {self.field_key} to the field that holds the "
+                    f"{'messages' if self.chat else 'text'}."
                 )
             text = record[self.text_field]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"Data file {path}, line {lineno}: field {self.text_field!r} "
-                    f"is a {type(text).__name__}, not text. Fix: set "
-                    "data.text_field to a string field."
-                )
+            self._check_value(text, f"Data file {path}, line {lineno}")
             yield f"{path}:{lineno}", text
             index += 1
+
+    def _check_value(self, value: Any, where: str) -> None:
+        want, kind = (list, "a list of messages") if self.chat else (str, "text")
+        if not isinstance(value, want):
+            raise DataError(
+                f"{where}: field {self.text_field!r} is a {type(value).__name__}, not {kind}. "
+                f"Fix: set {self.field_key} to the field that holds {kind}."
+            )
 
     def _read_text(self, path: Path, data: bytes, wanted, first_index: int):
         try:
@@ -189,10 +229,16 @@ class DocumentSource:
         if self.text_field not in table.column_names:
             raise DataError(
                 f"Data file {path}: no column {self.text_field!r} (found "
-                f"{table.column_names}). Fix: set data.text_field."
+                f"{table.column_names}). Fix: set {self.field_key}."
             )
         for row, text in enumerate(table.column(self.text_field).to_pylist()):
-            yield f"{path}:row {row}", text if wanted(first_index + row) else None
+            if not wanted(first_index + row):
+                yield f"{path}:row {row}", None
+                continue
+            if text is None:  # a null cell: an empty document, skipped and counted
+                text = [] if self.chat else ""
+            self._check_value(text, f"Data file {path}, row {row}")
+            yield f"{path}:row {row}", text
 
     def _hf_documents(self, owned) -> Iterator[Document]:
         try:
@@ -208,6 +254,13 @@ class DocumentSource:
                 if self.text_field not in record:
                     raise DataError(
                         f"Dataset {self.path}, record {index}: no field "
-                        f"{self.text_field!r}. Fix: set data.text_field."
+                        f"{self.text_field!r}. Fix: set {self.field_key}."
                     )
-                yield Document(index, record[self.text_field], f"{self.path}[{index}]")
+                value = record[self.text_field]
+                self._check_value(value, f"Dataset {self.path}, record {index}")
+                yield Document(index, value, f"{self.path}[{index}]")
+
+
+def _both(select: Split, owned):
+    """Indices on this side of the split (and owned by this shard, when given)."""
+    return lambda index: select(index) and (owned is None or owned(index))

@@ -5,8 +5,12 @@ Llama rotates the two halves of each head (``rotate_half``). The q and k project
 therefore permuted on export (and back on import) so both compute the same logits.
 
 Special ids. ``config.json`` takes bos/eos from the tokenizer; ``generation_config.json`` lists
-the tokenizer's stop ids (for a Llama 3 tokenizer ``<|end_of_text|>`` and ``<|eot_id|>``), so
-``generate`` stops where ours does; a pad id is written only when it is not an eos id.
+the tokenizer's stop ids (for a Llama 3 tokenizer ``<|end_of_text|>`` and ``<|eot_id|>``)
+merged with the stop ids of the Hugging Face model the run started from (a list, never a
+scalar), so ``generate`` stops where ours does, also after chat fine-tuning; the pad id is the
+tokenizer's padding id (a reserved special token when it has no pad), never an eos id. A
+tokenizer with the Llama 3 chat specials gets the chat template of
+:mod:`torchtitan_lite.chat_template`, so ``apply_chat_template`` renders what training saw.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from torchtitan_lite.chat_template import jinja_template
 from torchtitan_lite.components.checkpoint import MANIFEST, SafeLoadPlanner, is_complete
 from torchtitan_lite.config.loader import tomllib
 from torchtitan_lite.errors import UserError
@@ -149,22 +154,41 @@ def hf_config(args: ModelArgs, tokenizer: Tokenizer, dtype: torch.dtype) -> dict
             "high_freq_factor": args.rope_high_freq_factor,
             "original_max_position_embeddings": args.rope_original_max_len,
         }
-    if tokenizer.pad_id is not None and tokenizer.pad_id not in tokenizer.stop_ids:
-        config["pad_token_id"] = tokenizer.pad_id
+    if _pad_id(tokenizer) is not None:
+        config["pad_token_id"] = _pad_id(tokenizer)
     return config
 
 
-def generation_config(tokenizer: Tokenizer) -> dict:
+def _pad_id(tokenizer: Tokenizer) -> int | None:
+    """The exported pad id: the tokenizer's padding id, never one that stops generation
+    (pad = eos teaches fine-tuning tools to mask eos out of the loss)."""
+    pad = tokenizer.padding_id
+    return pad if pad is not None and pad not in tokenizer.stop_ids else None
+
+
+def generation_config(tokenizer: Tokenizer, base_stop_ids: list[int] = ()) -> dict:
+    """``eos_token_id`` is the tokenizer's stop ids, then any other stop ids of the base
+    model's own generation config (merged into one list: a base config's scalar eos never
+    replaces the chat stop ``<|eot_id|>``)."""
+    stops = list(tokenizer.stop_ids)
+    stops += [i for i in base_stop_ids if i not in stops]
     config = {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.stop_ids,
+        "eos_token_id": stops,
         "do_sample": True,
         "temperature": 0.6,
         "top_p": 0.9,
     }
-    if tokenizer.pad_id is not None and tokenizer.pad_id not in tokenizer.stop_ids:
-        config["pad_token_id"] = tokenizer.pad_id
+    if _pad_id(tokenizer) is not None:
+        config["pad_token_id"] = _pad_id(tokenizer)
     return config
+
+
+def _stop_ids_of(value) -> list[int]:
+    """An HF ``eos_token_id`` (an int, a list, or absent) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
@@ -215,16 +239,25 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
     )
-    pad = tokenizer.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else None
+    pad_id = _pad_id(tokenizer)
+    chat_template = jinja_template(tokenizer)  # None without the chat specials
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=tokenizer.id_to_token(tokenizer.bos_id),
         eos_token=tokenizer.eos_token,
-        pad_token=pad,
+        pad_token=tokenizer.id_to_token(pad_id) if pad_id is not None else None,
         clean_up_tokenization_spaces=False,
         model_max_length=1_000_000,
+        chat_template=chat_template,
     )
     fast.save_pretrained(str(out))
+    if chat_template is not None:
+        # In tokenizer_config.json, where every transformers version looks for it (newer ones
+        # also write chat_template.jinja, which holds the same text).
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = chat_template
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------ checkpoint → HF
@@ -316,44 +349,72 @@ def export_to_hf(
             save_file(shard, str(out / name), metadata={"format": "pt"})
             index["weight_map"].update({k: name for k in shard})
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config, manifest = read_checkpoint_config(checkpoint_dir)
+    gen = generation_config(tokenizer, manifest.get("base_stop_ids", []))
     (out / "config.json").write_text(json.dumps(hf_config(args, tokenizer, torch_dtype), indent=2))
-    (out / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     save_tokenizer(tokenizer, out)
     (out / "original").mkdir(exist_ok=True)  # the project's own tokenizer file, as Meta ships
     shutil.copy(tokenizer.path, out / "original" / "tokenizer.model")
-    config, _ = read_checkpoint_config(checkpoint_dir)
-    (out / "README.md").write_text(_model_card(config, args, tokenizer, checkpoint_dir))
+    card = _model_card(config, manifest, args, tokenizer, gen["eos_token_id"], checkpoint_dir)
+    (out / "README.md").write_text(card)
     return out
 
 
-def _model_card(config: dict, args: ModelArgs, tokenizer: Tokenizer, source: Path) -> str:
-    t, d, m, tk = config["training"], config["data"], config["model"], tokenizer
+_DATA_KINDS = {
+    "chat": "conversations in the Llama 3 chat template, loss on the assistant's turns",
+    "chat_hf": "conversations in the Llama 3 chat template, loss on the assistant's turns",
+}
+
+
+def _model_card(
+    config: dict, manifest: dict, args: ModelArgs, tk: Tokenizer, stops: list[int], source: Path
+) -> str:
+    t, m = config["training"], config["model"]
+    stages = manifest.get("lineage") or [
+        {"start": "unknown", "data": config["data"]["path"], "format": "auto", "steps": "?"}
+    ]
     rows = [
+        ("base model", stages[0]["start"]),
         (
             "shape",
             f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
             f"({args.n_kv_heads or args.n_heads} kv), vocab {args.vocab_size}",
         ),
+        *(
+            (
+                f"stage {i}",
+                f"{stage['steps']} steps on `{stage['data']}` ("
+                + _DATA_KINDS.get(stage["format"], "documents as bos + text + eos, packed")
+                + f"), from {stage['start']}",
+            )
+            for i, stage in enumerate(stages, start=1)
+        ),
         (
-            "training",
-            f"{t['steps']} steps of {t['local_batch_size']} × {t['seq_len']} tokens "
-            f"per rank, lr {config['optimizer']['lr']}",
+            "last stage",
+            f"{t['local_batch_size']} × {t['seq_len']} tokens per rank and micro-batch, "
+            f"lr {config['optimizer']['lr']}",
         ),
         ("attention mask", f"{m['attn_mask_type']} (documents split at eos id {tk.eos_id})"),
-        ("data", f"`{d['path']}` (documents encoded as bos + text + eos and packed)"),
         (
             "tokenizer",
             f"{tk.kind}, vocab {tk.vocab_size}, bos {tk.bos_id}, eos {tk.eos_id}, "
-            f"stop ids {tk.stop_ids}",
+            f"pad {_pad_id(tk)}, stop ids {stops}",
         ),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    chat = (
+        " It has a Llama 3 `chat_template`: `tokenizer.apply_chat_template(messages, "
+        "add_generation_prompt=True)` renders a prompt as training saw it."
+        if jinja_template(tk) is not None
+        else ""
+    )
     return (
         f"# {config['job']['description']}\n\n"
         f"A Llama 3 model ({m['flavor']}, {args.num_params() / 1e6:,.1f}M parameters) trained "
         f"with torchtitan_lite and exported from `{source}`.\n\n| | |\n|---|---|\n{table}\n\n"
         "Load it with `transformers.AutoModelForCausalLM.from_pretrained(folder)`; generation "
-        "stops at the stop ids listed in `generation_config.json`.\n"
+        f"stops at the stop ids listed in `generation_config.json` ({stops}).{chat}\n"
     )
 
 
@@ -511,3 +572,51 @@ def load_hf_model(
     model = Transformer(args)
     model.load_state_dict(state)
     return model.eval(), args, tokenizer
+
+
+def read_hf_base(
+    hf_dir: Path, tokenizer: Tokenizer, model_args: ModelArgs
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The weights of an HF folder a run starts from (``checkpoint.initial_load_hf``), after
+    proving they fit this run's model, and the folder's stop ids (config and generation
+    config), which the export keeps."""
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(
+            f"Config key 'checkpoint.initial_load_hf' is {str(hf_dir)!r}, which is not a Hugging "
+            "Face model folder (no config.json). Fix: point it at a folder with config.json "
+            "and *.safetensors (e.g. one written by scripts/convert_to_hf.py)."
+        )
+    cfg, _, args, state = read_hf_folder(hf_dir, str(tokenizer.path))
+    ours = {
+        "model.flavor": _matching_flavor_of(model_args),
+        "model.vocab_size": model_args.vocab_size,
+        **{f"model.{k}": v for k, v in rope_settings(model_args).items()},
+    }
+    theirs = {
+        "model.flavor": _matching_flavor(cfg),
+        "model.vocab_size": args.vocab_size,
+        **{f"model.{k}": v for k, v in rope_settings(args).items()},
+    }
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise ExportError(
+            f"The model in {hf_dir} (checkpoint.initial_load_hf) does not fit this run's model: "
+            + ", ".join(f"{k} is {theirs[k]!r} there, {ours[k]!r} here" for k in differ)
+            + ". Fix: set "
+            + ", ".join(f"{k} = {theirs[k]!r}" for k in differ)
+            + " (the flavor's shapes and the RoPE settings must be the model's own)."
+        )
+    gen_path = hf_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    stops = _stop_ids_of(cfg.get("eos_token_id"))
+    stops += [i for i in _stop_ids_of(gen.get("eos_token_id")) if i not in stops]
+    return state, stops
+
+
+def _matching_flavor_of(args: ModelArgs) -> str:
+    """The flavor name of model args (they were built from one)."""
+    shape = (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.multiple_of)
+    for name, fa in FLAVORS.items():
+        if (fa.dim, fa.n_layers, fa.n_heads, fa.n_kv_heads, fa.multiple_of) == shape:
+            return name
+    return "custom"
