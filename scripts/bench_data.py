@@ -2,7 +2,9 @@
 
 Measures, on the embedded corpus (or ``--path``), for the tiktoken and sentencepiece debug
 tokenizers: the packed dataset iterated directly, and through the StatefulDataLoader that
-training uses (batch 8 × 2048), plus the time spent in tokenization alone.
+training uses (batch 8 × 2048), plus the time spent in tokenization alone. Then chat data
+(``--chat-path``, the embedded conversations): render + label + pack (best-fit) or pad,
+through the loader, in row positions per second and in trained targets per second.
 
 Usage::
 
@@ -17,7 +19,7 @@ import time
 from itertools import islice
 
 from torchtitan_lite.config.job_config import Data
-from torchtitan_lite.data import DocumentSource, PackedDataset, build_dataloader
+from torchtitan_lite.data import IGNORE_INDEX, DocumentSource, PackedDataset, build_dataloader
 from torchtitan_lite.tokenizer import load_tokenizer
 
 
@@ -27,6 +29,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=3_000_000, help="tokens to pack per run")
+    p.add_argument("--chat-path", default="assets/shakespeare_chat.jsonl.gz")
     args = p.parse_args()
     print("| tokenizer | path | tokens | seconds | tokens/s |")
     print("|---|---|---|---|---|")
@@ -58,6 +61,23 @@ def main() -> None:
         print(
             f"| {tok.kind} | StatefulDataLoader, batch {args.batch} | {n:,} | {dt:.2f} | "
             f"{n / dt:,.0f} |",
+            flush=True,
+        )
+
+    tok = load_tokenizer("assets/tokenizer/tiktoken_2k.model")
+    for packing in (True, False):
+        data = Data(path=args.chat_path, format="chat", packing=packing)
+        loader = build_dataloader(data, tok, args.seq_len, args.batch)
+        rows = trained = 0
+        start = time.perf_counter()
+        for batch in islice(iter(loader), max(1, args.tokens // (args.batch * args.seq_len))):
+            rows += batch["input"].shape[0]
+            trained += int((batch["labels"] != IGNORE_INDEX).sum())
+        dt = time.perf_counter() - start
+        n = rows * args.seq_len
+        print(
+            f"| {tok.kind} | chat, {'packed' if packing else 'padded'}, StatefulDataLoader "
+            f"(trained targets: {trained / dt:,.0f}/s) | {n:,} | {dt:.2f} | {n / dt:,.0f} |",
             flush=True,
         )
 

@@ -51,7 +51,7 @@ class ChatTemplate:
     end_header_id: int
     eot_id: int
     eos_id: int  # the tokenizer's document boundary (<|end_of_text|>)
-    pad_id: int | None  # fills padded rows: never a stop id
+    pad_id: int  # fills padded rows: never a stop id
     headers: dict[str, np.ndarray]  # role → <|start_header_id|>role<|end_header_id|>\n\n
 
     @classmethod
@@ -64,10 +64,11 @@ class ChatTemplate:
         if missing:
             raise ChatTemplateError(
                 f'Chat data (data.format = "chat") is rendered with the Llama 3 chat template, '
-                f"which needs the special tokens {', '.join(missing)}; tokenizer {t.path} "
-                f"({t.kind}) has none of them as special tokens. Fix: use a tiktoken ranks file "
-                "in the Llama 3 layout (e.g. assets/tokenizer/tiktoken_2k.model, or Llama 3's "
-                "original/tokenizer.model), which appends the 256 Llama 3 specials."
+                f"which needs the special tokens {', '.join(_SPECIALS)}; tokenizer {t.path} "
+                f"({t.kind}, tokenizer.path) lacks {', '.join(missing)}. Fix: set "
+                "tokenizer.path to a tiktoken ranks file in the Llama 3 layout (e.g. "
+                "assets/tokenizer/tiktoken_2k.model, or Llama 3's original/tokenizer.model), "
+                "which appends the 256 Llama 3 specials."
             )
         if t.eos_id == ids[EOT] or t.eos_id != ids[END_OF_TEXT]:
             raise ChatTemplateError(
@@ -84,6 +85,12 @@ class ChatTemplate:
                 "an answer, and tools that mask pad tokens out of the loss would never teach "
                 "the model to stop. Fix: set tokenizer.pad_token to a reserved special token, "
                 "e.g. <|reserved_special_token_0|>, or leave it empty."
+            )
+        if t.padding_id is None:
+            raise ChatTemplateError(
+                f"Chat rows need a pad id that is not a stop id, and tokenizer {t.path} has "
+                "neither a pad token nor a Llama 3 reserved special token. Fix: set "
+                "tokenizer.pad_token to a token that never ends generation."
             )
         newline = np.asarray(t.encode("\n\n"), dtype=np.int64)
         headers = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -13,7 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from torchtitan_lite.components.checkpoint import CheckpointManager
+from torchtitan_lite.components.checkpoint import (
+    MANIFEST,
+    CheckpointManager,
+    is_complete,
+    list_checkpoints,
+)
 from torchtitan_lite.components.gc_control import GarbageCollection
 from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
@@ -107,12 +113,18 @@ class Trainer:
         self.chat_template = getattr(self.dataloader.dataset, "template", None)
 
         # 6. Model args from the tokenizer, then the startup id check over every part.
+        self.rope_source, source_rope = _starting_rope(config, self.dump_folder)
+        rope = {key: getattr(mc, key) for key in ROPE_KEYS}
+        if mc.rope_theta == -1 and "rope_theta" in source_rope:
+            rope["rope_theta"] = source_rope["rope_theta"]
+        if mc.rope_scaling_factor == -1:  # the factor and, with it, its band
+            rope.update({k: v for k, v in source_rope.items() if k != "rope_theta"})
         self.model_args = model_args_for(
             mc.flavor,
             max_seq_len=tc.seq_len,
             attn_mask_type=mc.attn_mask_type,
             flex_compile_mode=config.compile.flex_mode,
-            **{key: getattr(mc, key) for key in ROPE_KEYS},
+            **rope,
         )
         self.model_args.update_from_tokenizer(
             self.tokenizer,
@@ -251,6 +263,13 @@ class Trainer:
                 if c.compile.enable
                 else f", compiled on its own (mode {c.compile.flex_mode})"
             )
+        scaling = (
+            f"Llama 3.1 scaling ×{a.rope_scaling_factor:g} (original context "
+            f"{a.rope_original_max_len})"
+            if a.rope_scaling_factor > 0
+            else "no scaling"
+        )
+        logger.info(f"RoPE: theta {a.rope_theta:g}, {scaling} ({self.rope_source})")
         logger.info(
             f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id}),"
             f" kernel {kernel} on {self.device}"
@@ -337,8 +356,16 @@ class Trainer:
         self.model.eval()
         try:
             while vc.steps < 0 or batches < vc.steps:
-                batch = next(data_iter, None)
-                if not _any_rank(batch is not None):
+                try:
+                    batch, failed = next(data_iter, None), None
+                except UserError as e:  # bad validation data: every rank stops, none waits
+                    batch, failed = None, e
+                more, failures = _rank_sums(batch is not None, failed is not None)
+                if failures:
+                    raise failed or UserError(
+                        "Validation data could not be read on another rank; its log says why."
+                    )
+                if not more:
                     break
                 if batch is None:
                     batch = {"input": torch.full((0, tc.seq_len), pad_id, dtype=torch.long)}
@@ -445,7 +472,8 @@ class Trainer:
             trained=host_count(batch["labels"] != IGNORE_INDEX),
         )
         self.epoch = host_count(batch.pop("epoch").max())
-        self.tokens_seen += batch["input"].numel() * self.parallel_dims.dp  # padding excluded
+        # every input position (a padded short last batch is not counted; chat padding is)
+        self.tokens_seen += batch["input"].numel() * self.parallel_dims.dp
         pad_id = self.dataloader.dataset.pad_id
         return _pad_rows(batch, self.config.training.local_batch_size, pad_id)
 
@@ -579,9 +607,37 @@ def _original_message(message: str) -> str:
 
 
 def _any_rank(flag: bool) -> bool:
-    """True on every rank when any rank has ``flag`` set (ranks stop at the same step). A CPU
-    tensor: reduced by gloo, also in CUDA runs, without touching the device queue."""
-    return host_count(all_reduce_sum(torch.tensor([int(flag)]))) > 0
+    """True on every rank when any rank has ``flag`` set (ranks stop at the same step)."""
+    return _rank_sums(flag)[0] > 0
+
+
+def _rank_sums(*flags: bool) -> list[int]:
+    """How many ranks have each flag set. A CPU tensor: reduced by gloo, also in CUDA runs,
+    without touching the device queue."""
+    return all_reduce_sum(torch.tensor([int(f) for f in flags])).numpy().tolist()
+
+
+def _starting_rope(config: JobConfig, dump_folder: Path) -> tuple[str, dict]:
+    """Where the run's weights come from, and the RoPE settings they were trained with: the
+    run's own checkpoint (resume), ``checkpoint.initial_load_path`` or ``initial_load_hf``.
+    Config keys left unset (-1) take them, so a Llama 3.1 base keeps its scaling."""
+    cc = config.checkpoint
+    own = dump_folder / cc.folder
+    steps = list_checkpoints(own) if cc.enable and not cc.create_seed_checkpoint else []
+    if steps:
+        step = cc.load_step if cc.load_step in steps else steps[-1]
+        manifest = json.loads((own / f"step-{step}" / MANIFEST).read_text())
+        return f"checkpoint {own / f'step-{step}'}", manifest.get("rope", {})
+    if cc.initial_load_path and is_complete(Path(cc.initial_load_path)):
+        manifest = json.loads((Path(cc.initial_load_path) / MANIFEST).read_text())
+        return f"checkpoint {cc.initial_load_path}", manifest.get("rope", {})
+    if cc.initial_load_hf:
+        from torchtitan_lite.export.hf import hf_rope_settings
+
+        return f"Hugging Face model {cc.initial_load_hf}", hf_rope_settings(
+            Path(cc.initial_load_hf)
+        )
+    return f"flavor {config.model.flavor}", {}
 
 
 def host_count(tensor: torch.Tensor) -> int:

@@ -204,8 +204,8 @@ def test_llama31_import_keeps_rope_scaling_and_theta(llama31_style, tmp_path):
 
 
 def test_training_from_an_import_refuses_other_rope_settings(llama31_style, tmp_path, capsys):
-    """A run whose config lacks the imported model's RoPE settings stops before step 1,
-    naming the keys; with them set, it resumes from the imported weights."""
+    """A run whose config sets other RoPE settings than the imported model's stops before
+    step 1, naming the keys; left unset, they are the checkpoint's, and it resumes."""
     import train
 
     folder, _ = llama31_style
@@ -228,11 +228,14 @@ def test_training_from_an_import_refuses_other_rope_settings(llama31_style, tmp_
         "--metrics.enable_tensorboard",
         "false",
     ]
-    assert train.main(common) == 2
+    assert train.main([*common, "--model.rope_scaling_factor", "0"]) == 2
     err = capsys.readouterr().err
     assert "model.rope_scaling_factor = 8.0 there, 0.0 here" in err and "Traceback" not in err
-    assert train.main([*common, "--model.rope_scaling_factor", "8"]) == 0
-    assert "checkpoint: loaded step 0" in (out / "train.log").read_text()
+    assert "leave model.rope_theta and model.rope_scaling_factor at -1" in err
+    assert train.main(common) == 0
+    log = (out / "train.log").read_text()
+    assert "checkpoint: loaded step 0" in log
+    assert "RoPE: theta 500000, Llama 3.1 scaling ×8 (original context 8192) (checkpoint" in log
 
 
 @pytest.mark.parametrize(
@@ -320,3 +323,55 @@ def test_generate_cli(checkpoint):
     )
     assert proc.returncode == 0, proc.stderr
     assert "stopped at stop id 2057 (<|eot_id|>)" in proc.stderr
+
+
+def test_a_run_starting_from_a_llama31_folder_takes_its_rope(llama31_style, tmp_path):
+    """checkpoint.initial_load_hf with model.rope_* unset: the model computes with the HF
+    model's theta and scaling (equal logits), and the export writes them back."""
+    from torchtitan_lite.config import load_config
+    from torchtitan_lite.trainer import Trainer
+
+    folder, hf = llama31_style
+    config = load_config(
+        DEBUG_CONFIG,
+        [
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+            "--checkpoint.initial_load_hf",
+            str(folder),
+            "--checkpoint.enable",
+            "--checkpoint.last_save_model_only",
+            "--training.steps",
+            "1",
+            "--optimizer.lr",
+            "1e-12",
+            "--lr_scheduler.warmup_steps",
+            "0",
+            "--training.seq_len",
+            "64",
+            "--training.local_batch_size",
+            "1",
+            "--training.mixed_precision_param",
+            "float32",
+            "--metrics.enable_tensorboard",
+            "false",
+        ],
+    )
+    trainer = Trainer(config)
+    try:
+        args = trainer.model_args
+        assert (args.rope_theta, args.rope_scaling_factor, args.rope_original_max_len) == (
+            500000.0,
+            8.0,
+            8192,
+        )
+        trainer.train()
+    finally:
+        trainer.close()
+    ids = list(range(1, 1 + 600))
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits
+    back = export_to_hf(tmp_path / "run" / "checkpoint" / "step-1", tmp_path / "hf", "float32")
+    assert json.loads((back / "config.json").read_text())["rope_scaling"] == LLAMA31_ROPE
+    ours, _, _ = load_hf_model(back)
+    torch.testing.assert_close(our_logits(ours, ids), theirs, atol=2e-4, rtol=1e-4)

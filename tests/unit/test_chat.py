@@ -156,7 +156,9 @@ def test_generation_prompt_ends_with_an_open_assistant_header():
 def test_a_tokenizer_without_chat_specials_is_refused():
     spm = load_tokenizer(SPM_2K)
     with pytest.raises(
-        ChatTemplateError, match=r"<\|begin_of_text\|>.*sentencepiece.*Fix: use a tiktoken"
+        ChatTemplateError,
+        match=r"<\|begin_of_text\|>.*sentencepiece, tokenizer.path\) lacks "
+        r"<\|begin_of_text\|>.*Fix: set tokenizer.path to a tiktoken",
     ):
         ChatTemplate.from_tokenizer(spm)
     assert issubclass(ChatTemplateError, IdMismatchError)
@@ -259,7 +261,8 @@ def test_overlong_conversations_are_truncated_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="torchtitan_lite"):
         rows = list(ds)
     assert ds.truncated == 3 and ds.skipped["truncated_away"] == 1
-    assert "has 3" in caplog.text and "truncated" in caplog.text and "c.jsonl:1" in caplog.text
+    n = len(rendered(long)[0])
+    assert f"conversation {path}:1 has {n} tokens, more than a row" in caplog.text
     for row in rows:
         assert row["input"].shape == (100,)
     assert sum((r["labels"] != IGNORE_INDEX).sum().item() for r in rows) > 0
@@ -328,7 +331,9 @@ def test_conversations_without_an_answer_are_skipped_and_counted(tmp_path, caplo
     assert ds.skipped == {"no_assistant": 2, "empty_assistant": 1}
     assert "no assistant turn (first: " in caplog.text and "c.jsonl:1" in caplog.text
     only_bad = write_chat(tmp_path / "bad.jsonl", [no_answer, empty_answer])
-    with pytest.raises(DataError, match="no usable conversations.*2 with no assistant|no usable"):
+    with pytest.raises(
+        DataError, match=r"no usable conversations.*1 with no assistant turn skipped, 1 with an "
+    ):
         list(dataset(only_bad))
 
 
@@ -436,3 +441,21 @@ def test_no_gradient_crosses_conversations_in_a_packed_row(tmp_path):
             if j != k:
                 assert torch.count_nonzero(grad[s2:e2]) == 0, (k, j)
         assert torch.count_nonzero(grad[s:e]) > 0
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5])
+def test_both_sides_of_a_split_spread_over_the_ranks(tmp_path, fraction):
+    """Held-out indices of an even split are all odd (19, 39, ... for 0.05): sharding deals
+    out positions within a side, not raw indices, so every rank gets its share."""
+    path = write_chat(tmp_path / "c.jsonl", make_conversations(80))
+    for validation in (True, False):
+        split = Split(fraction, validation=validation)
+        shares = []
+        for rank in range(2):
+            source = DocumentSource(str(path), fmt="chat", text_field="messages", select=split)
+            ds = ConversationDataset(source, TOK, 512, rank=rank, world_size=2, infinite=False)
+            shares.append({key for row in ds for _, _, key in conversation_spans(row)})
+        wanted = sum(split(i) for i in range(80))
+        assert not shares[0] & shares[1]
+        assert len(shares[0]) + len(shares[1]) == wanted
+        assert abs(len(shares[0]) - len(shares[1])) <= 1

@@ -139,7 +139,7 @@ class CheckpointManager:
         # Where this run's weights came from: earlier stages (from the initial checkpoint),
         # then this run's own stage; the stop ids of a Hugging Face base model.
         self.lineage: list[dict] = []
-        self.base_stop_ids: list[int] = []
+        self.base = {"base_stop_ids": [], "base_context_length": 0}
         self.stage = {
             "start": "random initialization",
             "data": config.data.path,
@@ -194,7 +194,7 @@ class CheckpointManager:
                 "step": step,
                 "files": files,
                 "lineage": [*self.lineage, {**self.stage, "steps": step}],
-                "base_stop_ids": self.base_stop_ids,
+                **self.base,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             (tmp / "config.toml").write_text(to_toml(self.config))
@@ -284,10 +284,10 @@ class CheckpointManager:
         """Take over the lineage of a loaded checkpoint: all of it when resuming this run's
         own checkpoint, its finished stages when starting a new stage from its weights."""
         lineage = manifest.get("lineage", [])
-        self.base_stop_ids = list(manifest.get("base_stop_ids", []))
-        if own and lineage:
+        self.base = {key: manifest.get(key, value) for key, value in self.base.items()}
+        if own and lineage:  # this run's stage: its starting weights; its data is the config's
             *self.lineage, last = lineage
-            self.stage = {k: v for k, v in last.items() if k != "steps"}
+            self.stage["start"] = last["start"]
         elif not own:
             self.lineage = lineage
 
@@ -327,11 +327,16 @@ class CheckpointManager:
             from torchtitan_lite.export.hf import read_hf_base
 
             path = Path(self.cc.initial_load_hf)
-            weights, stop_ids = read_hf_base(path, tokenizer, model_args)
-            set_model_state_dict(
-                self.model, weights, options=StateDictOptions(full_state_dict=True, strict=True)
+            # Every rank checks the folder (so all fail alike); only rank 0 reads the weights,
+            # which are then broadcast and sharded: one copy of the model in host memory.
+            broadcast = dist.is_initialized() and dist.get_world_size() > 1
+            weights, self.base = read_hf_base(
+                path, tokenizer, model_args, load_weights=self.rank == 0 or not broadcast
             )
-            self.base_stop_ids = stop_ids
+            options = StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=broadcast, strict=True
+            )
+            set_model_state_dict(self.model, weights, options=options)
             self.stage["start"] = f"Hugging Face model {path}"
         logger.info(f"checkpoint: starting from the weights of {path} (step 0)")
 
@@ -353,8 +358,8 @@ class CheckpointManager:
             raise CheckpointError(
                 f"Checkpoint {path} was trained with other RoPE settings than this run "
                 f"({differ}); its weights would compute different attention here. Fix: set "
-                "those keys to the checkpoint's values (an import from Hugging Face writes "
-                "them into the checkpoint's config.toml)."
+                "those keys to the checkpoint's values, or leave model.rope_theta and "
+                "model.rope_scaling_factor at -1 to take the checkpoint's."
             )
         try:
             for w in check_special_ids(tokenizer, manifest=manifest, manifest_keys=id_keys):

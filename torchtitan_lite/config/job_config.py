@@ -549,6 +549,14 @@ class JobConfig:
                 "parallel degree × gradient-accumulation steps, or -1."
             )
         self._validate_validation()
+        chat = self.data.format.startswith("chat")
+        if chat and self.data.packing and self.model.attn_mask_type != "block_causal":
+            raise ConfigError(
+                f"Config key 'model.attn_mask_type' is {self.model.attn_mask_type!r} with "
+                "packed chat data (data.packing = true): conversations in one row would "
+                'attend to each other. Fix: set model.attn_mask_type = "block_causal", or '
+                "data.packing = false (one conversation per row)."
+            )
         if self.checkpoint.initial_load_path and self.checkpoint.initial_load_hf:
             raise ConfigError(
                 "Config keys 'checkpoint.initial_load_path' and 'checkpoint.initial_load_hf' are "

@@ -128,4 +128,5 @@ def build_validation_loader(
         data.hf_split if held_out else validation.hf_split,
     )
     dataset.label = "validation data"
+    dataset.require_data = False  # a rank may hold none of it; Trainer.validate checks the sum
     return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=0)

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from torchtitan_lite.chat_template import ROLES, ChatTemplate
-from torchtitan_lite.data.packing import IGNORE_INDEX, _owned
+from torchtitan_lite.data.packing import IGNORE_INDEX, current_shard, owned_by
 from torchtitan_lite.data.sources import DataError, Document, DocumentSource
 from torchtitan_lite.logging import logger
 from torchtitan_lite.tokenizer import Tokenizer
@@ -122,19 +122,18 @@ class ConversationDataset(IterableDataset):
         self.pack_buffer = pack_buffer if packing else 1
         self.train_on_prompt = train_on_prompt
         self.eos_id = self.template.eos_id  # the boundary the model's mask splits on
-        self.pad_id = self.template.pad_id if self.template.pad_id is not None else self.eos_id
+        self.pad_id = self.template.pad_id
         # where the next row comes from: epoch, first conversation of the buffer, rows done
         self._epoch, self._doc, self._rows = 0, 0, 0
         self.skipped: Counter[str] = Counter()
         self.truncated = 0
         self.label = "data"  # names this data in log lines ("validation data" for evaluation)
+        self.require_data = True  # an empty shard is an error (validation: the caller decides)
 
     # ---------------------------------------------------------------- sharding and state
 
     def _shard(self) -> tuple[int, int]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return current_shard(self.rank, self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -229,7 +228,9 @@ class ConversationDataset(IterableDataset):
         shard, num_shards = self._shard()
         while True:
             start = self._doc
-            owned = functools.partial(_owned, shard=shard, num_shards=num_shards, first=start)
+            owned = functools.partial(
+                owned_by, shard=shard, num_shards=num_shards, first=start, source=self.source
+            )
             buffer: list[Document] = []
             rows_made = 0
             for doc in self.source.documents(owned):
@@ -239,7 +240,7 @@ class ConversationDataset(IterableDataset):
                     buffer = []
             if buffer:
                 rows_made += yield from self._emit(buffer, next_doc=buffer[-1].index + 1)
-            if start == 0 and rows_made == 0:
+            if start == 0 and rows_made == 0 and self.require_data:
                 raise DataError(
                     f"Data shard {shard} of {num_shards} (ranks × data-loader workers) got no "
                     f"usable conversations from {self.source.path} ({self._skip_summary()}). "

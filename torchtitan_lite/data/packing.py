@@ -62,14 +62,12 @@ class PackedDataset(IterableDataset):
         self._epoch, self._doc, self._offset = 0, 0, 0
         self.skipped_empty = 0
         self.label = "data"  # names this data in log lines ("validation data" for evaluation)
+        self.require_data = True  # an empty shard is an error (validation: the caller decides)
 
     # ---------------------------------------------------------------- sharding
 
     def _shard(self) -> tuple[int, int]:
-        """(this shard, number of shards) over ranks × data-loader workers."""
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return current_shard(self.rank, self.world_size)
 
     # ---------------------------------------------------------------- state
 
@@ -113,7 +111,9 @@ class PackedDataset(IterableDataset):
         while True:
             start_doc, start_offset = self._doc, self._offset
             docs_seen = docs_used = 0
-            owned = functools.partial(_owned, shard=shard, num_shards=num_shards, first=start_doc)
+            owned = functools.partial(
+                owned_by, shard=shard, num_shards=num_shards, first=start_doc, source=self.source
+            )
             for doc in self.source.documents(owned):
                 docs_seen += 1
                 if not doc.text.strip():
@@ -135,13 +135,13 @@ class PackedDataset(IterableDataset):
                         self._doc, self._offset = doc.index, pos - 1
                         yield self._sample(window)
                         pieces, filled = [window[-1:]], 1
-            if docs_seen == 0 and start_doc == 0:
+            if docs_seen == 0 and start_doc == 0 and self.require_data:
                 raise DataError(
                     f"Data shard {shard} of {num_shards} (ranks × data-loader workers) got no "
                     f"documents from {self.source.path}: there are fewer documents than shards. "
                     "Fix: add data, or lower data.num_workers or the number of processes."
                 )
-            if docs_used == 0 and start_doc == 0:
+            if docs_used == 0 and start_doc == 0 and self.require_data:
                 raise DataError(
                     f"Data shard {shard} of {num_shards} found only empty documents in "
                     f"{self.source.path} ({self.skipped_empty} skipped): nothing to train on. "
@@ -164,6 +164,13 @@ class PackedDataset(IterableDataset):
                 return
 
 
-def _owned(index: int, shard: int, num_shards: int, first: int) -> bool:
+def current_shard(rank: int, world_size: int) -> tuple[int, int]:
+    """(this shard, number of shards) over ranks × data-loader workers."""
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return rank * workers + worker, world_size * workers
+
+
+def owned_by(index: int, shard: int, num_shards: int, first: int, source: DocumentSource) -> bool:
     """Document ``index`` is read by this shard (and not before the resume point)."""
-    return index % num_shards == shard and index >= first
+    return index >= first and source.position(index) % num_shards == shard

@@ -50,10 +50,19 @@ class Split:
     fraction: float
     validation: bool  # True: keep the held-out indices; False: keep the others
 
+    def _held_out_up_to(self, index: int) -> int:
+        """How many of the indices 0..index are held out."""
+        return (index + 1) * round(self.fraction * 1_000_000) // 1_000_000
+
     def __call__(self, index: int) -> bool:
-        parts = round(self.fraction * 1_000_000)
-        held_out = (index + 1) * parts // 1_000_000 > index * parts // 1_000_000
+        held_out = self._held_out_up_to(index) > (self._held_out_up_to(index - 1) if index else 0)
         return held_out == self.validation
+
+    def position(self, index: int) -> int:
+        """The index's rank among the indices on its side: shards deal these out, so each
+        side spreads evenly over the ranks (held-out indices are not all odd or all even)."""
+        held = self._held_out_up_to(index)
+        return held - 1 if self.validation else index - held
 
 
 def _suffix(path: Path) -> str:
@@ -116,6 +125,11 @@ class DocumentSource:
 
     def __iter__(self) -> Iterator[Document]:
         return self.documents()
+
+    def position(self, index: int) -> int:
+        """Where document ``index`` stands among this source's documents (all of them, or one
+        side of a split): the number that sharding deals out."""
+        return self.select.position(index) if self.select is not None else index
 
     def documents(self, owned=None) -> Iterator[Document]:
         """All documents in order; ``owned(index)`` (optional) selects which ones to decode —
@@ -186,18 +200,24 @@ class DocumentSource:
                     f"{keys}). Fix: set {self.field_key} to the field that holds the "
                     f"{'messages' if self.chat else 'text'}."
                 )
-            text = record[self.text_field]
-            self._check_value(text, f"Data file {path}, line {lineno}")
-            yield f"{path}:{lineno}", text
+            yield (
+                f"{path}:{lineno}",
+                self._value(record[self.text_field], f"Data file {path}, line {lineno}"),
+            )
             index += 1
 
-    def _check_value(self, value: Any, where: str) -> None:
+    def _value(self, value: Any, where: str) -> Any:
+        """A row's text (or messages), checked; a null is an empty document (skipped and
+        counted downstream)."""
         want, kind = (list, "a list of messages") if self.chat else (str, "text")
+        if value is None:
+            return want()
         if not isinstance(value, want):
             raise DataError(
                 f"{where}: field {self.text_field!r} is a {type(value).__name__}, not {kind}. "
                 f"Fix: set {self.field_key} to the field that holds {kind}."
             )
+        return value
 
     def _read_text(self, path: Path, data: bytes, wanted, first_index: int):
         try:
@@ -235,10 +255,7 @@ class DocumentSource:
             if not wanted(first_index + row):
                 yield f"{path}:row {row}", None
                 continue
-            if text is None:  # a null cell: an empty document, skipped and counted
-                text = [] if self.chat else ""
-            self._check_value(text, f"Data file {path}, row {row}")
-            yield f"{path}:row {row}", text
+            yield f"{path}:row {row}", self._value(text, f"Data file {path}, row {row}")
 
     def _hf_documents(self, owned) -> Iterator[Document]:
         try:
@@ -256,8 +273,7 @@ class DocumentSource:
                         f"Dataset {self.path}, record {index}: no field "
                         f"{self.text_field!r}. Fix: set {self.field_key}."
                     )
-                value = record[self.text_field]
-                self._check_value(value, f"Dataset {self.path}, record {index}")
+                value = self._value(record[self.text_field], f"Dataset {self.path}, record {index}")
                 yield Document(index, value, f"{self.path}[{index}]")
 
 

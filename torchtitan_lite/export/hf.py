@@ -123,7 +123,11 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 # ------------------------------------------------------------------ configs
 
 
-def hf_config(args: ModelArgs, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
+def hf_config(
+    args: ModelArgs, tokenizer: Tokenizer, dtype: torch.dtype, stops: list[int] | None = None
+) -> dict:
+    """``stops``: the exported stop ids (:func:`export_stop_ids`), which the pad avoids."""
+    stops = tokenizer.stop_ids if stops is None else stops
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -154,24 +158,34 @@ def hf_config(args: ModelArgs, tokenizer: Tokenizer, dtype: torch.dtype) -> dict
             "high_freq_factor": args.rope_high_freq_factor,
             "original_max_position_embeddings": args.rope_original_max_len,
         }
-    if _pad_id(tokenizer) is not None:
-        config["pad_token_id"] = _pad_id(tokenizer)
-    return config
+    return _with_pad(config, tokenizer, stops)
 
 
-def _pad_id(tokenizer: Tokenizer) -> int | None:
-    """The exported pad id: the tokenizer's padding id, never one that stops generation
+def _with_pad(config: dict, tokenizer: Tokenizer, stops: list[int]) -> dict:
+    """Add ``pad_token_id``: the tokenizer's padding id, never one of the exported stop ids
     (pad = eos teaches fine-tuning tools to mask eos out of the loss)."""
+    pad = _pad_id(tokenizer, stops)
+    return config if pad is None else {**config, "pad_token_id": pad}
+
+
+def _pad_id(tokenizer: Tokenizer, stops: list[int]) -> int | None:
     pad = tokenizer.padding_id
-    return pad if pad is not None and pad not in tokenizer.stop_ids else None
+    return pad if pad is not None and pad not in stops else None
 
 
-def generation_config(tokenizer: Tokenizer, base_stop_ids: list[int] = ()) -> dict:
-    """``eos_token_id`` is the tokenizer's stop ids, then any other stop ids of the base
-    model's own generation config (merged into one list: a base config's scalar eos never
-    replaces the chat stop ``<|eot_id|>``)."""
-    stops = list(tokenizer.stop_ids)
-    stops += [i for i in base_stop_ids if i not in stops]
+def union(*id_lists: list[int]) -> list[int]:
+    """The ids of all lists, each once, in order of first appearance."""
+    return list(dict.fromkeys(i for ids in id_lists for i in ids))
+
+
+def export_stop_ids(tokenizer: Tokenizer, base_stop_ids: list[int] = ()) -> list[int]:
+    """The tokenizer's stop ids, then any other stop ids of the base model's own configs
+    (merged into one list: a base config's scalar eos never replaces ``<|eot_id|>``)."""
+    return union(tokenizer.stop_ids, base_stop_ids)
+
+
+def generation_config(tokenizer: Tokenizer, stops: list[int] | None = None) -> dict:
+    stops = tokenizer.stop_ids if stops is None else stops
     config = {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": stops,
@@ -179,9 +193,7 @@ def generation_config(tokenizer: Tokenizer, base_stop_ids: list[int] = ()) -> di
         "temperature": 0.6,
         "top_p": 0.9,
     }
-    if _pad_id(tokenizer) is not None:
-        config["pad_token_id"] = _pad_id(tokenizer)
-    return config
+    return _with_pad(config, tokenizer, stops)
 
 
 def _stop_ids_of(value) -> list[int]:
@@ -191,8 +203,9 @@ def _stop_ids_of(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+def save_tokenizer(tokenizer: Tokenizer, out: Path, stops: list[int] | None = None) -> None:
     """Tokenizer files that ``transformers.AutoTokenizer`` loads, with every special id."""
+    stops = tokenizer.stop_ids if stops is None else stops
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(tokenizer, TikTokenizer):
@@ -239,7 +252,7 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
     )
-    pad_id = _pad_id(tokenizer)
+    pad_id = _pad_id(tokenizer, stops)
     chat_template = jinja_template(tokenizer)  # None without the chat specials
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -294,11 +307,12 @@ def load_checkpoint_model(
     for warning in check_special_ids(tokenizer, manifest=manifest):
         print(f"warning: {warning}")
     model_cfg = config["model"]
+    rope = {key: model_cfg[key] for key in ROPE_KEYS if key in model_cfg}
+    rope.update(manifest.get("rope", {}))  # what the weights were trained with
+    # the longest context the weights have seen: this run's, or a base model's (Llama 3.1)
+    context = max(config["training"]["seq_len"], manifest.get("base_context_length", 0))
     args = model_args_for(
-        model_cfg["flavor"],
-        max_seq_len=config["training"]["seq_len"],
-        attn_mask_type=model_cfg["attn_mask_type"],
-        **{key: model_cfg[key] for key in ROPE_KEYS if key in model_cfg},
+        model_cfg["flavor"], max_seq_len=context, attn_mask_type=model_cfg["attn_mask_type"], **rope
     )
     args.update_from_tokenizer(
         tokenizer, model_cfg["vocab_size"], model_cfg["vocab_size_multiple_of"], model_cfg["eos_id"]
@@ -350,13 +364,15 @@ def export_to_hf(
             index["weight_map"].update({k: name for k in shard})
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config, manifest = read_checkpoint_config(checkpoint_dir)
-    gen = generation_config(tokenizer, manifest.get("base_stop_ids", []))
-    (out / "config.json").write_text(json.dumps(hf_config(args, tokenizer, torch_dtype), indent=2))
+    stops = export_stop_ids(tokenizer, manifest.get("base_stop_ids", []))
+    config_json = hf_config(args, tokenizer, torch_dtype, stops)
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+    gen = generation_config(tokenizer, stops)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out, stops)
     (out / "original").mkdir(exist_ok=True)  # the project's own tokenizer file, as Meta ships
     shutil.copy(tokenizer.path, out / "original" / "tokenizer.model")
-    card = _model_card(config, manifest, args, tokenizer, gen["eos_token_id"], checkpoint_dir)
+    card = _model_card(config, manifest, args, tokenizer, stops, checkpoint_dir)
     (out / "README.md").write_text(card)
     return out
 
@@ -371,11 +387,11 @@ def _model_card(
     config: dict, manifest: dict, args: ModelArgs, tk: Tokenizer, stops: list[int], source: Path
 ) -> str:
     t, m = config["training"], config["model"]
-    stages = manifest.get("lineage") or [
+    stages = [s for s in manifest.get("lineage", []) if s["steps"]] or [
         {"start": "unknown", "data": config["data"]["path"], "format": "auto", "steps": "?"}
     ]
     rows = [
-        ("base model", stages[0]["start"]),
+        ("base model", stages[-1]["start"]),  # what the last stage trained from
         (
             "shape",
             f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
@@ -399,7 +415,7 @@ def _model_card(
         (
             "tokenizer",
             f"{tk.kind}, vocab {tk.vocab_size}, bos {tk.bos_id}, eos {tk.eos_id}, "
-            f"pad {_pad_id(tk)}, stop ids {stops}",
+            f"pad {_pad_id(tk, stops)}, stop ids {stops}",
         ),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -422,12 +438,13 @@ def _model_card(
 
 
 def read_hf_folder(
-    hf_dir: Path, tokenizer_path: str | None = None
+    hf_dir: Path, tokenizer_path: str | None = None, load_weights: bool = True
 ) -> tuple[dict, Tokenizer, ModelArgs, dict[str, torch.Tensor]]:
     """An HF Llama folder as (config.json, tokenizer, our model args, our fp32 weights).
 
     The tokenizer is ``tokenizer_path``, else ``original/tokenizer.model`` or
-    ``tokenizer.model`` in the folder; a config whose eos disagrees with it is refused."""
+    ``tokenizer.model`` in the folder; a config whose eos disagrees with it is refused.
+    Without ``load_weights`` the weights are not read (an empty dict)."""
     from safetensors.torch import load_file
 
     from torchtitan_lite.ids import IdMismatchError
@@ -456,7 +473,7 @@ def read_hf_folder(
     _check_representable(cfg, args, hf_dir / "config.json")
     args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
     weights: dict[str, torch.Tensor] = {}
-    for file in sorted(hf_dir.glob("*.safetensors")):
+    for file in sorted(hf_dir.glob("*.safetensors")) if load_weights else ():
         weights.update(load_file(str(file)))
     state = {k: v.float() for k, v in from_hf_state_dict(weights, args).items()}
     return cfg, tokenizer, args, state
@@ -484,7 +501,16 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
     config.training.seq_len = args.max_seq_len  # its context length, written back on export
     config.tokenizer.path = str(tokenizer.path)
     (folder / "config.toml").write_text(to_toml(config))
-    manifest = {**ids_manifest(tokenizer, "block_causal"), "rope": rope_settings(args)}
+    manifest = {
+        **ids_manifest(tokenizer, "block_causal"),
+        "rope": rope_settings(args),
+        # A run resuming this step 0 starts from the HF model, and its export keeps its stops.
+        "lineage": [
+            {"start": f"Hugging Face model {hf_dir}", "data": "", "format": "", "steps": 0}
+        ],
+        "base_stop_ids": read_hf_base_stop_ids(hf_dir, cfg),
+        "base_context_length": args.max_seq_len,
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
 
@@ -574,21 +600,33 @@ def load_hf_model(
     return model.eval(), args, tokenizer
 
 
-def read_hf_base(
-    hf_dir: Path, tokenizer: Tokenizer, model_args: ModelArgs
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """The weights of an HF folder a run starts from (``checkpoint.initial_load_hf``), after
-    proving they fit this run's model, and the folder's stop ids (config and generation
-    config), which the export keeps."""
+def _base_config(hf_dir: Path) -> dict:
+    """config.json of the Hugging Face folder a run starts from."""
     if not (hf_dir / "config.json").is_file():
         raise ExportError(
             f"Config key 'checkpoint.initial_load_hf' is {str(hf_dir)!r}, which is not a Hugging "
             "Face model folder (no config.json). Fix: point it at a folder with config.json "
             "and *.safetensors (e.g. one written by scripts/convert_to_hf.py)."
         )
-    cfg, _, args, state = read_hf_folder(hf_dir, str(tokenizer.path))
+    return json.loads((hf_dir / "config.json").read_text())
+
+
+def hf_rope_settings(hf_dir: Path) -> dict[str, float]:
+    """The RoPE settings (theta, Llama 3.1 scaling) of the Hugging Face model a run starts
+    from: a run that leaves model.rope_theta and model.rope_scaling_factor unset takes them."""
+    return _rope_from_hf(_base_config(hf_dir), hf_dir / "config.json")
+
+
+def read_hf_base(
+    hf_dir: Path, tokenizer: Tokenizer, model_args: ModelArgs, load_weights: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights of an HF folder a run starts from (``checkpoint.initial_load_hf``; only
+    with ``load_weights``), after proving they fit this run's model, and what the export
+    keeps of the base model: its stop ids and context length."""
+    _base_config(hf_dir)
+    cfg, _, args, state = read_hf_folder(hf_dir, str(tokenizer.path), load_weights)
     ours = {
-        "model.flavor": _matching_flavor_of(model_args),
+        "model.flavor": _flavor_of(model_args),
         "model.vocab_size": model_args.vocab_size,
         **{f"model.{k}": v for k, v in rope_settings(model_args).items()},
     }
@@ -606,17 +644,30 @@ def read_hf_base(
             + ", ".join(f"{k} = {theirs[k]!r}" for k in differ)
             + " (the flavor's shapes and the RoPE settings must be the model's own)."
         )
+    base = {
+        "base_stop_ids": read_hf_base_stop_ids(hf_dir, cfg),
+        "base_context_length": args.max_seq_len,
+    }
+    return state, base
+
+
+def read_hf_base_stop_ids(hf_dir: Path, cfg: dict) -> list[int]:
+    """The stop ids of an HF model: its config's eos, then its generation config's."""
     gen_path = hf_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    stops = _stop_ids_of(cfg.get("eos_token_id"))
-    stops += [i for i in _stop_ids_of(gen.get("eos_token_id")) if i not in stops]
-    return state, stops
+    return union(_stop_ids_of(cfg.get("eos_token_id")), _stop_ids_of(gen.get("eos_token_id")))
 
 
-def _matching_flavor_of(args: ModelArgs) -> str:
-    """The flavor name of model args (they were built from one)."""
-    shape = (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.multiple_of)
-    for name, fa in FLAVORS.items():
-        if (fa.dim, fa.n_layers, fa.n_heads, fa.n_kv_heads, fa.multiple_of) == shape:
-            return name
-    return "custom"
+def _flavor_of(args: ModelArgs) -> str:
+    """The flavor whose shapes model args have."""
+    return _matching_flavor(
+        {
+            "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads or args.n_heads,
+            "intermediate_size": ffn_hidden_dim(
+                args.dim, args.multiple_of, args.ffn_dim_multiplier
+            ),
+        }
+    )
