@@ -52,7 +52,7 @@ class ChatTemplate:
     eot_id: int
     eos_id: int  # the tokenizer's document boundary (<|end_of_text|>)
     pad_id: int  # fills padded rows: never a stop id
-    headers: dict[str, np.ndarray]  # role → <|start_header_id|>role<|end_header_id|>\n\n
+    headers: dict[str, list[int]]  # role → <|start_header_id|>role<|end_header_id|>\n\n
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> ChatTemplate:
@@ -92,11 +92,8 @@ class ChatTemplate:
                 "neither a pad token nor a Llama 3 reserved special token. Fix: set "
                 "tokenizer.pad_token to a token that never ends generation."
             )
-        newline = np.asarray(t.encode("\n\n"), dtype=np.int64)
         headers = {
-            role: np.concatenate(
-                [[ids[START_HEADER]], t.encode(role), [ids[END_HEADER]], newline]
-            ).astype(np.int64)
+            role: [ids[START_HEADER], *t.encode(role), ids[END_HEADER], *t.encode("\n\n")]
             for role in ROLES
         }
         return cls(
@@ -116,28 +113,25 @@ class ChatTemplate:
         train_on_prompt: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(tokens, trained)`` of one conversation; ``contents`` are the encoded, stripped
-        message contents (encoded by the caller, in batches). ``trained[i]`` says whether
-        token ``i`` is a loss target."""
-        pieces: list[np.ndarray] = [np.asarray([self.bos_id])]
-        flags: list[np.ndarray] = [np.zeros(1, dtype=bool)]
+        message contents (encoded by the caller). ``trained[i]`` says whether token ``i`` is a
+        loss target. Built as Python lists (a conversation is short: numpy per message would
+        cost more than the work)."""
+        tokens, trained = [self.bos_id], [False]
         for message, content in zip(messages, contents, strict=True):
             header = self.headers[message["role"]]
-            body = np.asarray([*content, self.eot_id], dtype=np.int64)
-            pieces += [header, body]
-            flags += [
-                np.full(len(header), train_on_prompt),
-                np.full(len(body), train_on_prompt or message["role"] == "assistant"),
-            ]
-        pieces.append(np.asarray([self.eos_id]))
-        flags.append(np.asarray([train_on_prompt]))
-        return np.concatenate(pieces).astype(np.int64), np.concatenate(flags)
+            answer = train_on_prompt or message["role"] == "assistant"
+            tokens += [*header, *content, self.eot_id]
+            trained += [train_on_prompt] * len(header) + [answer] * (len(content) + 1)
+        tokens.append(self.eos_id)
+        trained.append(train_on_prompt)
+        return np.array(tokens, dtype=np.int64), np.array(trained, dtype=bool)
 
     def generation_prompt(self, tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
         """The ids a model continues to answer: the conversation so far (no boundary), then
         an open assistant header."""
         contents = [tokenizer.encode(m["content"].strip()) for m in messages]
         tokens, _ = self.render(messages, contents)
-        return [*tokens[:-1].tolist(), *self.headers["assistant"].tolist()]
+        return [*tokens[:-1].tolist(), *self.headers["assistant"]]
 
     def special_ids(self) -> dict[str, int]:
         return {

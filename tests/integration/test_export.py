@@ -372,6 +372,8 @@ def test_a_run_starting_from_a_llama31_folder_takes_its_rope(llama31_style, tmp_
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits
     back = export_to_hf(tmp_path / "run" / "checkpoint" / "step-1", tmp_path / "hf", "float32")
-    assert json.loads((back / "config.json").read_text())["rope_scaling"] == LLAMA31_ROPE
+    config = json.loads((back / "config.json").read_text())
+    assert config["rope_scaling"] == LLAMA31_ROPE
+    assert config["max_position_embeddings"] == 16384  # the base's, not the run's seq_len 64
     ours, _, _ = load_hf_model(back)
     torch.testing.assert_close(our_logits(ours, ids), theirs, atol=2e-4, rtol=1e-4)

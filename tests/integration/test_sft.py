@@ -449,3 +449,41 @@ def test_two_process_sft_with_validation_matches_one_process(hf_base, tmp_path):
     for x, y in zip(a, b, strict=True):
         key = "validation_loss" if "validation_loss" in x else "loss"
         assert x[key] == pytest.approx(y[key], rel=1e-4), (x, y)
+
+
+def test_a_resumed_sft_run_continues_its_trace_and_keeps_its_lineage(hf_base, tmp_path):
+    import shutil
+
+    def run(dump: Path) -> list[float]:
+        trainer = sft_trainer(
+            dump,
+            "--training.steps",
+            "4",
+            "--checkpoint.interval",
+            "2",
+            "--checkpoint.initial_load_hf",
+            str(hf_base),
+        )
+        try:
+            assert (trainer.step == 2) == (dump.name == "resumed")
+            return trainer.train()
+        finally:
+            trainer.close()
+
+    full = run(tmp_path / "full")
+    (tmp_path / "resumed" / "checkpoint").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "full" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2"
+    )
+    resumed = run(tmp_path / "resumed")
+    assert resumed == pytest.approx(full[2:], rel=1e-5)
+    manifests = [
+        json.loads((tmp_path / name / "checkpoint" / "step-4" / "ids_manifest.json").read_text())
+        for name in ("full", "resumed")
+    ]
+    for manifest in manifests:
+        assert manifest["base_stop_ids"] == [EOS, 2051]
+        (stage,) = manifest["lineage"]
+        assert stage["start"] == f"Hugging Face model {hf_base}" and stage["steps"] == 4
+    log = (tmp_path / "resumed" / "train.log").read_text()
+    assert "checkpoint: loaded step 2" in log and "starting from the weights" not in log

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.conftest import SPM_2K, TIKTOKEN_2K
+from tests.unit import test_model
 from torchtitan_lite.chat_template import ChatTemplate, ChatTemplateError
 from torchtitan_lite.data import IGNORE_INDEX, ConversationDataset, DataError, DocumentSource
 from torchtitan_lite.data.chat import pack_best_fit
 from torchtitan_lite.data.sources import Split
 from torchtitan_lite.ids import IdMismatchError
 from torchtitan_lite.models.attention import build_attention_mask
-from torchtitan_lite.models.llama3.args import ModelArgs
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
 
@@ -371,23 +371,7 @@ def test_validation_split_is_deterministic_disjoint_and_the_right_size():
 
 
 def tiny_model() -> Transformer:
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        multiple_of=32,
-        max_seq_len=512,
-        rope_theta=10000.0,
-        vocab_size=TOK.vocab_size,
-        eos_id=EOS,
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model.eval()
+    return test_model.tiny_model(vocab_size=TOK.vocab_size, eos_id=EOS, max_seq_len=512)
 
 
 def token_losses(model, rows: list[dict]) -> dict[tuple, torch.Tensor]:
@@ -459,3 +443,17 @@ def test_both_sides_of_a_split_spread_over_the_ranks(tmp_path, fraction):
         assert not shares[0] & shares[1]
         assert len(shares[0]) + len(shares[1]) == wanted
         assert abs(len(shares[0]) - len(shares[1])) <= 1
+
+
+def test_parquet_conversations_equal_the_jsonl_ones(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    conversations = make_conversations(20, seed=4)
+    pq.write_table(pa.table({"messages": conversations}), tmp_path / "c.parquet")
+    jsonl = write_chat(tmp_path / "c.jsonl", conversations)
+    from_parquet = list(dataset(tmp_path / "c.parquet", 512, pack_buffer=8))
+    from_jsonl = list(dataset(jsonl, 512, pack_buffer=8))
+    assert len(from_parquet) == len(from_jsonl) > 1
+    for a, b in zip(from_parquet, from_jsonl, strict=True):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["labels"], b["labels"])

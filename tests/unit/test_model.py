@@ -14,17 +14,19 @@ from torchtitan_lite.tokenizer import load_tokenizer
 EOS = 3
 
 
-def tiny_model(n_kv_heads: int = 2, seed: int = 0) -> Transformer:
+def tiny_model(
+    n_kv_heads: int = 2, seed: int = 0, vocab_size: int = 50, eos_id: int = EOS, max_seq_len=128
+) -> Transformer:
     args = ModelArgs(
         dim=64,
         n_layers=2,
         n_heads=4,
         n_kv_heads=n_kv_heads,
         multiple_of=32,
-        max_seq_len=128,
+        max_seq_len=max_seq_len,
         rope_theta=10000.0,
-        vocab_size=50,
-        eos_id=EOS,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
     )
     torch.manual_seed(seed)
     with torch.device("meta"):

@@ -47,14 +47,13 @@ def _dataset(
         hf_split=hf_split,
         select=select,
     )
+    shard = {"rank": dp_rank, "world_size": dp_world_size, "infinite": infinite}
     if chat:
         return ConversationDataset(
             source,
             tokenizer,
             seq_len,
-            rank=dp_rank,
-            world_size=dp_world_size,
-            infinite=infinite,
+            **shard,
             packing=data.packing,
             pack_buffer=data.pack_buffer,
             train_on_prompt=data.train_on_prompt,
@@ -63,9 +62,7 @@ def _dataset(
         source,
         tokenizer,
         seq_len,
-        rank=dp_rank,
-        world_size=dp_world_size,
-        infinite=infinite,
+        **shard,
         mask_cross_document_targets=data.mask_cross_document_targets,
     )
 

@@ -38,7 +38,48 @@ from torchtitan_lite.tokenizer import Tokenizer
 IGNORE_INDEX = -100
 
 
-class PackedDataset(IterableDataset):
+class ShardedStream(IterableDataset):
+    """What both datasets share: the shard of this rank and loader worker, and the position
+    the next sample comes from — ``(epoch, document index, inner position)``, where the inner
+    position is named ``INNER`` in the state (a token offset for pretraining windows, the rows
+    already emitted from a packing buffer for chat) — saved and restored through the loader."""
+
+    INNER = "offset"
+
+    def __init__(self, source: DocumentSource, rank: int, world_size: int, infinite: bool):
+        self.source = source
+        self.rank, self.world_size = rank, world_size
+        self.infinite = infinite
+        self._epoch, self._doc, self._inner = 0, 0, 0
+        self.label = "data"  # names this data in log lines ("validation data" for evaluation)
+        self.require_data = True  # an empty shard is an error (validation: the caller decides)
+
+    def _shard(self) -> tuple[int, int]:
+        return current_shard(self.rank, self.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "doc": self._doc,
+            self.INNER: self._inner,
+            "num_shards": self._shard()[1],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_shards", self._shard()[1]) != self._shard()[1]:
+            logger.warning(
+                f"{self.label}: the checkpoint's data state was written by "
+                f"{state['num_shards']} shards (ranks × workers), this run has "
+                f"{self._shard()[1]}: each shard restarts epoch {state['epoch']} from its first "
+                "document, so documents of that epoch may be seen again or skipped; later "
+                "epochs are exact."
+            )
+            self._epoch, self._doc, self._inner = state["epoch"], 0, 0
+            return
+        self._epoch, self._doc, self._inner = state["epoch"], state["doc"], state[self.INNER]
+
+
+class PackedDataset(ShardedStream):
     def __init__(
         self,
         source: DocumentSource,
@@ -49,48 +90,15 @@ class PackedDataset(IterableDataset):
         infinite: bool = True,
         mask_cross_document_targets: bool = False,
     ) -> None:
-        self.source = source
+        super().__init__(source, rank, world_size, infinite)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
-        self.rank, self.world_size = rank, world_size
-        self.infinite = infinite
         self.mask_cross_document_targets = mask_cross_document_targets
         self.eos_id = tokenizer.eos_id  # the boundary the model's mask splits on
         pad = tokenizer.padding_id  # never a stop id; eos only for a tokenizer with no other
         self.pad_id = pad if pad is not None else tokenizer.eos_id
-        # where the next window starts: epoch, document index, token offset in that document
-        self._epoch, self._doc, self._offset = 0, 0, 0
+        # the next window starts at token ``_inner`` of document ``_doc``
         self.skipped_empty = 0
-        self.label = "data"  # names this data in log lines ("validation data" for evaluation)
-        self.require_data = True  # an empty shard is an error (validation: the caller decides)
-
-    # ---------------------------------------------------------------- sharding
-
-    def _shard(self) -> tuple[int, int]:
-        return current_shard(self.rank, self.world_size)
-
-    # ---------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self._epoch,
-            "doc": self._doc,
-            "offset": self._offset,
-            "num_shards": self._shard()[1],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("num_shards", self._shard()[1]) != self._shard()[1]:
-            logger.warning(
-                f"{self.label}: the checkpoint's data state was written by "
-                f"{state['num_shards']} shards"
-                f" (ranks × workers), this run has {self._shard()[1]}: each shard restarts "
-                f"epoch {state['epoch']} from its first document, so documents of that epoch "
-                "may be seen again or skipped; later epochs are exact."
-            )
-            self._epoch, self._doc, self._offset = state["epoch"], 0, 0
-            return
-        self._epoch, self._doc, self._offset = state["epoch"], state["doc"], state["offset"]
 
     # ---------------------------------------------------------------- iteration
 
@@ -109,7 +117,7 @@ class PackedDataset(IterableDataset):
         pieces: list[np.ndarray] = []
         filled = 0
         while True:
-            start_doc, start_offset = self._doc, self._offset
+            start_doc, start_offset = self._doc, self._inner
             docs_seen = docs_used = 0
             owned = functools.partial(
                 owned_by, shard=shard, num_shards=num_shards, first=start_doc, source=self.source
@@ -132,7 +140,7 @@ class PackedDataset(IterableDataset):
                     if filled == need:
                         window = np.concatenate(pieces)
                         # The next window starts at this window's last token.
-                        self._doc, self._offset = doc.index, pos - 1
+                        self._doc, self._inner = doc.index, pos - 1
                         yield self._sample(window)
                         pieces, filled = [window[-1:]], 1
             if docs_seen == 0 and start_doc == 0 and self.require_data:
@@ -157,7 +165,7 @@ class PackedDataset(IterableDataset):
                 pad = np.full(need - filled, self.pad_id, dtype=np.int64)
                 last = self._sample(np.concatenate([*pieces, pad]))
                 last["labels"][filled - 1 :] = IGNORE_INDEX
-            self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
+            self._epoch, self._doc, self._inner = self._epoch + 1, 0, 0
             if not self.infinite:
                 if last is not None:
                     yield last
