@@ -61,12 +61,15 @@ class Model:
     the startup check refuses the run: the document mask would split at the wrong token."""
 
     rope_theta: float = -1.0
-    """RoPE base frequency. -1 takes the flavor's (500000 for the Llama 3 flavors)."""
+    """RoPE base frequency. -1 takes that of the weights the run starts from (its own
+    checkpoint, checkpoint.initial_load_path or initial_load_hf), else the flavor's (500000
+    for the Llama 3 flavors)."""
 
     rope_scaling_factor: float = -1.0
     """Llama 3.1-style long-context RoPE scaling: 8 for Llama 3.1 / 3.3, 32 for Llama 3.2, 0
-    for none; -1 takes the flavor's (none). A checkpoint records the RoPE settings it was
-    trained with and refuses to resume under others."""
+    for none; -1 takes that of the weights the run starts from (with its band), else the
+    flavor's (none). A checkpoint records the RoPE settings it was trained with and refuses
+    to load under others."""
 
     rope_low_freq_factor: float = 1.0
     """With rope_scaling_factor: wavelengths above rope_original_max_len / this are scaled
@@ -308,15 +311,18 @@ class Checkpoint:
     """The final save holds only the model weights, in export_dtype (for export / inference)."""
 
     initial_load_path: str = ""
-    """A checkpoint step folder (e.g. a pretraining run's ``outputs/debug_model/checkpoint/
-    step-10``) whose model weights start this run at step 0, with a fresh optimizer, schedule
-    and data. Used only while this run's own checkpoint folder holds no checkpoint (after
-    that, the run resumes its own). Its vocab, bos and eos must agree with the tokenizer."""
+    """A checkpoint step folder (e.g. a pretraining run's
+    ``outputs/debug_model/checkpoint/step-10``) whose model weights start this run at step 0,
+    with a fresh optimizer, schedule and data. Used only while this run's own checkpoint
+    folder holds no checkpoint (after that, the run resumes its own). Its vocab, bos and eos
+    must agree with the tokenizer."""
 
     initial_load_hf: str = ""
     """A Hugging Face Llama 3 / 3.1 folder (config.json + safetensors) whose weights start
-    this run at step 0, as initial_load_path does. Its shapes and RoPE settings must match
-    model.* (the error names the keys to set); its generation stop ids are kept for export."""
+    this run at step 0, as initial_load_path does. Its shapes must match model.flavor and
+    model.vocab_size (the error names the keys to set); its RoPE settings are taken when
+    model.rope_theta / rope_scaling_factor are left at -1; its stop ids and context length are
+    kept for export."""
 
     allow_id_change: bool = False
     """Resume even though the checkpoint's ids manifest disagrees with the tokenizer (a
