@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from torchtitan_lite.tokenizer import Tokenizer
 
 EOT_TOKEN = "<|eot_id|>"
+#: The ids a checkpoint records and a resumed run must share. The first three are baked into
+#: the weights; a run that only starts from them may choose another pad (it is never trained).
+MANIFEST_ID_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id")
+WEIGHT_ID_KEYS = MANIFEST_ID_KEYS[:3]
 
 
 class IdMismatchError(UserError):
@@ -93,7 +97,7 @@ def check_special_ids(
     data_eos_id: int | None = None,
     manifest: dict[str, Any] | None = None,
     allow_eot_boundary: bool = False,
-    manifest_keys: tuple[str, ...] = ("vocab_size", "bos_id", "eos_id", "pad_id"),
+    manifest_keys: tuple[str, ...] = MANIFEST_ID_KEYS,
 ) -> list[str]:
     """Prove that every part of the job uses the tokenizer's special ids.
 

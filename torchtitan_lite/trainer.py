@@ -217,12 +217,6 @@ class Trainer:
         )
         self._log_banner(config_path, global_batch)
 
-        # 11. Validation: held-out data through the same mask and loss rules, no gradient.
-        vc = config.validation
-        self.val_batch_size = (
-            vc.local_batch_size if vc.local_batch_size > 0 else tc.local_batch_size
-        )
-
     # ------------------------------------------------------------------ banner
 
     def _log_banner(self, config_path: str | None, global_batch: int) -> None:
@@ -340,14 +334,9 @@ class Trainer:
         Every rank runs the same number of forwards (FSDP's collectives need it): a rank whose
         share ran out feeds fully padded batches until every rank is done."""
         vc, tc = self.config.validation, self.config.training
+        rows = vc.local_batch_size if vc.local_batch_size > 0 else tc.local_batch_size
         loader = build_validation_loader(
-            self.config.data,
-            vc,
-            self.tokenizer,
-            tc.seq_len,
-            self.val_batch_size,
-            self.rank,
-            self.world_size,
+            self.config.data, vc, self.tokenizer, tc.seq_len, rows, self.rank, self.world_size
         )
         data_iter = iter(loader)
         pad_id = self.dataloader.dataset.pad_id
@@ -371,7 +360,7 @@ class Trainer:
                     batch = {"input": torch.full((0, tc.seq_len), pad_id, dtype=torch.long)}
                     batch["labels"] = torch.full_like(batch["input"], IGNORE_INDEX)
                 batch.pop("epoch", None)
-                batch = _pad_rows(batch, self.val_batch_size, pad_id)
+                batch = _pad_rows(batch, rows, pad_id)
                 valid += host_count(batch["labels"] != IGNORE_INDEX)
                 loss_sum += self.loss_sum(batch)
                 batches += 1

@@ -36,7 +36,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.ids import IdMismatchError, check_special_ids
+from torchtitan_lite.ids import (
+    MANIFEST_ID_KEYS,
+    WEIGHT_ID_KEYS,
+    IdMismatchError,
+    check_special_ids,
+)
 from torchtitan_lite.logging import logger
 
 MANIFEST = "ids_manifest.json"
@@ -308,7 +313,7 @@ class CheckpointManager:
                 manifest,
                 tokenizer,
                 self.cc.allow_id_change,
-                ("vocab_size", "bos_id", "eos_id"),  # the pad may change (it is never trained)
+                WEIGHT_ID_KEYS,
             )
             self._inherit(manifest, own=False)
             state = {"model": ModelWrapper(self.model)}
@@ -346,7 +351,7 @@ class CheckpointManager:
         manifest: dict,
         tokenizer,
         allow: bool,
-        id_keys: tuple[str, ...] = ("vocab_size", "bos_id", "eos_id", "pad_id"),
+        id_keys: tuple[str, ...] = MANIFEST_ID_KEYS,
     ) -> None:
         saved_rope, rope = manifest.get("rope"), self.manifest.get("rope")
         if saved_rope is not None and rope is not None and saved_rope != rope:

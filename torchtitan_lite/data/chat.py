@@ -157,9 +157,8 @@ class ConversationDataset(ShardedStream):
                 if not self.truncated:
                     logger.warning(
                         f"{self.label}: conversation {doc.origin} has {len(tokens)} tokens, "
-                        "more than "
-                        f"a row of training.seq_len + 1 = {row}: truncated (later ones are "
-                        "counted, and the count is logged at the end of each epoch)"
+                        f"more than a row of training.seq_len + 1 = {row}: truncated (later "
+                        "ones are counted, and the count is logged at the end of each epoch)"
                     )
                 self.truncated += 1
                 tokens, trained = tokens[:row], trained[:row]
@@ -239,6 +238,6 @@ class ConversationDataset(ShardedStream):
         return len(rows)
 
     def _skip_summary(self) -> str:
-        parts = [f"{n} with {_SKIP_REASONS.get(r, r)} skipped" for r, n in self.skipped.items()]
+        parts = [f"{n} with {_SKIP_REASONS[r]} skipped" for r, n in self.skipped.items()]
         parts.append(f"{self.truncated} truncated")
         return ", ".join(parts)

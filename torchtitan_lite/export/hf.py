@@ -377,10 +377,10 @@ def export_to_hf(
     return out
 
 
-_DATA_KINDS = {
-    "chat": "conversations in the Llama 3 chat template, loss on the assistant's turns",
-    "chat_hf": "conversations in the Llama 3 chat template, loss on the assistant's turns",
-}
+def _data_kind(fmt: str) -> str:
+    if fmt.startswith("chat"):
+        return "conversations in the Llama 3 chat template, loss on the assistant's turns"
+    return "documents as bos + text + eos, packed"
 
 
 def _model_card(
@@ -401,7 +401,7 @@ def _model_card(
             (
                 f"stage {i}",
                 f"{stage['steps']} steps on `{stage['data']}` ("
-                + _DATA_KINDS.get(stage["format"], "documents as bos + text + eos, packed")
+                + _data_kind(stage["format"])
                 + f"), from {stage['start']}",
             )
             for i, stage in enumerate(stages, start=1)
@@ -508,8 +508,7 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
         "lineage": [
             {"start": f"Hugging Face model {hf_dir}", "data": "", "format": "", "steps": 0}
         ],
-        "base_stop_ids": read_hf_base_stop_ids(hf_dir, cfg),
-        "base_context_length": args.max_seq_len,
+        **_base_record(hf_dir, cfg, args),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
@@ -644,18 +643,16 @@ def read_hf_base(
             + ", ".join(f"{k} = {theirs[k]!r}" for k in differ)
             + " (the flavor's shapes and the RoPE settings must be the model's own)."
         )
-    base = {
-        "base_stop_ids": read_hf_base_stop_ids(hf_dir, cfg),
-        "base_context_length": args.max_seq_len,
-    }
-    return state, base
+    return state, _base_record(hf_dir, cfg, args)
 
 
-def read_hf_base_stop_ids(hf_dir: Path, cfg: dict) -> list[int]:
-    """The stop ids of an HF model: its config's eos, then its generation config's."""
+def _base_record(hf_dir: Path, cfg: dict, args: ModelArgs) -> dict:
+    """What a checkpoint keeps of the HF model it started from, for the export: its stop ids
+    (its config's eos, then its generation config's) and its context length."""
     gen_path = hf_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    return union(_stop_ids_of(cfg.get("eos_token_id")), _stop_ids_of(gen.get("eos_token_id")))
+    stops = union(_stop_ids_of(cfg.get("eos_token_id")), _stop_ids_of(gen.get("eos_token_id")))
+    return {"base_stop_ids": stops, "base_context_length": args.max_seq_len}
 
 
 def _flavor_of(args: ModelArgs) -> str:
