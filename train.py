@@ -18,6 +18,10 @@ def main(argv: list[str]) -> int:
             print(help_text())
             return 0
         config = load_config(path, overrides)
+        if config.dry_run.world_size > 0:
+            from torchtitan_lite.dry_run import dry_run
+
+            return dry_run(config, path)  # 0: fits, 3: does not fit
         from torchtitan_lite.trainer import Trainer
 
         trainer = Trainer(config, config_path=path)

@@ -56,17 +56,26 @@ _INIT_WHOLE_MAX_PARAMS = 500_000_000
 
 
 class Trainer:
-    def __init__(self, config: JobConfig, config_path: str | None = None) -> None:
+    def __init__(self, config: JobConfig, config_path: str | None = None, fake_mode=None) -> None:
+        """``fake_mode`` (a ``FakeTensorMode``; the dry run's): build everything as a real run
+        would, at the world size of the fake process group already joined, but with fake
+        tensors for the model and optimizer, on the CPU, writing nothing and loading no
+        checkpoint."""
         self.config = config
+        self.fake_mode = fake_mode
+        dry = fake_mode is not None
         tc, mc = config.training, config.model
 
         # 1. Device, process group, parallel layout and mesh.
-        self.device = _device(tc.device)
+        self.device = torch.device("cpu") if dry else _device(tc.device)
         self.rank, self.world_size = init_distributed(self.device, config.comm.init_timeout_seconds)
         self.device = local_device(self.device)
-        # bf16 only where the device computes in it natively (auto), else fp32.
-        self.param_dtype, self.param_dtype_reason = resolve_param_dtype(
-            tc.mixed_precision_param, self.device
+        # bf16 only where the device computes in it natively (auto), else fp32. A dry run
+        # simulates GPUs, all of which compute in bf16.
+        self.param_dtype, self.param_dtype_reason = (
+            ("bfloat16", "auto: the simulated GPU has bf16 tensor cores")
+            if dry and tc.mixed_precision_param == "auto"
+            else resolve_param_dtype(tc.mixed_precision_param, self.device)
         )
         self.parallel_dims = ParallelDims(
             config.parallelism.data_parallel_replicate_degree,
@@ -75,10 +84,12 @@ class Trainer:
         )
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
 
-        # 2. The run folder: everything the run writes lands here.
-        self.dump_folder = _make_dump_folder(config.job.dump_folder)
-        init_logger(self.dump_folder / "train.log" if self.rank == 0 else None)
-        if self.rank == 0:
+        # 2. The run folder: everything the run writes lands here (a dry run writes nothing).
+        self.dump_folder = (
+            Path(config.job.dump_folder) if dry else _make_dump_folder(config.job.dump_folder)
+        )
+        init_logger(self.dump_folder / "train.log" if self.rank == 0 and not dry else None)
+        if self.rank == 0 and not dry:
             (self.dump_folder / "config.toml").write_text(to_toml(config), encoding="utf-8")
 
         # 3. Seed: the same on every rank, so initial weights agree before sharding.
@@ -140,7 +151,9 @@ class Trainer:
         ):
             logger.warning(warning)
         self.attn_backend = resolve_backend(mc.attn_backend, self.device)
-        if self.attn_backend == "flex" and self.device.type != "cuda":
+        if dry:  # the fake step runs the sdpa path: same shapes, no S×S tensor either way
+            self.attn_backend = "sdpa"
+        elif self.attn_backend == "flex" and self.device.type != "cuda":
             raise ConfigError(
                 f"Config key 'model.attn_backend' is 'flex' on {self.device.type}: "
                 "FlexAttention has no backward pass there, so it cannot train. Fix: set "
@@ -152,20 +165,22 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(self.model_args)
         self.num_params = sum(p.numel() for p in model.parameters())
-        init_whole = self.num_params <= _INIT_WHOLE_MAX_PARAMS
+        init_whole = self.num_params <= _INIT_WHOLE_MAX_PARAMS and not dry
         if init_whole:  # 7a. whole, then sharded: identical weights for any world size
             model.to_empty(device=self.device)
             with torch.no_grad():
                 model.init_weights(buffer_device=self.device)
-        self.model = parallelize(model, self.mesh, config, self.attn_backend, self.param_dtype)
-        if not init_whole:  # 7b. shard by shard, on the device
-            self.model.to_empty(device=self.device)
-            with torch.no_grad():
-                self.model.init_weights(buffer_device=self.device)
-        self.model.train()
+        with fake_mode or contextlib.nullcontext():  # a dry run: fake shards, no memory
+            self.model = parallelize(model, self.mesh, config, self.attn_backend, self.param_dtype)
+            if not init_whole:  # 7b. shard by shard, on the device (a dry run keeps them empty)
+                self.model.to_empty(device=self.device)
+                if not dry:
+                    with torch.no_grad():
+                        self.model.init_weights(buffer_device=self.device)
+            self.model.train()
 
-        # 8. Optimizer and learning-rate schedule.
-        self.optimizer = build_optimizer(self.model, config.optimizer)
+            # 8. Optimizer and learning-rate schedule.
+            self.optimizer = build_optimizer(self.model, config.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.steps, config.lr_scheduler)
 
         # 9. Checkpoints: resume from the newest complete one when there is one.
@@ -187,11 +202,13 @@ class Trainer:
         )
         cc = config.checkpoint
         state = None
-        if cc.enable and not cc.create_seed_checkpoint:
+        if cc.enable and not cc.create_seed_checkpoint and not dry:
             state = self.checkpointer.load(self.tokenizer, cc.allow_id_change)
             if state is not None:
                 self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        if state is None and (cc.initial_load_path or cc.initial_load_hf):
+        if dry:
+            pass  # a dry run measures; it starts from no weights
+        elif state is None and (cc.initial_load_path or cc.initial_load_hf):
             self.checkpointer.load_initial(self.tokenizer, self.model_args)
         elif state is None and config.data.format.startswith("chat"):
             logger.warning(
@@ -202,7 +219,7 @@ class Trainer:
 
         # 10. Metrics.
         mx = config.metrics
-        write_tb = mx.enable_tensorboard and (self.rank == 0 or not mx.rank_0_only)
+        write_tb = mx.enable_tensorboard and (self.rank == 0 or not mx.rank_0_only) and not dry
         tb = self.dump_folder / mx.save_tb_folder
         if write_tb and not mx.rank_0_only:
             tb = tb / f"rank_{self.rank}"
@@ -212,7 +229,7 @@ class Trainer:
             self.device,
             peak,
             tb if write_tb else None,
-            self.dump_folder / "metrics.jsonl" if self.rank == 0 else None,
+            self.dump_folder / "metrics.jsonl" if self.rank == 0 and not dry else None,
             show_trained=self.chat_template is not None,
         )
         self._log_banner(config_path, global_batch)
@@ -305,21 +322,28 @@ class Trainer:
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed token loss of one micro-batch: the mask (once, shared by all layers), then
-        the forward; training and validation both go through here."""
-        inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
-        labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
-        eos_id = self.model_args.eos_id
-        # flex builds its BlockMask on the device; sdpa cuts its segments on the host copy of
-        # the tokens (no device→host read), placing their small masks on the device.
-        mask = build_attention_mask(
-            inputs if self.attn_backend == "flex" else batch["input"],
-            eos_id,
+    def attention_mask(self, batch: dict[str, torch.Tensor]):
+        """The batch's mask, built once and shared by all layers: flex builds its BlockMask on
+        the device; sdpa cuts its segments on the host copy of the tokens (no device→host
+        read), placing their small masks on the device."""
+        tokens = batch["input"]
+        if self.attn_backend == "flex":
+            tokens = tokens.to(self.device, non_blocking=True)
+        return build_attention_mask(
+            tokens,
+            self.model_args.eos_id,
             self.model_args.attn_mask_type,
             self.attn_backend,
             device=self.device,
         )
+
+    def loss_sum(self, batch: dict[str, torch.Tensor], mask=None) -> torch.Tensor:
+        """Summed token loss of one micro-batch (its mask built here unless given), then the
+        forward; training, validation and the dry run all go through here."""
+        mask = self.attention_mask(batch) if mask is None else mask
+        inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
+        labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
+        eos_id = self.model_args.eos_id
         positions = (
             document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
         )

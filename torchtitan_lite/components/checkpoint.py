@@ -140,7 +140,9 @@ class CheckpointManager:
         # the same order): CPU-side, so an async save can run them from its background thread
         # on CUDA runs too, never interleaved with the training collectives of the default
         # group, and under the default long timeout rather than the short training one.
-        self.pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # (A dry run's world is a fake process group: its checkpoint group is fake too.)
+        backend = "fake" if dist.is_initialized() and dist.get_backend() == "fake" else "gloo"
+        self.pg = dist.new_group(backend=backend) if dist.is_initialized() else None
         # Where this run's weights came from: earlier stages (from the initial checkpoint),
         # then this run's own stage; the stop ids of a Hugging Face base model.
         self.lineage: list[dict] = []

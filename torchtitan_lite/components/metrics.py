@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,35 @@ PEAK_BF16_TFLOPS = {
     "NVIDIA L40S": 362.05,
     "NVIDIA L4": 121.0,
     "AMD Instinct MI300X": 1307.4,
+}
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU the dry run can size a job for: its device name (a key of
+    :data:`PEAK_BF16_TFLOPS`, so MFU and the dry run share one peak), memory, and the per-GPU
+    bandwidth of its links within a node (NVLink / Infinity Fabric, one direction) and across
+    nodes (the usual 400 Gb/s NIC per GPU)."""
+
+    name: str
+    memory_gib: float
+    intra_node_gbps: float
+    inter_node_gbps: float = 50.0
+    gpus_per_node: int = 8
+
+    @property
+    def peak_tflops(self) -> float:
+        return PEAK_BF16_TFLOPS[self.name]
+
+
+#: ``dry_run.gpu`` choices. Memory is what ``torch.cuda.get_device_properties`` reports.
+GPUS = {
+    "h100": GPU("NVIDIA H100 80GB HBM3", 79.6, 450.0),
+    "h200": GPU("NVIDIA H200", 139.8, 450.0),
+    "a100": GPU("NVIDIA A100-SXM4-80GB", 79.3, 300.0),
+    "b200": GPU("NVIDIA B200", 178.4, 900.0),
+    "l40s": GPU("NVIDIA L40S", 44.4, 32.0),
+    "mi300x": GPU("AMD Instinct MI300X", 191.5, 448.0),
 }
 
 

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16")
 AC_MODES = ("none", "full", "selective")
 FLEX_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 DECAY_TYPES = ("linear", "cosine", "sqrt")
+DRY_RUN_GPUS = ("h100", "h200", "a100", "b200", "l40s", "mi300x")  # keys of metrics.GPUS
 
 
 @dataclass
@@ -402,6 +403,19 @@ class Profiling:
 
 
 @dataclass
+class DryRun:
+    world_size: int = 0
+    """Simulate the job at this many ranks instead of running it (0: a real run). The real
+    build sequence and one training step run in this process with a fake process group and
+    fake tensors; per-rank memory, FLOPs, communication and a step-time estimate are printed
+    and written to <job.dump_folder>/dry_run.json. Exit status 0 when it fits, 3 when not."""
+
+    gpu: str = "h100"
+    """The GPU to size the job for: h100, h200, a100, b200, l40s or mi300x (peak bf16
+    TFLOP/s, memory and link bandwidth come from the table the MFU code uses)."""
+
+
+@dataclass
 class JobConfig:
     """The whole job. Section names are the TOML table names."""
 
@@ -420,6 +434,7 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     comm: Comm = field(default_factory=Comm)
     profiling: Profiling = field(default_factory=Profiling)
+    dry_run: DryRun = field(default_factory=DryRun)
 
     def validate(self) -> None:
         """Cross-field and range rules; raises ConfigError naming the key and the fix."""
@@ -448,6 +463,7 @@ class JobConfig:
         _one_of("lr_scheduler.decay_type", self.lr_scheduler.decay_type, DECAY_TYPES)
         _one_of("optimizer.name", self.optimizer.name, ("AdamW",))
         _one_of("data.format", self.data.format, ("auto", "hf", "chat", "chat_hf"))
+        _one_of("dry_run.gpu", self.dry_run.gpu, DRY_RUN_GPUS)
         _one_of(
             "optimizer.implementation",
             self.optimizer.implementation,
@@ -484,6 +500,7 @@ class JobConfig:
                 )
         for key, value in (
             ("data.num_workers", self.data.num_workers),
+            ("dry_run.world_size", self.dry_run.world_size),
             ("training.skip_nonfinite_steps", self.training.skip_nonfinite_steps),
             ("training.gc_freq", self.training.gc_freq),
             ("checkpoint.keep_latest_k", self.checkpoint.keep_latest_k),
