@@ -253,7 +253,8 @@ def _print(r: dict, config: JobConfig) -> None:
         f"dry run: {r['world_size']} ranks (replicate {r['layout']['dp_replicate']} × shard "
         f"{r['layout']['dp_shard']}) of {g['name']}, per rank:",
         f"  parameters {m['parameters']:.2f} GiB, gradients {m['gradients']:.2f} GiB, "
-        f"optimizer state {m['optimizer']:.2f} GiB, peak activations {m['activations']:.2f} GiB",
+        f"optimizer state {m['optimizer']:.2f} GiB, activations {m['activations']:.2f} GiB at the "
+        "forward/backward peak",
         f"  peak total {m['peak']:.2f} GiB (of {g['memory_gib']:.1f} GiB, "
         f"{USABLE_MEMORY:.0%} usable = {m['usable']:.1f} GiB)",
         f"  FLOPs per step: {r['flops_per_step']['dense']:.3e} dense, "

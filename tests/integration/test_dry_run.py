@@ -106,7 +106,7 @@ def test_shipped_configs_fit_at_their_documented_size(
         "parameters ",
         "gradients ",
         "optimizer state ",
-        "peak activations ",
+        "activations ",
         "peak total ",
         "FLOPs per step:",
         "all-gather ",
