@@ -11,10 +11,12 @@ of the step time on the named GPU; the last line says whether it fits. Because i
 trainer, it cannot drift from what training does.
 
 Two settings differ from the real run, and say why: ``torch.compile`` is off (graphs are not
-traced on fake tensors; compiling changes no stored tensor) and AdamW runs its ``for-loop``
-kernels (the same state; under fake tensors the ``foreach`` kernels allocate temporaries the
-real ones do not). The optimizer step's memory is then added for the configured kernels:
-what is live before it, its state, and its temporaries.
+traced on fake tensors, so the activations are those of the eager model; compiled blocks
+usually save less) and AdamW runs its ``for-loop`` kernels (the same state; under fake
+tensors the ``foreach`` kernels allocate temporaries the real ones do not). The optimizer
+step's memory is then added for the configured kernels: what is live before it, state
+included, and its temporaries. The step measured is the second one, as in steady state:
+AdamW creates its state lazily, and from then on holds it through forward and backward.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from torchtitan_lite.logging import logger
 #: buffers and allocator fragmentation.
 USABLE_MEMORY = 0.92
 _GIB = 2**30
-_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def local_bytes(tensors) -> int:
@@ -68,13 +69,26 @@ def _tracker(model, optimizer):
     return (PeakTracker if usable else FSDPMemTracker)(model, optimizer)
 
 
+def _reset_peak(tracker) -> None:
+    """Start the measured step: clear the per-module statistics (the tracker follows one
+    iteration at a time) and forget the peak so far (the first step's). Without the private
+    field (another torch version) the peak stays the maximum over both steps, which the
+    second step sets anyway unless the first step's optimizer kernels peak higher."""
+    tracker.reset_mod_stats()
+    if isinstance(getattr(tracker, "_peak_mem", None), dict):
+        tracker._peak_mem.clear()
+
+
 def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
-    """One training step of a real batch under ``FSDPMemTracker``, fake (dry run) or real:
-    the bytes this rank holds for parameters, gradients and optimizer state (exact), and the
-    tracker's peaks. A real step's peak is measured whole. A dry run measures forward,
-    backward and clipping, and adds the optimizer step by its kernels' known footprint (under
-    fake tensors the optimizer kernels allocate what the real ones do not) for
-    ``optimizer_kind`` (default: the trainer's ``optimizer.implementation``)."""
+    """A steady-state training step of a real batch under ``FSDPMemTracker``, fake (dry run)
+    or real: one step first (AdamW creates its state lazily; from the second step on it is
+    held through forward and backward), then the measured one. Returns the bytes this rank
+    holds for parameters, gradients and optimizer state (exact) and the tracker's peaks.
+
+    A real step's peak is measured whole. A dry run measures forward, backward and clipping,
+    and adds the optimizer step by what its kernels allocate (``optimizer_kind``, default the
+    trainer's ``optimizer.implementation``): under fake tensors the optimizer kernels
+    allocate what the real ones do not."""
     batch = next(iter(trainer.dataloader))
     batch.pop("epoch", None)
     # The mask and the target count come from the host batch, outside the fake mode.
@@ -82,11 +96,19 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     targets = max(int((batch["labels"] != IGNORE_INDEX).sum()), 1)
     params = list(trainer.model.parameters())
     figures: dict[str, float] = {"parameters": local_bytes(params)}
+
+    def forward_backward() -> None:
+        (trainer.loss_sum(batch, mask) / targets).backward()
+        clip_grad_norm_(params, trainer.config.training.max_norm, trainer.mesh)
+
     with trainer.fake_mode or contextlib.nullcontext():
         tracker = _tracker(trainer.model, trainer.optimizer)
         with tracker:
-            (trainer.loss_sum(batch, mask) / targets).backward()
-            clip_grad_norm_(params, trainer.config.training.max_norm, trainer.mesh)
+            forward_backward()  # the first step: creates the optimizer state
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            _reset_peak(tracker)
+            forward_backward()  # the measured step
             figures["gradients"] = local_bytes(p.grad for p in params if p.grad is not None)
             backward = _by_kind(tracker.get_tracker_snapshot("peak")[trainer.device])
             live = _by_kind(tracker.get_tracker_snapshot("current")[trainer.device])["Total"]
@@ -100,12 +122,12 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
         if torch.is_tensor(v)
     )
     figures["activations"] = backward.get("ACT", 0)
+    figures["backward_peak"] = backward["Total"]
     if trainer.fake_mode is None:
         figures["peak"] = whole["Total"]
-    else:  # the optimizer step: what is live, its new state, and its kernels' temporaries
+    else:  # the optimizer step: what is live (state included) and its kernels' temporaries
         kind = optimizer_kind or trainer.config.optimizer.implementation
-        step = live + figures["optimizer"] + _optimizer_temporaries(kind, params)
-        figures["peak"] = max(backward["Total"], step)
+        figures["peak"] = max(backward["Total"], live + _optimizer_temporaries(kind, params))
     figures["tokens"] = batch["input"].numel()
     figures["pairs"] = attention_pairs(
         batch["input"], trainer.model_args.eos_id, trainer.model_args.attn_mask_type
@@ -129,41 +151,59 @@ def _optimizer_temporaries(kind: str, params) -> int:
 
 
 def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
-    """Per-rank figures of one optimizer step and the roofline estimate on ``gpu_key``."""
+    """Per-rank figures of one optimizer step and the roofline estimate on ``gpu_key``
+    (its peak from ``metrics.peak_tflops`` when that is set)."""
     c, pd, gpu = trainer.config, trainer.parallel_dims, GPUS[gpu_key]
+    peak_tflops = c.metrics.peak_tflops if c.metrics.peak_tflops > 0 else gpu.peak_tflops
     accum = trainer.grad_accum_steps
     flops = FlopCounter(trainer.model_args)
     tokens = figures["tokens"] * accum
     dense = flops.dense(tokens, c.training.seq_len)
     kept = flops.kept(figures["tokens"], figures["pairs"]) * accum
     params, shard, replicas = trainer.num_params, pd.dp_shard, pd.dp_replicate
-    param_bytes = params * _BYTES[trainer.param_dtype]
-    grad_bytes = params * _BYTES[c.training.mixed_precision_reduce]
-    # FSDP2 per micro-batch: parameters all-gathered in forward and again in backward, the
-    # gradients reduce-scattered; HSDP adds an all-reduce of the shards across replicas.
-    all_gather = 2 * param_bytes * (shard - 1) / shard * accum
-    reduce_scatter = grad_bytes * (shard - 1) / shard * accum
-    all_reduce = 2 * grad_bytes / shard * (replicas - 1) / replicas * accum
-    comm = all_gather + reduce_scatter + all_reduce
-    # Within a node every rank moves its bytes over its own links; across nodes a node's
-    # share of the collectives (the unsharded size × (nodes − 1) / nodes) leaves through all
-    # of its GPUs' NICs at once (one ring per rail). The slower of the two bounds the time.
-    nodes = math.ceil(trainer.world_size / gpu.gpus_per_node)
-    per_node = (2 * param_bytes + grad_bytes) * accum * (nodes - 1) / nodes
-    intra_s = comm / (gpu.intra_node_gbps * 1e9)
-    inter_s = per_node / (gpu.gpus_per_node * gpu.inter_node_gbps * 1e9)
+    param_size = getattr(torch, trainer.param_dtype).itemsize
+    grad_size = getattr(torch, c.training.mixed_precision_reduce).itemsize
+    # FSDP2, every micro-batch: each unit's parameters are all-gathered for the forward and,
+    # if the unit was resharded after it, again for the backward (``default``: every block
+    # but the last; the root — embeddings, final norm, output — stays gathered); gradients
+    # are reduce-scattered; HSDP then all-reduces the shards across the replicas.
+    blocks = [sum(p.numel() for p in b.parameters()) for b in trainer.model.layers.values()]
+    regathered = {
+        "default": sum(blocks[:-1]),
+        "always": params,
+        "never": 0,
+    }[c.parallelism.fsdp_reshard_after_forward]
+    gathered = (params + regathered) * param_size * accum  # unsharded bytes per micro-batches
+    reduced = params * grad_size * accum
+    all_gather = gathered * (shard - 1) / shard
+    reduce_scatter = reduced * (shard - 1) / shard
+    all_reduce = 2 * reduced / shard * (replicas - 1) / replicas
+    # Links: a shard group (contiguous ranks) within a node uses NVLink; one spanning k nodes
+    # sends each node's share, × (k − 1) / k of the unsharded bytes, through all the node's
+    # NICs at once (one ring per rail). Replicas sit on other nodes once the job does.
+    gpn = gpu.gpus_per_node
+    nodes = math.ceil(trainer.world_size / gpn)
+    shard_nodes = math.ceil(shard / gpn)
+    across = trainer.world_size > gpn
+    intra_s = (all_gather + reduce_scatter + (0 if across else all_reduce)) / (
+        gpu.intra_node_gbps * 1e9
+    )
+    inter_s = (gathered + reduced) * (shard_nodes - 1) / shard_nodes / (
+        min(gpn, shard) * gpu.inter_node_gbps * 1e9
+    ) + (all_reduce / (gpu.inter_node_gbps * 1e9) if across else 0.0)
     comm_s = max(intra_s, inter_s)
-    compute_s = kept / (gpu.peak_tflops * 1e12)
+    compute_s = kept / (peak_tflops * 1e12)
     step_s = max(compute_s, comm_s)  # FSDP overlaps communication with compute
     usable = gpu.memory_gib * USABLE_MEMORY
     peak = figures["peak"] / _GIB
+    per_rank = tokens / step_s if step_s else 0.0
     return {
         "world_size": trainer.world_size,
         "layout": {"dp_replicate": replicas, "dp_shard": shard},
         "gpu": {
             "name": gpu.name,
             "memory_gib": gpu.memory_gib,
-            "peak_tflops": gpu.peak_tflops,
+            "peak_tflops": peak_tflops,
             "intra_node_gbps": gpu.intra_node_gbps,
             "inter_node_gbps": gpu.inter_node_gbps,
             "nodes": nodes,
@@ -193,31 +233,31 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
             "comm": comm_s,
             "step": step_s,
         },
-        "tokens_per_second": tokens / step_s if step_s else 0.0,
+        "tokens_per_second": {"per_rank": per_rank, "job": per_rank * pd.dp},
         "fits": peak <= usable,
-        "advice": "" if peak <= usable else _advice(trainer, figures, usable),
+        "advice": "" if peak <= usable else _advice(trainer, figures, usable, gpn),
     }
 
 
-def _advice(trainer, figures: dict[str, float], usable_gib: float) -> str:
-    """The knob that helps most when the peak does not fit."""
-    c = trainer.config
+def _advice(trainer, figures: dict[str, float], usable_gib: float, gpus_per_node: int) -> str:
+    """The knob that helps most when the peak does not fit. Parameters, gradients and
+    optimizer state shrink with the shard degree; what the forward/backward holds besides
+    them (activations, gathered layers, logits) does not."""
+    c, gpn = trainer.config, gpus_per_node
     states = (figures["parameters"] + figures["gradients"] + figures["optimizer"]) / _GIB
-    activations = figures["peak"] / _GIB - states
-    if states < usable_gib and activations > states:
-        ac = c.activation_checkpoint.mode
-        if ac != "full":
+    other = max(figures["backward_peak"] / _GIB - states, figures["activations"] / _GIB)
+    if other >= usable_gib or other > states:  # more ranks cannot help enough: shrink a step
+        if c.activation_checkpoint.mode != "full":
             return 'activation_checkpoint.mode = "full" (activations dominate)'
         if c.training.local_batch_size > 1:
             return f"training.local_batch_size = {c.training.local_batch_size // 2}"
         return f"training.seq_len = {c.training.seq_len // 2}"
-    room = usable_gib - max(activations, 0.0)
-    if room <= 0:
-        return 'activation_checkpoint.mode = "full" and more ranks'
-    ranks = trainer.parallel_dims.dp_shard * math.ceil(states / room)
+    shard = trainer.parallel_dims.dp_shard
+    ranks = math.ceil(shard * states / (usable_gib - other))
+    ranks = math.ceil(ranks / gpn) * gpn if ranks > gpn else ranks
     return (
-        f"more ranks: shard over ≥ {ranks} GPUs (parameters, gradients and optimizer state "
-        "shrink with the shard degree)"
+        f"more ranks: shard over ≥ {ranks} GPUs (parallelism.data_parallel_shard_degree; "
+        "parameters, gradients and optimizer state shrink with it)"
     )
 
 
@@ -265,7 +305,9 @@ def _print(r: dict, config: JobConfig) -> None:
         f"TFLOP/s); communication {s['comm']:.3f} s (within a node {s['comm_intra_node']:.3f} s "
         f"at {g['intra_node_gbps']:g} GB/s, across {g['nodes']} node(s) "
         f"{s['comm_inter_node']:.3f} s at {g['inter_node_gbps']:g} GB/s per GPU); step ≈ "
-        f"{s['step']:.3f} s (overlapped), {r['tokens_per_second']:,.0f} tokens/s per rank",
+        f"{s['step']:.3f} s (overlapped; at peak FLOP/s, so a lower bound), "
+        f"{r['tokens_per_second']['per_rank']:,.0f} tokens/s per rank, "
+        f"{r['tokens_per_second']['job']:,.0f} for the job (upper bounds)",
     ]
     verdict = f"peak {m['peak']:.2f} GiB of {m['usable']:.1f} GiB"
     lines.append(

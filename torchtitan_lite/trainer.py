@@ -239,9 +239,12 @@ class Trainer:
     def _log_banner(self, config_path: str | None, global_batch: int) -> None:
         t, a, c = self.tokenizer, self.model_args, self.config
         logger.info(f"torchtitan_lite: {c.job.description}")
-        logger.info(
-            f"config {config_path or '(defaults)'} -> resolved {self.dump_folder / 'config.toml'}"
+        written = (
+            "dry run: nothing written but dry_run.json"
+            if self.fake_mode is not None
+            else f"resolved {self.dump_folder / 'config.toml'}"
         )
+        logger.info(f"config {config_path or '(defaults)'} -> {written}")
         if c.job.print_config:
             for line in to_toml(c).splitlines():
                 if line:
@@ -322,13 +325,15 @@ class Trainer:
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
-    def attention_mask(self, batch: dict[str, torch.Tensor]):
+    def attention_mask(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor | None = None):
         """The batch's mask, built once and shared by all layers: flex builds its BlockMask on
-        the device; sdpa cuts its segments on the host copy of the tokens (no device→host
-        read), placing their small masks on the device."""
-        tokens = batch["input"]
-        if self.attn_backend == "flex":
-            tokens = tokens.to(self.device, non_blocking=True)
+        the device (from ``tokens``, the batch's tokens already there, when given); sdpa cuts
+        its segments on the host copy of the tokens (no device→host read), placing their
+        small masks on the device."""
+        if self.attn_backend != "flex":
+            tokens = batch["input"]
+        elif tokens is None:
+            tokens = batch["input"].to(self.device, non_blocking=True)
         return build_attention_mask(
             tokens,
             self.model_args.eos_id,
@@ -340,9 +345,9 @@ class Trainer:
     def loss_sum(self, batch: dict[str, torch.Tensor], mask=None) -> torch.Tensor:
         """Summed token loss of one micro-batch (its mask built here unless given), then the
         forward; training, validation and the dry run all go through here."""
-        mask = self.attention_mask(batch) if mask is None else mask
         inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
         labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
+        mask = self.attention_mask(batch, inputs) if mask is None else mask
         eos_id = self.model_args.eos_id
         positions = (
             document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
