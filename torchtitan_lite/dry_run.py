@@ -98,8 +98,8 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     figures: dict[str, float] = {"parameters": local_bytes(params)}
 
     def forward_backward() -> None:
-        (trainer.loss_sum(batch, mask) / targets).backward()
-        clip_grad_norm_(params, trainer.config.training.max_norm, trainer.mesh)
+        trainer.forward_backward_step(batch, 1 / targets, mask)
+        clip_grad_norm_(params, trainer.config.training.max_norm)
 
     with trainer.fake_mode or contextlib.nullcontext():
         tracker = _tracker(trainer.model, trainer.optimizer)
@@ -160,14 +160,17 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
     tokens = figures["tokens"] * accum
     dense = flops.dense(tokens, c.training.seq_len)
     kept = flops.kept(figures["tokens"], figures["pairs"]) * accum
-    params, shard, replicas = trainer.num_params, pd.dp_shard, pd.dp_replicate
+    shard, replicas, tp = pd.dp_shard, pd.dp_replicate, pd.tp
+    params = (
+        trainer.num_params / tp
+    )  # what one TP rank's FSDP shards (the norms, replicated, are tiny)
     param_size = getattr(torch, trainer.param_dtype).itemsize
     grad_size = getattr(torch, c.training.mixed_precision_reduce).itemsize
     # FSDP2, every micro-batch: each unit's parameters are all-gathered for the forward and,
     # if the unit was resharded after it, again for the backward (``default``: every block
     # but the last; the root — embeddings, final norm, output — stays gathered); gradients
     # are reduce-scattered; HSDP then all-reduces the shards across the replicas.
-    blocks = [sum(p.numel() for p in b.parameters()) for b in trainer.model.layers.values()]
+    blocks = [sum(p.numel() for p in b.parameters()) / tp for b in trainer.model.layers.values()]
     regathered = {
         "default": sum(blocks[:-1]),
         "always": params,
@@ -178,28 +181,45 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
     all_gather = gathered * (shard - 1) / shard
     reduce_scatter = reduced * (shard - 1) / shard
     all_reduce = 2 * reduced / shard * (replicas - 1) / replicas
-    # Links: a shard group (contiguous ranks) within a node uses NVLink; one spanning k nodes
-    # sends each node's share, × (k − 1) / k of the unsharded bytes, through all the node's
-    # NICs at once (one ring per rail). Replicas sit on other nodes once the job does.
+    # Tensor parallel with sequence parallelism, every micro-batch: per block, the attention
+    # and feed-forward inputs are all-gathered along the sequence and their outputs
+    # reduce-scattered (4 collectives of one (B, S, dim) activation); backward mirrors them,
+    # and full activation checkpointing repeats the forward's. The embeddings' reduce-scatter
+    # and the output's all-gather add 2 per direction. Ring collectives: each rank sends
+    # (tp − 1) / tp of the activation. TP's collectives sit between the matmuls that need
+    # them, so they add to the step rather than overlap it.
+    a = trainer.model_args
+    activation = figures["tokens"] * a.dim * param_size
+    passes = 3 if c.activation_checkpoint.mode == "full" else 2
+    tp_bytes = (4 * a.n_layers * passes + 4) * activation * (tp - 1) / tp * accum
+    # Links. Ranks are laid out (replicate, shard, tp), tp innermost: a TP group is tp
+    # consecutive ranks (NVLink while tp ≤ GPUs per node). A shard group strides over the TP
+    # groups: g of its ranks share a node, and spanning k nodes, each node receives
+    # (k − 1) / k of the unsharded bytes through those g ranks' NICs (one ring per rail; the
+    # node's other NICs carry the other TP coordinates' groups). Replicas sit on other nodes
+    # once the job does.
     gpn = gpu.gpus_per_node
     nodes = math.ceil(trainer.world_size / gpn)
-    shard_nodes = math.ceil(shard / gpn)
+    per_node = max(1, min(shard, gpn // tp))
+    shard_nodes = math.ceil(shard / per_node)
     across = trainer.world_size > gpn
     intra_s = (all_gather + reduce_scatter + (0 if across else all_reduce)) / (
         gpu.intra_node_gbps * 1e9
     )
     inter_s = (gathered + reduced) * (shard_nodes - 1) / shard_nodes / (
-        min(gpn, shard) * gpu.inter_node_gbps * 1e9
+        per_node * gpu.inter_node_gbps * 1e9
     ) + (all_reduce / (gpu.inter_node_gbps * 1e9) if across else 0.0)
+    tp_s = tp_bytes / ((gpu.intra_node_gbps if tp <= gpn else gpu.inter_node_gbps) * 1e9)
     comm_s = max(intra_s, inter_s)
-    compute_s = kept / (peak_tflops * 1e12)
-    step_s = max(compute_s, comm_s)  # FSDP overlaps communication with compute
+    compute_s = kept / tp / (peak_tflops * 1e12)
+    # FSDP overlaps its communication with compute; TP's waits in between
+    step_s = max(compute_s, comm_s) + tp_s
     usable = gpu.memory_gib * USABLE_MEMORY
     peak = figures["peak"] / _GIB
-    per_rank = tokens / step_s if step_s else 0.0
+    per_rank = tokens / tp / step_s if step_s else 0.0  # a TP group shares its batch
     return {
         "world_size": trainer.world_size,
-        "layout": {"dp_replicate": replicas, "dp_shard": shard},
+        "layout": {"dp_replicate": replicas, "dp_shard": shard, "tp": tp},
         "gpu": {
             "name": gpu.name,
             "memory_gib": gpu.memory_gib,
@@ -225,15 +245,17 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
             "all_gather": all_gather,
             "reduce_scatter": reduce_scatter,
             "all_reduce": all_reduce,
+            "tensor_parallel": tp_bytes,
         },
         "seconds": {
             "compute": compute_s,
             "comm_intra_node": intra_s,
             "comm_inter_node": inter_s,
+            "comm_tensor_parallel": tp_s,
             "comm": comm_s,
             "step": step_s,
         },
-        "tokens_per_second": {"per_rank": per_rank, "job": per_rank * pd.dp},
+        "tokens_per_second": {"per_rank": per_rank, "job": per_rank * trainer.world_size},
         "fits": peak <= usable,
         "advice": "" if peak <= usable else _advice(trainer, figures, usable, gpn),
     }
@@ -243,21 +265,32 @@ def _advice(trainer, figures: dict[str, float], usable_gib: float, gpus_per_node
     """The knob that helps most when the peak does not fit. Parameters, gradients and
     optimizer state shrink with the shard degree; what the forward/backward holds besides
     them (activations, gathered layers, logits) does not."""
-    c, gpn = trainer.config, gpus_per_node
+    c, gpn, pd, a = trainer.config, gpus_per_node, trainer.parallel_dims, trainer.model_args
     states = (figures["parameters"] + figures["gradients"] + figures["optimizer"]) / _GIB
     other = max(figures["backward_peak"] / _GIB - states, figures["activations"] / _GIB)
     if other >= usable_gib or other > states:  # more ranks cannot help enough: shrink a step
+        wider = [
+            t
+            for t in range(pd.tp * 2, gpn + 1)
+            if gpn % t == 0 and a.n_heads % t == 0 and (a.n_kv_heads or a.n_heads) % t == 0
+        ]
+        if wider:  # TP with sequence parallelism divides the activations too
+            return (
+                f"parallelism.tensor_parallel_degree = {wider[0]} (activations dominate; "
+                "tensor parallelism splits them within a node)"
+            )
         if c.activation_checkpoint.mode != "full":
             return 'activation_checkpoint.mode = "full" (activations dominate)'
         if c.training.local_batch_size > 1:
             return f"training.local_batch_size = {c.training.local_batch_size // 2}"
         return f"training.seq_len = {c.training.seq_len // 2}"
-    shard = trainer.parallel_dims.dp_shard
-    ranks = math.ceil(shard * states / (usable_gib - other))
-    ranks = math.ceil(ranks / gpn) * gpn if ranks > gpn else ranks
+    shard = math.ceil(pd.dp_shard * states / (usable_gib - other))
+    gpus = shard * pd.tp * pd.dp_replicate
+    gpus = math.ceil(gpus / gpn) * gpn if gpus > gpn else gpus
     return (
-        f"more ranks: shard over ≥ {ranks} GPUs (parallelism.data_parallel_shard_degree; "
-        "parameters, gradients and optimizer state shrink with it)"
+        f"more ranks: shard over ≥ {gpus} GPUs (parallelism.data_parallel_shard_degree ≥ "
+        f"{gpus // (pd.tp * pd.dp_replicate)}; parameters, gradients and optimizer state shrink "
+        "with it)"
     )
 
 
@@ -291,7 +324,8 @@ def _print(r: dict, config: JobConfig) -> None:
     cb = {k: v / _GIB for k, v in r["comm_bytes_per_step"].items()}
     lines = [
         f"dry run: {r['world_size']} ranks (replicate {r['layout']['dp_replicate']} × shard "
-        f"{r['layout']['dp_shard']}) of {g['name']}, per rank:",
+        f"{r['layout']['dp_shard']} × tensor parallel {r['layout']['tp']}) of {g['name']}, per "
+        "rank:",
         f"  parameters {m['parameters']:.2f} GiB, gradients {m['gradients']:.2f} GiB, "
         f"optimizer state {m['optimizer']:.2f} GiB, activations {m['activations']:.2f} GiB at the "
         "forward/backward peak",
@@ -300,12 +334,14 @@ def _print(r: dict, config: JobConfig) -> None:
         f"  FLOPs per step: {r['flops_per_step']['dense']:.3e} dense, "
         f"{r['flops_per_step']['kept']:.3e} kept by the mask",
         f"  communication per step: all-gather {cb['all_gather']:.2f} GiB, reduce-scatter "
-        f"{cb['reduce_scatter']:.2f} GiB, all-reduce {cb['all_reduce']:.2f} GiB",
+        f"{cb['reduce_scatter']:.2f} GiB, all-reduce {cb['all_reduce']:.2f} GiB (FSDP/HSDP); "
+        f"tensor parallel {cb['tensor_parallel']:.2f} GiB",
         f"  roofline: compute {s['compute']:.3f} s (mask-kept FLOPs at {g['peak_tflops']:g} "
         f"TFLOP/s); communication {s['comm']:.3f} s (within a node {s['comm_intra_node']:.3f} s "
         f"at {g['intra_node_gbps']:g} GB/s, across {g['nodes']} node(s) "
-        f"{s['comm_inter_node']:.3f} s at {g['inter_node_gbps']:g} GB/s per GPU); step ≈ "
-        f"{s['step']:.3f} s (overlapped; at peak FLOP/s, so a lower bound), "
+        f"{s['comm_inter_node']:.3f} s at {g['inter_node_gbps']:g} GB/s per GPU; tensor "
+        f"parallel {s['comm_tensor_parallel']:.3f} s, not overlapped); step ≈ {s['step']:.3f} s "
+        "(FSDP overlapped; at peak FLOP/s, so a lower bound), "
         f"{r['tokens_per_second']['per_rank']:,.0f} tokens/s per rank, "
         f"{r['tokens_per_second']['job']:,.0f} for the job (upper bounds)",
     ]

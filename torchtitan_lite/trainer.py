@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan_lite.components.checkpoint import (
     MANIFEST,
@@ -26,7 +28,12 @@ from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, p
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader, build_validation_loader
-from torchtitan_lite.distributed.parallel_dims import ParallelDims
+from torchtitan_lite.distributed.parallel_dims import (
+    ParallelDims,
+    check_tensor_parallel,
+    dp_rank,
+    tp_mesh,
+)
 from torchtitan_lite.distributed.parallelize import parallelize
 from torchtitan_lite.distributed.utils import (
     all_reduce_sum,
@@ -45,7 +52,12 @@ from torchtitan_lite.models.attention import (
     document_positions,
     resolve_backend,
 )
-from torchtitan_lite.models.llama3.args import ROPE_KEYS, model_args_for, rope_settings
+from torchtitan_lite.models.llama3.args import (
+    ROPE_KEYS,
+    ffn_hidden_dim,
+    model_args_for,
+    rope_settings,
+)
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
 
@@ -77,12 +89,16 @@ class Trainer:
             if dry and tc.mixed_precision_param == "auto"
             else resolve_param_dtype(tc.mixed_precision_param, self.device)
         )
+        pc = config.parallelism
         self.parallel_dims = ParallelDims(
-            config.parallelism.data_parallel_replicate_degree,
-            config.parallelism.data_parallel_shard_degree,
+            pc.data_parallel_replicate_degree,
+            pc.data_parallel_shard_degree,
             self.world_size,
+            pc.tensor_parallel_degree,
         )
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        # Which data this rank reads: the ranks of one tensor-parallel group read the same.
+        self.dp_rank = dp_rank(self.mesh)
 
         # 2. The run folder: everything the run writes lands here (a dry run writes nothing).
         self.dump_folder = (
@@ -116,8 +132,8 @@ class Trainer:
             self.tokenizer,
             tc.seq_len,
             tc.local_batch_size,
-            self.rank,
-            self.world_size,
+            self.dp_rank,
+            self.parallel_dims.dp,
             config.validation,
         )
         # Chat data renders with the tokenizer's chat template (its ids were checked there).
@@ -143,6 +159,16 @@ class Trainer:
             vocab_size_multiple_of=mc.vocab_size_multiple_of,
             eos_id=mc.eos_id,
         )
+        check_tensor_parallel(
+            self.parallel_dims.tp,
+            self.model_args.n_heads,
+            self.model_args.n_kv_heads or self.model_args.n_heads,
+            self.model_args.vocab_size,
+            ffn_hidden_dim(
+                self.model_args.dim, self.model_args.multiple_of, self.model_args.ffn_dim_multiplier
+            ),
+            tc.seq_len,
+        )
         for warning in check_special_ids(
             self.tokenizer,
             model_args=self.model_args,
@@ -161,7 +187,7 @@ class Trainer:
             )
 
         # 7. The model: on the meta device (no memory), initialized, parallelized
-        #    (AC → compile → FSDP2), materialized on the device.
+        #    (TP → AC → compile → FSDP2), materialized on the device.
         with torch.device("meta"):
             model = Transformer(self.model_args)
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -170,8 +196,8 @@ class Trainer:
             model.to_empty(device=self.device)
             with torch.no_grad():
                 model.init_weights(buffer_device=self.device)
+        self.model = parallelize(model, self.mesh, config, self.attn_backend, self.param_dtype)
         with fake_mode or contextlib.nullcontext():  # a dry run: fake shards, no memory
-            self.model = parallelize(model, self.mesh, config, self.attn_backend, self.param_dtype)
             if not init_whole:  # 7b. shard by shard, on the device (a dry run keeps them empty)
                 self.model.to_empty(device=self.device)
                 if not dry:
@@ -198,7 +224,7 @@ class Trainer:
                 "rope": rope_settings(self.model_args),
             },
             self.rank,
-            self.rank,
+            self.dp_rank,
         )
         cc = config.checkpoint
         state = None
@@ -231,6 +257,7 @@ class Trainer:
             tb if write_tb else None,
             self.dump_folder / "metrics.jsonl" if self.rank == 0 and not dry else None,
             show_trained=self.chat_template is not None,
+            devices_per_batch=self.parallel_dims.tp,
         )
         self._log_banner(config_path, global_batch)
 
@@ -250,10 +277,14 @@ class Trainer:
                 if line:
                     logger.info(f"  {line}")
         pd = self.parallel_dims
+        tp = ""
+        if pd.tp > 1:
+            loss = "loss parallel" if c.parallelism.loss_parallel else "logits gathered"
+            tp = f" × tensor parallel {pd.tp} (sequence parallel, {loss})"
         logger.info(
             f"world: {self.world_size} process(es) on {self.device.type}, data parallel "
-            f"replicate {pd.dp_replicate} × shard {pd.dp_shard} "
-            f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'})"
+            f"replicate {pd.dp_replicate} × shard {pd.dp_shard}{tp} "
+            f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'}{' + TP' if tp else ''})"
         )
         logger.info(
             f"precision: params {self.param_dtype} ({self.param_dtype_reason}), gradient "
@@ -315,15 +346,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def forward_backward_step(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        """One micro-batch: the mask (once, shared by all layers), forward, backward.
+    def forward_backward_step(
+        self, batch: dict[str, torch.Tensor], scale: float, mask=None
+    ) -> torch.Tensor:
+        """One micro-batch: the mask (once, shared by all layers; built here unless given),
+        forward, backward.
 
         Returns the summed token loss (a device tensor, not read here); backpropagates
-        ``loss_sum × scale``.
+        ``loss_sum × scale``. With loss parallelism the backward runs in its context too.
         """
-        loss_sum = self.loss_sum(batch)
-        (loss_sum * scale).backward()
+        with self.loss_context():
+            loss_sum = self.loss_sum(batch, mask)
+            (loss_sum * scale).backward()
         return loss_sum.detach()
+
+    def loss_context(self):
+        """``loss_parallel`` under tensor parallelism with ``parallelism.loss_parallel``: the
+        cross-entropy (and its backward) on vocabulary-sharded logits."""
+        if tp_mesh(self.mesh) is not None and self.config.parallelism.loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
 
     def attention_mask(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor | None = None):
         """The batch's mask, built once and shared by all layers: flex builds its BlockMask on
@@ -353,7 +395,10 @@ class Trainer:
             document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
         )
         logits = self.model(inputs, mask, positions=positions)
-        return cross_entropy_sum(logits, labels)
+        loss = cross_entropy_sum(logits, labels)
+        # Loss parallel returns the loss as a DTensor replicated over the TP ranks: its local
+        # value is the whole loss (and stays differentiable).
+        return loss.to_local() if isinstance(loss, DTensor) else loss
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -365,7 +410,13 @@ class Trainer:
         vc, tc = self.config.validation, self.config.training
         rows = vc.local_batch_size if vc.local_batch_size > 0 else tc.local_batch_size
         loader = build_validation_loader(
-            self.config.data, vc, self.tokenizer, tc.seq_len, rows, self.rank, self.world_size
+            self.config.data,
+            vc,
+            self.tokenizer,
+            tc.seq_len,
+            rows,
+            self.dp_rank,
+            self.parallel_dims.dp,
         )
         data_iter = iter(loader)
         pad_id = self.dataloader.dataset.pad_id
@@ -391,18 +442,19 @@ class Trainer:
                 batch.pop("epoch", None)
                 batch = _pad_rows(batch, rows, pad_id)
                 valid += host_count(batch["labels"] != IGNORE_INDEX)
-                loss_sum += self.loss_sum(batch)
+                with self.loss_context():
+                    loss_sum += self.loss_sum(batch)
                 batches += 1
         finally:
             self.model.train()
-        global_valid = host_count(all_reduce_sum(torch.tensor([valid])))
+        global_valid = host_count(self._data_sum(torch.tensor([valid])))
         if global_valid == 0:
             raise UserError(
                 f"Validation data ({self.config.validation.path or self.config.data.path}) has "
                 "no trained targets on any rank. Fix: point validation.path at data with "
                 "text (or assistant turns), or raise validation.split_fraction."
             )
-        loss = all_reduce_sum(loss_sum).item() / global_valid
+        loss = self._data_sum(loss_sum).item() / global_valid
         return {
             "loss": loss,
             "perplexity": math.exp(min(loss, 80.0)),
@@ -419,16 +471,14 @@ class Trainer:
         backend, so the device queue never waits for it; the step reads the device once.
         """
         valid = sum(host_count(b["labels"] != IGNORE_INDEX) for b in micro_batches)
-        global_valid = max(host_count(all_reduce_sum(torch.tensor([valid]))), 1)
+        global_valid = max(host_count(self._data_sum(torch.tensor([valid]))), 1)
         # FSDP averages gradients over the data-parallel ranks; undo that mean.
         scale = self.parallel_dims.dp / global_valid
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum += self.forward_backward_step(batch, scale)
-        grad_norm = clip_grad_norm_(
-            self.model.parameters(), self.config.training.max_norm, self.mesh
-        )
-        loss = all_reduce_sum(loss_sum) / global_valid
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.config.training.max_norm)
+        loss = self._data_sum(loss_sum) / global_valid
         # The one device→host sync of the step: the divergence guard must see the loss and
         # the norm before the optimizer applies the update. Both come back in one transfer.
         loss_value, norm_value = torch.stack([loss, grad_norm.float()]).tolist()
@@ -440,6 +490,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         return loss_value, norm_value
+
+    def _data_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks. The ranks of a tensor-parallel group read the same
+        batch and hold the same loss, so the sum over the world counts each ``tp`` times."""
+        total = all_reduce_sum(value)
+        tp = self.parallel_dims.tp
+        return total // tp if not total.is_floating_point() else total / tp
 
     def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
         """Divergence guard: drop this step's gradients, or stop after too many such steps."""

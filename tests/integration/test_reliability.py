@@ -285,7 +285,7 @@ BAD_CONFIGS = [
     (
         "parallel degrees",
         ["--parallelism.data_parallel_shard_degree", "3"],
-        ["1 × 3 = 3 processes do not match", "world size = 1"],
+        ["1 × 3 × 1 = 3 processes do not match", "world size = 1"],
     ),
     (
         "mask type unknown",

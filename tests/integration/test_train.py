@@ -117,5 +117,5 @@ def test_parallel_layout_that_does_not_fit_the_world(tmp_path):
         "4",
     )
     assert proc.returncode == 2
-    assert "1 × 4 = 4 processes do not match" in proc.stderr and "world size = 1" in proc.stderr
+    assert "1 × 4 × 1 = 4 processes do not match" in proc.stderr and "world size = 1" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -18,6 +18,7 @@ from torchtitan_lite.data import (
     DocumentSource,
     PackedDataset,
     build_dataloader,
+    load_loader_state,
 )
 from torchtitan_lite.tokenizer import load_tokenizer
 
@@ -154,6 +155,25 @@ def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, num_workers):
     got = batches(fresh, 9)
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e["input"], g["input"]) and torch.equal(e["labels"], g["labels"])
+
+
+@pytest.mark.parametrize("saved, resumed", [(2, 0), (0, 2)])
+def test_resume_with_another_worker_count_restarts_the_epoch(tmp_path, saved, resumed, caplog):
+    """A checkpoint from another layout (say 2 workers on 1 rank, resumed by 2 ranks of 0
+    workers): the loader state's structure differs, so the epoch restarts — the batches are
+    those of a fresh loader in that epoch — with a warning instead of torchdata's assertion."""
+    path = write_jsonl(tmp_path / "d.jsonl", make_texts(25))
+    loader = build_dataloader(Data(path=str(path), num_workers=saved), TOK, 24, 3)
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    cfg = Data(path=str(path), num_workers=resumed)
+    resumed_loader = build_dataloader(cfg, TOK, 24, 3)
+    load_loader_state(resumed_loader, loader.state_dict())
+    assert f"written with {saved} loader workers per rank, this run has {resumed}" in caplog.text
+    fresh = batches(build_dataloader(cfg, TOK, 24, 3), 4)
+    for e, g in zip(fresh, batches(resumed_loader, 4), strict=True):
+        assert torch.equal(e["input"], g["input"])
 
 
 def test_two_workers_split_the_documents(tmp_path):

@@ -20,7 +20,7 @@ from torchtitan_lite.components.optimizer import lr_factor
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import LRScheduler
 from torchtitan_lite.data import build_dataloader
-from torchtitan_lite.distributed.parallel_dims import ParallelDims
+from torchtitan_lite.distributed.parallel_dims import ParallelDims, check_tensor_parallel
 from torchtitan_lite.distributed.parallelize import apply_ac
 from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.models.attention import build_attention_mask, reference_mask
@@ -57,16 +57,91 @@ def test_parallel_dims():
     assert ParallelDims(1, -1, 8).dp_shard == 8
     dims = ParallelDims(2, -1, 8)
     assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (2, 4, 8)
+    dims = ParallelDims(2, -1, 16, tp=4)
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (2, 2, 4, 4)
+    assert dims.dim_names == ("dp_replicate", "dp_shard", "tp")
+    assert ParallelDims(1, -1, 2, tp=2).dim_names == ("dp_shard", "tp")
+    assert ParallelDims(1, -1, 4).dim_names == ("dp_shard",)
     with pytest.raises(
         ConfigError,
-        match=r"replicate_degree = 3.*shard_degree = -1.*world "
+        match=r"replicate_degree = 3.*shard_degree = -1.*tensor_parallel_degree = 1.*world "
         r"size = 8",
     ):
         ParallelDims(3, -1, 8)
-    with pytest.raises(ConfigError, match=r"2 × 3 = 6 processes do not match.*world size = 8"):
+    with pytest.raises(ConfigError, match=r"2 × 3 × 1 = 6 processes do not match.*world size = 8"):
         ParallelDims(2, 3, 8)
-    with pytest.raises(ConfigError, match="at least 1"):
+    with pytest.raises(ConfigError, match=r"1 × 2 × 2 = 4 processes do not match.*world size = 8"):
+        ParallelDims(1, 2, 8, tp=2)
+    with pytest.raises(ConfigError, match=r"replicate × tensor parallel = 1 × 3 = 3"):
+        ParallelDims(1, -1, 8, tp=3)
+    with pytest.raises(ConfigError, match="replicate degree must be at least 1"):
         ParallelDims(0, -1, 8)
+    with pytest.raises(ConfigError, match="tensor parallel degree must be at least 1"):
+        ParallelDims(1, -1, 8, tp=0)
+
+
+def test_tensor_parallel_must_divide_what_it_splits():
+    check_tensor_parallel(
+        8, n_heads=64, n_kv_heads=8, vocab_size=128256, hidden_dim=28672, seq_len=8192
+    )
+    with pytest.raises(ConfigError) as e:
+        check_tensor_parallel(
+            16, n_heads=64, n_kv_heads=8, vocab_size=128256, hidden_dim=28672, seq_len=8192
+        )
+    message = str(e.value)
+    assert "tensor_parallel_degree = 16 does not divide kv heads (model flavor) = 8" in message
+    assert "attention heads" not in message and "Fix:" in message
+    with pytest.raises(ConfigError, match=r"vocabulary .* = 2305, sequence length .* = 127"):
+        check_tensor_parallel(
+            2, n_heads=16, n_kv_heads=16, vocab_size=2305, hidden_dim=768, seq_len=127
+        )
+
+
+def test_grad_norm_counts_each_shard_once_over_a_2d_mesh():
+    """Under a fake 4-rank group (collectives are no-ops), the returned norm is this rank's
+    weighted share: a shard replicated over a mesh dimension of size k counts 1/k."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtitan_lite.distributed.utils import clip_grad_norm_
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+        params = []
+        for value, placements in (
+            (1.0, [Shard(0), Shard(0)]),  # TP-sharded weight: held once
+            (2.0, [Shard(0), Replicate()]),  # a norm under TP: 2 copies
+            (3.0, [Replicate(), Replicate()]),  # replicated everywhere: 4 copies
+        ):
+            local = torch.full((2, 3), value)
+            p = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False))
+            p.grad = DTensor.from_local(local.clone(), mesh, placements, run_check=False)
+            params.append(p)
+        norm = clip_grad_norm_(params, max_norm=0.0)
+        assert norm.item() == pytest.approx(math.sqrt(6 * (1 + 4 / 2 + 9 / 4)))
+        clip_grad_norm_(params, max_norm=norm.item() / 2)
+        assert params[0].grad.to_local()[0, 0].item() == pytest.approx(0.5, rel=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tokens_per_second_is_per_device_under_tensor_parallelism(monkeypatch):
+    """A TP group of 2 computes one batch together: each device did half of its tokens."""
+    from torchtitan_lite.components import metrics
+
+    clock = iter([100.0, 102.0, 102.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    args = model_args_for("debugmodel", vocab_size=2304, eos_id=2049)
+    logger_ = metrics.MetricsLogger(args, torch.device("cpu"), 1.0, None, devices_per_batch=2)
+    tokens = torch.zeros(4, 128, dtype=torch.long)
+    logger_.add_batch(tokens, pairs=4 * 128 * 129 // 2, data_seconds=0.5)
+    record = logger_.log(1, 1.0, 1.0, 1e-3, 0)
+    assert record["tokens_per_second"] == pytest.approx(512 / 2 / 2)
+    flops = FlopCounter(args).dense(512, 128)
+    assert record["tflops"] == pytest.approx(flops / 2 / 2 / 1e12)
+    assert record["data_loading_pct"] == pytest.approx(25.0)  # of the wall time
 
 
 def test_attention_pairs_and_flops():

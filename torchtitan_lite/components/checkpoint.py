@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_lite.config import JobConfig, to_toml
+from torchtitan_lite.data import load_loader_state
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.ids import (
     MANIFEST_ID_KEYS,
@@ -398,7 +399,7 @@ class CheckpointManager:
         train_state = _from_bytes(state["train_state"])
         torch.set_rng_state(train_state.pop("rng"))
         if data_key in state:
-            self.dataloader.load_state_dict(_from_bytes(state[data_key]))
+            load_loader_state(self.dataloader, _from_bytes(state[data_key]))
         else:
             logger.warning(
                 f"checkpoint: {path} holds no data-loader state for data-parallel rank "

@@ -128,10 +128,14 @@ class MetricsLogger:
         tb_folder: Path | None,
         jsonl_path: Path | None = None,
         show_trained: bool = False,
+        devices_per_batch: int = 1,
     ) -> None:
         """``show_trained``: the step line also gives the supervised targets per second (chat
-        data, where most positions are prompt or padding and carry no loss)."""
+        data, where most positions are prompt or padding and carry no loss).
+        ``devices_per_batch``: the tensor-parallel degree; the ranks of a TP group compute one
+        batch together, so each device's share of its tokens (and FLOPs) is ``1 / tp``."""
         self.flops = FlopCounter(args)
+        self.devices_per_batch = devices_per_batch
         self.show_trained = show_trained
         self.device = device
         self.peak = peak
@@ -166,15 +170,17 @@ class MetricsLogger:
         self.data_seconds += data_seconds
 
     def log(self, step: int, loss: float, grad_norm: float, lr: float, epoch: int) -> dict:
+        # Per device: the tp ranks of a TP group share the batch, so each did 1/tp of the work.
         elapsed = time.perf_counter() - self.start
-        dense = self.flops.dense(self.tokens, self.seq_len) / elapsed / 1e12
-        kept = self.flops.kept(self.tokens, self.pairs) / elapsed / 1e12
+        share = elapsed * self.devices_per_batch
+        dense = self.flops.dense(self.tokens, self.seq_len) / share / 1e12
+        kept = self.flops.kept(self.tokens, self.pairs) / share / 1e12
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens_per_second": self.tokens / elapsed,
-            "trained_tokens_per_second": self.trained / elapsed,
+            "tokens_per_second": self.tokens / share,
+            "trained_tokens_per_second": self.trained / share,
             "tflops": dense,
             "tflops_kept": kept,
             "memory_gib": peak_memory_gib(self.device),

@@ -280,6 +280,13 @@ class Parallelism:
     fsdp_reshard_after_forward: str = "default"
     """``default`` (reshard all but the root), ``always`` or ``never``."""
 
+    tensor_parallel_degree: int = 1
+    """Tensor-parallel ranks per layer (innermost: the GPUs of one node); 1 turns TP off. It
+    must divide the heads, kv heads, feed-forward width, vocabulary and seq_len."""
+
+    loss_parallel: bool = True
+    """With TP: compute the cross-entropy on vocabulary-sharded logits (never gathered)."""
+
 
 @dataclass
 class Checkpoint:

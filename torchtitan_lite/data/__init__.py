@@ -100,6 +100,34 @@ def build_dataloader(
     )
 
 
+def load_loader_state(loader: StatefulDataLoader, state: dict) -> None:
+    """Resume ``loader`` from a checkpoint's state of this data-parallel rank. A state written
+    with another number of loader workers has another structure (and other shards): then only
+    its epoch is kept, and every shard restarts it (:meth:`ShardedStream.restart_epoch`)."""
+    snapshot = state.get("_snapshot")
+    saved_workers = snapshot["_main_snapshot"]["_num_workers"] if snapshot else 0
+    if saved_workers == loader.num_workers:
+        loader.load_state_dict(state)
+        return
+    epochs = [s["epoch"] for s in _dataset_states(state)]
+    loader.dataset.restart_epoch(
+        min(epochs, default=0),
+        f"the checkpoint's data state was written with {saved_workers} loader workers per "
+        f"rank, this run has {loader.num_workers}",
+    )
+
+
+def _dataset_states(state: dict) -> list[dict]:
+    """Every dataset state inside a loader state (the main process's, or each worker's)."""
+    found = []
+    for key, value in state.items():
+        if key == "dataset_state" and isinstance(value, dict):
+            found.append(value)
+        elif isinstance(value, dict):
+            found.extend(_dataset_states(value))
+    return found
+
+
 def build_validation_loader(
     data: Data,
     validation: Validation,

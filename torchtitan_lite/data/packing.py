@@ -67,16 +67,22 @@ class ShardedStream(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_shards", self._shard()[1]) != self._shard()[1]:
-            logger.warning(
-                f"{self.label}: the checkpoint's data state was written by "
-                f"{state['num_shards']} shards (ranks × workers), this run has "
-                f"{self._shard()[1]}: each shard restarts epoch {state['epoch']} from its first "
-                "document, so documents of that epoch may be seen again or skipped; later "
-                "epochs are exact."
+            self.restart_epoch(
+                state["epoch"],
+                f"the checkpoint's data state was written by {state['num_shards']} shards "
+                f"(ranks × workers), this run has {self._shard()[1]}",
             )
-            self._epoch, self._doc, self._inner = state["epoch"], 0, 0
             return
         self._epoch, self._doc, self._inner = state["epoch"], state["doc"], state[self.INNER]
+
+    def restart_epoch(self, epoch: int, why: str) -> None:
+        """Resume a checkpoint whose positions belong to another shard layout: from the
+        start of its epoch."""
+        logger.warning(
+            f"{self.label}: {why}: each shard restarts epoch {epoch} from its first document, "
+            "so documents of that epoch may be seen again or skipped; later epochs are exact."
+        )
+        self._epoch, self._doc, self._inner = epoch, 0, 0
 
 
 class PackedDataset(ShardedStream):

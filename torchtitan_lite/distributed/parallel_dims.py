@@ -11,52 +11,107 @@ from torchtitan_lite.errors import ConfigError
 
 @dataclass
 class ParallelDims:
-    """``dp_replicate × dp_shard = world_size``; a degree of -1 takes the rest of the world.
+    """``dp_replicate × dp_shard × tp = world_size``; a shard degree of -1 takes the rest.
 
-    dp_shard > 1 alone is FSDP; dp_replicate > 1 with it is HSDP (replicas of sharded groups).
+    dp_shard > 1 alone is FSDP; dp_replicate > 1 with it is HSDP (replicas of sharded groups);
+    tp > 1 splits every layer over ``tp`` ranks that see the same data (tensor parallel).
+    The mesh is ``(dp_replicate, dp_shard, tp)`` with tp innermost: consecutive ranks, the
+    GPUs of one node, whose fast links carry TP's per-layer collectives.
     """
 
     dp_replicate: int
     dp_shard: int
     world_size: int
+    tp: int = 1
 
     def __post_init__(self) -> None:
-        r, s, w = self.dp_replicate, self.dp_shard, self.world_size
+        r, s, t, w = self.dp_replicate, self.dp_shard, self.tp, self.world_size
         layout = (
             f"parallelism.data_parallel_replicate_degree = {r}, "
-            f"parallelism.data_parallel_shard_degree = {s}, world size = {w}"
+            f"parallelism.data_parallel_shard_degree = {s}, "
+            f"parallelism.tensor_parallel_degree = {t}, world size = {w}"
         )
-        if r < 1:
-            raise ConfigError(
-                f"Parallel layout: the replicate degree must be at least 1 "
-                f"({layout}). Fix: set it to 1 or more."
-            )
-        if s == -1:
-            if w % r:
+        for name, degree in (("replicate", r), ("tensor parallel", t)):
+            if degree < 1:
                 raise ConfigError(
-                    f"Parallel layout: the world size is not a multiple of the "
-                    f"replicate degree ({layout}). Fix: choose a replicate degree "
-                    f"that divides {w}."
+                    f"Parallel layout: the {name} degree must be at least 1 ({layout}). "
+                    "Fix: set it to 1 or more."
                 )
-            s = self.dp_shard = w // r
-        if s < 1 or r * s != w:
+        if s == -1:
+            if w % (r * t):
+                raise ConfigError(
+                    f"Parallel layout: the world size {w} is not a multiple of replicate "
+                    f"× tensor parallel = {r} × {t} = {r * t} ({layout}). Fix: start a multiple of "
+                    f"{r * t} processes, or choose degrees whose product divides {w}."
+                )
+            s = self.dp_shard = w // (r * t)
+        if s < 1 or r * s * t != w:
             raise ConfigError(
-                f"Parallel layout: {r} × {s} = {r * s} processes do not match the "
-                f"world size ({layout}). Fix: make the product of the degrees "
-                f"equal the number of processes, or set the shard degree to -1."
+                f"Parallel layout: replicate × shard × tensor parallel = {r} × {s} × {t} = "
+                f"{r * s * t} processes do not match the world size ({layout}). Fix: make the "
+                "product of the degrees equal the number of processes, or set the shard "
+                "degree to -1."
             )
 
     @property
     def dp(self) -> int:
-        """Data-parallel degree: how many ranks see different data."""
+        """Data-parallel degree: how many ranks see different data (TP ranks share theirs)."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def dim_names(self) -> tuple[str, ...]:
+        """The mesh's dimensions: ``dp_shard`` always, the others where their degree > 1."""
+        return ("dp_replicate",) * (self.dp_replicate > 1) + ("dp_shard",) + ("tp",) * (self.tp > 1)
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """A 1-D ("dp_shard") or 2-D ("dp_replicate", "dp_shard") mesh over all ranks."""
-        if self.dp_replicate > 1:
-            return init_device_mesh(
-                device_type,
-                (self.dp_replicate, self.dp_shard),
-                mesh_dim_names=("dp_replicate", "dp_shard"),
-            )
-        return init_device_mesh(device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",))
+        """The mesh over all ranks, one dimension per name in :attr:`dim_names`."""
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        names = self.dim_names
+        return init_device_mesh(device_type, tuple(sizes[n] for n in names), mesh_dim_names=names)
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel part of a mesh from :meth:`ParallelDims.build_mesh`: ``dp_shard``,
+    or ``(dp_replicate, dp_shard)`` for HSDP — the mesh FSDP2 shards and reduces over."""
+    names = tuple(n for n in ("dp_replicate", "dp_shard") if n in mesh.mesh_dim_names)
+    return mesh[names] if len(names) > 1 else mesh[names[0]]
+
+
+def tp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+    """The tensor-parallel dimension of the mesh, or None without TP."""
+    return mesh["tp"] if "tp" in mesh.mesh_dim_names else None
+
+
+def dp_rank(mesh: DeviceMesh) -> int:
+    """This rank's index among the data-parallel ranks (equal for the ranks of one TP group):
+    which data shard it reads and which data-loader state it saves."""
+    dp = dp_mesh(mesh)
+    coords = dp.get_coordinate()
+    rank = 0
+    for coord, size in zip(coords, dp.mesh.shape, strict=True):
+        rank = rank * size + coord
+    return rank
+
+
+def check_tensor_parallel(
+    tp: int, n_heads: int, n_kv_heads: int, vocab_size: int, hidden_dim: int, seq_len: int
+) -> None:
+    """TP splits heads, kv heads, the feed-forward width and the vocabulary evenly over its
+    ranks, and sequence parallelism the sequence: each must be a multiple of ``tp``."""
+    if tp == 1:
+        return
+    parts = {
+        "attention heads (model flavor)": n_heads,
+        "kv heads (model flavor)": n_kv_heads,
+        "feed-forward width (model flavor)": hidden_dim,
+        "vocabulary (model.vocab_size_multiple_of pads it)": vocab_size,
+        "sequence length (training.seq_len)": seq_len,
+    }
+    bad = [f"{name} = {size}" for name, size in parts.items() if size % tp]
+    if bad:
+        raise ConfigError(
+            f"Parallel layout: parallelism.tensor_parallel_degree = {tp} does not divide "
+            f"{', '.join(bad)}. Each tensor-parallel rank holds an equal share of these. Fix: "
+            f"choose a tensor parallel degree that divides every one of them (e.g. one that "
+            f"divides {n_kv_heads} kv heads), or change the listed key."
+        )

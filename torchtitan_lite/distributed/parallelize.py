@@ -1,8 +1,13 @@
-"""Apply activation checkpointing → torch.compile → FSDP2, in that order.
+"""Apply tensor parallelism → activation checkpointing → torch.compile → FSDP2, in that order.
 
-* AC first: it wraps each transformer block, and what is compiled and sharded should be the
+* TP first: its DTensor plans swap each linear's weight for a shard on the ``tp`` mesh and
+  place the redistributions (all-gather / reduce-scatter of the sequence) around the modules.
+  Everything after it — checkpointing, compiling, sharding — then wraps modules that already
+  compute on their local heads and columns, and FSDP2 shards those TP shards further over the
+  data-parallel mesh (a 2-D layout it knows how to all-gather and checkpoint).
+* AC second: it wraps each transformer block, and what is compiled and sharded should be the
   wrapped block, so recomputation happens inside the compiled, sharded unit.
-* compile second: per block (the blocks share one graph), before FSDP so the FSDP hooks stay
+* compile third: per block (the blocks share one graph), before FSDP so the FSDP hooks stay
   outside the compiled region and its all-gathers can overlap compute.
 * FSDP last: ``fully_shard`` on each block (the unit of all-gather / reduce-scatter), then on
   the root for the embeddings, final norm and output. Every call uses the same
@@ -18,9 +23,18 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan_lite.config.job_config import JobConfig
+from torchtitan_lite.distributed.parallel_dims import dp_mesh, tp_mesh
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +66,60 @@ def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 def op_sac_context():
     """A fresh pair of forward/recompute contexts for one checkpointed block call."""
     return create_selective_checkpoint_contexts(_save_matmuls_and_attention)
+
+
+def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """Megatron-style tensor parallelism with sequence parallelism, by DTensor plans.
+
+    Per block: q/k/v and w1/w3 are split by output columns (each rank computes its own heads
+    and its slice of the feed-forward width), wo and w2 by input rows (partial sums,
+    reduce-scattered over the sequence). Between blocks the activations are sharded along the
+    sequence, so the norms run on ``S / tp`` positions each; the attention and feed-forward
+    inputs are all-gathered to the full sequence first, so RoPE, the mask and the document
+    boundaries always refer to whole rows. The embedding table is split by vocabulary rows;
+    the output projection by vocabulary columns, and with ``loss_parallel`` the logits stay
+    split: the cross-entropy reduces over the vocabulary shards without gathering ``(B, S, V)``.
+
+    The model's code is unchanged: heads per rank follow from the sharded weights (the
+    attention reshapes with ``-1`` heads). The attention's other arguments (RoPE rotations,
+    the mask, a KV cache) pass through as they are.
+    """
+    parallelize_module(
+        model,
+        mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(
+                input_layouts=Shard(1),
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            ),
+        },
+    )
+    for block in model.layers.values():
+        parallelize_module(
+            block,
+            mesh,
+            {
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None),
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+                "feed_forward.w3": ColwiseParallel(),
+            },
+        )
 
 
 def apply_ac(model: nn.Module, mode: str, option: str) -> None:
@@ -107,7 +175,11 @@ def parallelize(
     attn_backend: str = "flex",
     param_dtype: str = "float32",
 ) -> nn.Module:
-    """``param_dtype`` is the resolved ``training.mixed_precision_param`` (never ``auto``)."""
+    """``mesh`` is the run's whole mesh (``ParallelDims.build_mesh``); ``param_dtype`` the
+    resolved ``training.mixed_precision_param`` (never ``auto``)."""
+    tp = tp_mesh(mesh)
+    if tp is not None:
+        apply_tp(model, tp, config.parallelism.loss_parallel)
     ac = config.activation_checkpoint
     if ac.mode != "none":
         apply_ac(model, ac.mode, ac.selective_ac_option)
@@ -115,7 +187,7 @@ def parallelize(
         apply_compile(model, fullgraph=attn_backend == "flex", backend=config.compile.backend)
     apply_fsdp(
         model,
-        mesh,
+        dp_mesh(mesh),
         DTYPES[param_dtype],
         DTYPES[config.training.mixed_precision_reduce],
         config.parallelism.fsdp_reshard_after_forward,

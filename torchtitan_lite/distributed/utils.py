@@ -10,6 +10,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def init_distributed(device: torch.device, timeout_s: int = 300) -> tuple[int, int]:
@@ -147,24 +148,45 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def clip_grad_norm_(parameters, max_norm: float, mesh) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Clip gradients by their global L2 norm across all shards; returns the norm before.
 
-    Sums of squares are taken in fp32 per local shard and all-reduced once over the sharded
-    mesh dimension (replicas of HSDP hold equal gradients). This avoids
+    Each rank sums the squares of its local gradient shards in fp32, weighting a shard by one
+    over its number of copies: a gradient replicated over a mesh dimension (the norms under
+    tensor parallelism, every gradient across HSDP replicas) is held by that many ranks and
+    must count once. One all-reduce over the world then gives the squared norm of the whole
+    model (the meshes of the gradients span the world). This avoids
     ``torch.linalg.vector_norm``, whose fp32 CPU reduction was measured 1e-4 off on
-    embedding-sized tensors (torch 2.13), and avoids one collective per parameter.
+    embedding-sized tensors (torch 2.13), and one collective per parameter.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     device = local[0].device if local else torch.device("cpu")
+    world = dist.get_world_size() if dist.is_initialized() else 1
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for g in local:
-        total += g.float().pow(2).sum()
-    if mesh is not None and dist.is_initialized() and mesh["dp_shard"].size() > 1:
-        dist.all_reduce(total, group=mesh["dp_shard"].get_group())
+    for g, shard in zip(grads, local, strict=True):
+        total += shard.float().pow(2).sum() / _copies(g, world)
+    if world > 1:
+        dist.all_reduce(total)
     norm = total.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(local, coef)
     return norm
+
+
+def _copies(grad: torch.Tensor, world: int) -> int:
+    """How many ranks hold this rank's shard of ``grad``: the product of the mesh dimensions
+    it is replicated over (a plain tensor is replicated on every rank)."""
+    if not isinstance(grad, DTensor):
+        return world
+    if grad.device_mesh.size() != world:
+        raise ValueError(
+            f"clip_grad_norm_: a gradient lives on a {grad.device_mesh.size()}-rank mesh in a "
+            f"{world}-rank world; the norm is reduced over the whole world"
+        )
+    copies = 1
+    for size, placement in zip(grad.device_mesh.shape, grad.placements, strict=True):
+        if placement.is_replicate():
+            copies *= size
+    return copies

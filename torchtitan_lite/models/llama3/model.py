@@ -87,14 +87,13 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int = 0) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.head_dim = args.dim // args.n_heads
+        n_heads, n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // n_heads
         self.flex_compile_mode = args.flex_compile_mode
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = nn.Linear(args.dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, args.dim, bias=False)
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
@@ -105,9 +104,10 @@ class Attention(nn.Module):
         self, x: Tensor, freqs_cis: Tensor, mask: AttentionMask, cache: KVCache | None = None
     ) -> Tensor:
         bs, seq_len, _ = x.shape
-        xq = self.wq(x).view(bs, seq_len, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(bs, seq_len, self.n_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bs, seq_len, self.n_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism the projections hold this rank's heads only
+        xq = self.wq(x).view(bs, seq_len, -1, self.head_dim)
+        xk = self.wk(x).view(bs, seq_len, -1, self.head_dim)
+        xv = self.wv(x).view(bs, seq_len, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         # (B, H, S, D) for the kernels
         q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)

@@ -1,0 +1,230 @@
+"""Tensor parallelism (TP × FSDP2 on a 2-D mesh) against one process, with real torchrun/gloo.
+
+The runs share one global batch stream: 1 process with 2 loader workers and 2 accumulation
+steps reads document shards 0 and 1 per step, exactly as 2 data-parallel ranks do (each TP
+group reads one shard), so every layout must give the same fp32 loss trace.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.conftest import DEBUG_CONFIG, REPO, run_train, train_command
+from tests.unit.test_compile import EOS
+from torchtitan_lite.models.attention import build_attention_mask
+
+STEPS = 10
+COMMON = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.seq_len",
+    "128",
+    "--training.steps",
+    str(STEPS),
+    "--training.global_batch_size",
+    "4",
+    "--training.mixed_precision_param",
+    "float32",
+    "--optimizer.lr",
+    "2e-3",
+    "--metrics.enable_tensorboard",
+    "false",
+    "--checkpoint.enable",
+    "true",
+    "--checkpoint.interval",
+    "4",
+]
+#: name → (processes, extra arguments); every layout reads 2 data shards per step
+LAYOUTS = {
+    "one": (1, ["--training.local_batch_size", "2", "--data.num_workers", "2"]),
+    "tp2": (
+        2,
+        ["--training.local_batch_size", "2", "--data.num_workers", "2"]
+        + ["--parallelism.tensor_parallel_degree", "2"],
+    ),
+    "tp2_fsdp2": (
+        4,
+        ["--training.local_batch_size", "2", "--parallelism.tensor_parallel_degree", "2"],
+    ),
+    "fsdp4": (4, ["--training.local_batch_size", "1"]),
+}
+
+
+def launch(layout: str, dump: Path, *extra: str) -> list[dict]:
+    """Run ``train.py`` in a layout; returns its metrics records."""
+    nproc, args = LAYOUTS[layout]
+    cmd, env = train_command(*COMMON, *args, *extra, "--job.dump_folder", str(dump), nproc=nproc)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (dump / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The whole model of a DCP checkpoint (any layout), read back as plain tensors."""
+    target = tmp / f"{checkpoint.parent.parent.name}_{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(target))
+    return torch.load(target, weights_only=False)["model"]
+
+
+def assert_same_trace(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for x, y in zip(got, want, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-4), x["step"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3), x["step"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """10 steps in each TP layout and in one process, checkpoints every 4 steps."""
+    root = tmp_path_factory.mktemp("tp")
+    return root, {name: launch(name, root / name) for name in ("one", "tp2", "tp2_fsdp2")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "tp2_fsdp2"])
+def test_tensor_parallel_matches_one_process(runs, layout):
+    root, traces = runs
+    assert len(traces["one"]) == STEPS
+    assert_same_trace(traces[layout], traces["one"])
+    assert traces["one"][-1]["loss"] < traces["one"][0]["loss"] - 0.5  # it learns
+    if layout == "tp2_fsdp2":
+        log = (root / layout / "train.log").read_text()
+        assert "shard 2 × tensor parallel 2 (sequence parallel, loss parallel)" in log
+    # The final weights, gathered from the TP (× FSDP) shards, equal the one-process weights.
+    final = f"checkpoint/step-{STEPS}"
+    got, want = weights(root / layout / final, root), weights(root / "one" / final, root)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_resume_across_layouts_continues_like_the_one_process_checkpoint(runs, tmp_path):
+    """TP=2×FSDP=2 → FSDP=4 → 1 process, against the same chain started from the one-process
+    run's checkpoint and ending at TP=2×FSDP=2 (the reverse direction). Each pair resumes in
+    the same layout from checkpoints written in different ones, so their loss traces agree
+    only if model, optimizer, schedule and step were carried across exactly."""
+    root, traces = runs
+
+    def resume(source: Path, step: int, layout: str, dump: Path) -> list[dict]:
+        shutil.copytree(
+            source / "checkpoint" / f"step-{step}", dump / "checkpoint" / f"step-{step}"
+        )
+        return launch(layout, dump)
+
+    tp_chain = resume(root / "tp2_fsdp2", 4, "fsdp4", tmp_path / "a_fsdp4")
+    one_chain = resume(root / "one", 4, "fsdp4", tmp_path / "b_fsdp4")
+    assert [r["step"] for r in tp_chain] == list(range(5, STEPS + 1))
+    assert_same_trace(tp_chain, one_chain)
+    # The trace continues: the resumed loss is the trained model's, not a fresh start's.
+    assert tp_chain[0]["loss"] < traces["one"][0]["loss"] - 0.3
+    to_one = resume(tmp_path / "a_fsdp4", 8, "one", tmp_path / "a_one")
+    to_tp = resume(tmp_path / "b_fsdp4", 8, "tp2_fsdp2", tmp_path / "b_tp")
+    assert [r["step"] for r in to_one] == [9, 10]
+    assert_same_trace(to_tp, to_one)
+    # and export works from the TP layout: the HF folder's weights equal the checkpoint's
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_to_hf.py"), "--dtype", "float32"]
+        + [str(tmp_path / "b_tp" / "checkpoint" / f"step-{STEPS}"), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    hf = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        hf.update(load_file(shard))
+    ours = weights(tmp_path / "b_tp" / "checkpoint" / f"step-{STEPS}", tmp_path)
+    torch.testing.assert_close(hf["lm_head.weight"], ours["output.weight"])
+    torch.testing.assert_close(hf["model.embed_tokens.weight"], ours["tok_embeddings.weight"])
+
+
+@pytest.mark.slow
+def test_loss_parallel_and_compiled_tp_layout_equal_the_plain_model(tmp_path):
+    out = tmp_path / "results.pt"
+    cmd, env = train_command(nproc=2)
+    cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "tp_worker.py"), str(out)]
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = torch.load(out, weights_only=False)
+    ref = r["reference"]
+    # Loss parallel: the logits stay sharded over the vocabulary; loss and gradients equal.
+    assert r["loss_parallel"]["logits_placements"] == "(Shard(dim=2),)"
+    assert r["gathered"]["logits_placements"] == "local"
+    for name in ("loss_parallel", "gathered"):
+        got = r[name]
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=1e-3)
+        for key in ("output_grad", "embedding_grad", "wq_grad", "norm_grad"):
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
+    # The compiled TP blocks never recompiled (error_on_recompile) and equal the plain model.
+    from tests.integration.tp_worker import SEQ
+    from torchtitan_lite.models.llama3.args import model_args_for
+    from torchtitan_lite.models.llama3.model import Transformer
+
+    args = model_args_for("debugmodel", n_layers=2, max_seq_len=SEQ, vocab_size=2304, eos_id=EOS)
+    torch.manual_seed(0)
+    plain = Transformer(args)
+    plain.init_weights()
+    plain.eval()
+    for backend in ("flex", "sdpa"):
+        assert len(r[f"compiled_{backend}"]) == 4
+        for tokens, logits in r[f"compiled_{backend}"]:
+            with torch.no_grad():
+                want = plain(tokens, build_attention_mask(tokens, EOS, "block_causal", "sdpa"))
+            torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-5, msg=backend)
+
+
+def test_tensor_parallel_degree_that_does_not_fit_the_world(tmp_path):
+    proc = run_train(
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        "--parallelism.tensor_parallel_degree",
+        "2",
+    )
+    assert proc.returncode == 2
+    assert "world size 1 is not a multiple of replicate × tensor parallel = 1 × 2" in proc.stderr
+    assert "Fix: start a multiple of 2 processes" in proc.stderr
+    assert "tensor_parallel_degree = 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "world, tp, pattern",
+    [
+        ("3", "3", r"attention heads \(model flavor\) = 16, kv heads \(model flavor\) = 16"),
+        ("8", "5", r"world size 8 is not a multiple of replicate × tensor parallel = 1 × 5"),
+    ],
+)
+def test_tensor_parallel_degree_that_does_not_divide_the_model(tmp_path, world, tp, pattern):
+    """At the dry run's simulated world size (one process): the layout is checked before
+    anything is built, with the failing quantities named."""
+    import re
+
+    proc = run_train(
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        "--dry_run.world_size",
+        world,
+        "--parallelism.tensor_parallel_degree",
+        tp,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+    assert "Fix:" in proc.stderr and "Traceback" not in proc.stderr
