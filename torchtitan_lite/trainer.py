@@ -23,7 +23,6 @@ from torchtitan_lite.components.checkpoint import (
     list_checkpoints,
 )
 from torchtitan_lite.components.gc_control import GarbageCollection
-from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.config import JobConfig, to_toml
@@ -39,6 +38,7 @@ from torchtitan_lite.distributed.utils import (
     all_reduce_sum,
     clip_grad_norm_,
     init_distributed,
+    keep_freed_host_memory,
     local_device,
     resolve_param_dtype,
     set_collective_timeout,
@@ -59,6 +59,7 @@ from torchtitan_lite.models.llama3.args import (
     rope_settings,
 )
 from torchtitan_lite.models.llama3.model import Transformer
+from torchtitan_lite.models.loss import cross_entropy_sum
 from torchtitan_lite.tokenizer import load_tokenizer
 
 # Models up to this size are initialized whole, then sharded: the initial weights are then the
@@ -82,6 +83,10 @@ class Trainer:
         self.device = torch.device("cpu") if dry else _device(tc.device)
         self.rank, self.world_size = init_distributed(self.device, config.comm.init_timeout_seconds)
         self.device = local_device(self.device)
+        # CPU steps reuse the memory the previous step freed (no page faults on fresh pages).
+        self.host_memory = "left to the C library (training.cpu_reuse_freed_memory = false)"
+        if self.device.type == "cpu" and tc.cpu_reuse_freed_memory and not dry:
+            self.host_memory = keep_freed_host_memory()[1]
         # bf16 only where the device computes in it natively (auto), else fp32. A dry run
         # simulates GPUs, all of which compute in bf16.
         self.param_dtype, self.param_dtype_reason = (
@@ -290,6 +295,8 @@ class Trainer:
             f"precision: params {self.param_dtype} ({self.param_dtype_reason}), gradient "
             f"reduce {c.training.mixed_precision_reduce}"
         )
+        if self.device.type == "cpu":
+            logger.info(f"host memory: {self.host_memory}")
         pad = "none" if t.pad_id is None else f"{t.pad_id} {t.id_to_token(t.pad_id)!r}"
         logger.info(
             f"tokenizer {t.path} ({t.kind}, sha256 {t.file_sha256[:12]}): vocab {t.vocab_size}, "
@@ -394,10 +401,12 @@ class Trainer:
         positions = (
             document_positions(inputs, eos_id) if self.config.data.reset_position_ids else None
         )
-        logits = self.model(inputs, mask, positions=positions)
-        loss = cross_entropy_sum(logits, labels)
-        # Loss parallel returns the loss as a DTensor replicated over the TP ranks: its local
-        # value is the whole loss (and stays differentiable).
+        if tp_mesh(self.mesh) is None:  # the model computes the loss chunk by chunk
+            return self.model(inputs, mask, positions=positions, labels=labels)
+        # Tensor parallel: vocabulary-sharded logits (loss parallel), or gathered ones. Loss
+        # parallel returns the loss as a DTensor replicated over the TP ranks: its local value
+        # is the whole loss (and stays differentiable).
+        loss = cross_entropy_sum(self.model(inputs, mask, positions=positions), labels)
         return loss.to_local() if isinstance(loss, DTensor) else loss
 
     @torch.no_grad()

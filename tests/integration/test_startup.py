@@ -43,6 +43,8 @@ def test_startup_banner_and_resolved_config(tmp_path, monkeypatch):
         "bf16 instructions), gradient reduce float32"
     ) in log
     assert "MFU peak: no peak known for cpu: set metrics.peak_tflops for MFU" in log
+    if sys.platform == "linux":  # glibc on every Linux machine this project runs on
+        assert "host memory: freed blocks kept for reuse (glibc " in log
     assert (
         "vocab 2304, bos 2048 '<|begin_of_text|>', eos 2049 '<|end_of_text|>', pad none, "
         "stop ids [2049, 2057]"

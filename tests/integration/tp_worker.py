@@ -26,13 +26,13 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from tests.conftest import DEBUG_CONFIG
 from tests.unit.test_compile import EOS, VOCAB, packed_batch
-from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.config import load_config
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
 from torchtitan_lite.distributed.parallelize import apply_tp, parallelize
 from torchtitan_lite.models.attention import build_attention_mask
 from torchtitan_lite.models.llama3.args import model_args_for
 from torchtitan_lite.models.llama3.model import Transformer
+from torchtitan_lite.models.loss import cross_entropy_sum
 
 SEQ = 256
 

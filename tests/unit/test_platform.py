@@ -120,3 +120,48 @@ def test_mfu_peak_by_exact_device_name(monkeypatch, name, peak):
 def test_a_configured_peak_wins_and_cpus_have_none():
     assert metrics.peak_tflops(CPU, 2.5) == (2.5, "metrics.peak_tflops")
     assert metrics.peak_tflops(CPU, -1.0)[0] is None
+
+
+_MALLINFO = """
+import ctypes, sys
+import torch
+from torchtitan_lite.distributed.utils import keep_freed_host_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_host_memory()[0]
+block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: over glibc's largest mmap threshold
+mapped = libc.mallinfo2().hblkhd  # bytes in blocks served by mmap
+del block
+print(mapped, libc.mallinfo2().fordblks)  # and the free bytes the heap keeps
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    reason="glibc only",
+)
+def test_freed_host_memory_is_kept_for_the_next_step():
+    """glibc's own accounting (mallinfo2), in fresh processes: by default a 64 MiB tensor is
+    a private mmap, unmapped when freed (the next step faults its pages in again); after
+    keep_freed_host_memory it comes from the heap and stays there, free for reuse."""
+
+    def run(mode: str) -> tuple[int, int]:
+        proc = subprocess.run(
+            [sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        mapped, kept = map(int, proc.stdout.split())
+        return mapped, kept
+
+    mib64 = 64 << 20
+    mapped, kept = run("default")
+    assert mapped >= mib64 and kept < mib64
+    mapped, kept = run("keep")
+    assert mapped < mib64 and kept >= mib64

@@ -14,7 +14,6 @@ from tests.conftest import DEBUG_CONFIG
 from torchtitan_lite import trainer as trainer_module
 from torchtitan_lite.components import gc_control
 from torchtitan_lite.components.device_reads import DeviceReads
-from torchtitan_lite.components.loss import cross_entropy_sum
 from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.components.optimizer import lr_factor
 from torchtitan_lite.config import load_config
@@ -26,6 +25,12 @@ from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.models.attention import build_attention_mask, reference_mask
 from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
 from torchtitan_lite.models.llama3.model import Transformer
+from torchtitan_lite.models.loss import (
+    IGNORE_INDEX,
+    _chunk_rows,
+    cross_entropy_sum,
+    linear_cross_entropy_sum,
+)
 from torchtitan_lite.trainer import Trainer
 
 
@@ -252,6 +257,56 @@ def test_clipping_matches_a_plain_reference(tmp_path):
     coef = 0.05 / (norm + 1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(captured[name], g * coef, atol=1e-7, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_equals_logits_then_cross_entropy(dtype):
+    """Loss and both gradients against the plain logits + ``F.cross_entropy``, over several
+    chunks (the last one partial) with ignored targets in them."""
+    vocab, dim = 2304, 64
+    rows = 2 * _chunk_rows(vocab) + 77
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, dim, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, dim) * 0.2).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,))
+    labels[::5] = IGNORE_INDEX
+    labels[-100:] = IGNORE_INDEX
+
+    want = cross_entropy_sum((hidden @ weight.t())[None], labels[None])
+    want_grads = torch.autograd.grad(want * 0.5, (hidden, weight))
+    got = linear_cross_entropy_sum(hidden, weight, labels)
+    got_grads = torch.autograd.grad(got * 0.5, (hidden, weight))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
+    for g, w, name in zip(got_grads, want_grads, ("hidden", "weight"), strict=True):
+        assert g.dtype == w.dtype == dtype
+        torch.testing.assert_close(g, w, **tol, msg=name)
+    assert not got_grads[0][labels == IGNORE_INDEX].any()  # ignored rows train nothing
+    with torch.no_grad():  # evaluation: the loss alone, the same value
+        assert torch.equal(linear_cross_entropy_sum(hidden, weight, labels), got.detach())
+
+
+def test_model_loss_with_labels_equals_its_logits_loss():
+    """``model(tokens, mask, labels=...)`` (the training path) against the logits path: the
+    same loss and the same gradient for every parameter."""
+    args = model_args_for("debugmodel", n_layers=2, vocab_size=2304, eos_id=2049)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    tokens = torch.randint(0, 2304, (2, 256))
+    tokens[0, 100] = tokens[1, 30] = 2049
+    labels = torch.roll(tokens, -1, 1)
+    labels[:, -1] = IGNORE_INDEX
+    mask = build_attention_mask(tokens, 2049, "block_causal", "sdpa")
+    cross_entropy_sum(model(tokens, mask), labels).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model(tokens, mask, labels=labels)
+    loss.backward()
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(cross_entropy_sum(model(tokens, mask), labels).item())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_same_seed_same_loss_trace(tmp_path):

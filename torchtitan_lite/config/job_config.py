@@ -179,6 +179,12 @@ class Training:
     device: str = "auto"
     """``cuda``, ``cpu`` or ``auto`` (cuda when available)."""
 
+    cpu_reuse_freed_memory: bool = True
+    """On the CPU, keep freed memory for the next step instead of returning it to the OS
+    (glibc: no mmap per large block, no trimming), so steps do not page-fault on fresh
+    memory. Faster (debug model: 7.4 → 5.2 s per fp32 step); the resident size stays at its
+    peak. Process-wide; no effect on GPU runs or with other C libraries."""
+
     skip_nonfinite_steps: int = 3
     """Divergence guard: skip (no update) up to this many steps whose loss or gradient norm is
     not finite, then stop without saving; 0 stops at the first."""

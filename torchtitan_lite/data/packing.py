@@ -33,9 +33,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from torchtitan_lite.data.sources import DataError, DocumentSource
 from torchtitan_lite.logging import logger
+from torchtitan_lite.models.loss import IGNORE_INDEX
 from torchtitan_lite.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
 
 
 class ShardedStream(IterableDataset):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from torchtitan_lite.models.attention import AttentionMask, attention
 from torchtitan_lite.models.llama3.args import ModelArgs, ffn_hidden_dim
+from torchtitan_lite.models.loss import linear_cross_entropy_sum
 
 
 def precompute_freqs_cis(args: ModelArgs, end: int) -> Tensor:
@@ -199,8 +200,11 @@ class Transformer(nn.Module):
         attention_mask: AttentionMask,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """``(B, S)`` token ids → ``(B, S, vocab)`` logits.
+        """``(B, S)`` token ids → ``(B, S, vocab)`` logits, or with ``labels`` ``(B, S)`` the
+        summed token cross-entropy against them (``models/loss.py``: computed chunk by chunk,
+        the logits never materialized).
 
         ``attention_mask`` is built once per batch by the caller (``build_attention_mask``);
         ``positions`` ``(B, S)`` restarts RoPE per document when given. With a ``cache``
@@ -219,4 +223,7 @@ class Transformer(nn.Module):
             h = layer(h, freqs_cis, attention_mask, cache)
         if cache is not None:
             cache.length += seq_len
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        if labels is not None:
+            return linear_cross_entropy_sum(h.flatten(0, 1), self.output.weight, labels.flatten())
+        return self.output(h).float()
