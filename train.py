@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from torchtitan_lite.config import help_text, load_config, parse_args
-from torchtitan_lite.errors import UserError
+from torchtitan_lite.errors import ConfigError, UserError
 
 
 @record  # under torchrun, an unexpected exception lands in that rank's error file
@@ -33,8 +34,11 @@ def main(argv: list[str]) -> int:
         finally:
             trainer.close()
     except UserError as e:
-        # A mistake in something the user supplied: one paragraph, no traceback.
-        print(f"error: {e}", file=sys.stderr)
+        # A mistake in something the user supplied: one paragraph, no traceback. A config
+        # error depends only on the config and the world size, so under torchrun every rank
+        # fails alike: each node's first process says it, once.
+        if not isinstance(e, ConfigError) or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

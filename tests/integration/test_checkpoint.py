@@ -60,6 +60,22 @@ def test_resume_continues_the_uninterrupted_run(tmp_path):
     assert_same_trace(metrics(full), rows)
 
 
+def test_extending_a_run_follows_the_new_schedule(tmp_path):
+    """Resume a finished 4-step run with ``training.steps = 10``: every step's learning rate
+    (and loss) equals an uninterrupted 10-step run's from the first resumed step on, not the
+    old schedule's last, decayed rate."""
+    base = [a for a in BASE if a not in ("--training.steps", "8")]
+    short, extended, fresh = tmp_path / "short", tmp_path / "extended", tmp_path / "fresh"
+    ok(run_train(*base, "--training.steps", "4", "--job.dump_folder", str(short)))
+    copy_checkpoint(short, extended, 4)
+    ok(run_train(*base, "--training.steps", "10", "--job.dump_folder", str(extended)))
+    ok(run_train(*base, "--training.steps", "10", "--job.dump_folder", str(fresh)))
+    resumed = metrics(extended)
+    assert [r["step"] for r in resumed] == list(range(5, 11))
+    want = {r["step"]: r["lr"] for r in metrics(fresh)}
+    assert [r["lr"] for r in resumed] == [want[r["step"]] for r in resumed]
+
+
 @pytest.mark.slow
 def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
     full, resumed, single = tmp_path / "full", tmp_path / "resumed", tmp_path / "single"

@@ -119,3 +119,20 @@ def test_parallel_layout_that_does_not_fit_the_world(tmp_path):
     assert proc.returncode == 2
     assert "1 × 4 × 1 = 4 processes do not match" in proc.stderr and "world size = 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--training.stepz", "3"], "Did you mean 'training.steps'?"),  # while parsing
+        (["--parallelism.tensor_parallel_degree", "3"], "1 × 3 = 3"),  # after the group forms
+    ],
+)
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path, args, fragment):
+    proc = torchrun(
+        2, "--config", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path), *args, timeout=300
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-3000:]
+    assert "exitcode: 2" in proc.stderr  # each rank still exits with the config-error status

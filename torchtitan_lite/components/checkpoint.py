@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan_lite.components.optimizer import load_lr_scheduler
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import load_loader_state
 from torchtitan_lite.errors import UserError
@@ -395,7 +396,7 @@ class CheckpointManager:
         )
         if model_only:
             return {"step": 0, "tokens_seen": 0}
-        self.lr_scheduler.load_state_dict(_from_bytes(state["lr_scheduler"]))
+        load_lr_scheduler(self.lr_scheduler, _from_bytes(state["lr_scheduler"]))
         train_state = _from_bytes(state["train_state"])
         torch.set_rng_state(train_state.pop("rng"))
         if data_key in state:

@@ -57,3 +57,16 @@ def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: LRScheduler
 ) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def load_lr_scheduler(scheduler: LambdaLR, state: dict) -> None:
+    """Resume ``scheduler`` at the saved step, on this run's schedule.
+
+    The optimizer's saved learning rates (and the scheduler's last one) belong to the schedule
+    of the run that saved them. A run extended with a larger ``training.steps`` has another
+    schedule: recomputing the rate at the saved step makes the first resumed step train at
+    the new schedule's rate, not the old one's (which may be its final, decayed value).
+    """
+    scheduler.load_state_dict(state)
+    scheduler.last_epoch -= 1
+    scheduler.step()  # back to the saved step: sets every group's rate from the schedule
