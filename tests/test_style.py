@@ -1,7 +1,9 @@
-"""The code base stays ruff-clean (lint and format), as configured in pyproject.toml."""
+"""The code base stays ruff-clean (lint and format), as configured in pyproject.toml, and its
+layers point one way."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -18,3 +20,51 @@ RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.whi
 def test_ruff(args):
     proc = subprocess.run([RUFF, *args], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+PACKAGE = "torchtitan_lite"
+#: What ``models/`` may import from the package: itself and the leaf module of error types.
+MODELS_MAY_IMPORT = ("torchtitan_lite.models", "torchtitan_lite.errors")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the package's modules it imports, read from the source (every import
+    statement, including those inside functions and ``TYPE_CHECKING`` blocks)."""
+    files = {}
+    for path in (REPO / PACKAGE).rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            targets |= {n for n in names if n in files and n != name}
+        graph[name] = targets
+    return graph
+
+
+def test_layers_point_one_way():
+    graph = import_graph()
+    assert "torchtitan_lite.models.llama3.model" in graph  # the walk found the package
+    upward = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith("torchtitan_lite.models")
+        for target in targets
+        if not target.startswith(MODELS_MAY_IMPORT)
+    ]
+    assert upward == [], "models/ imports from a layer above it"
+    # no cycle: repeatedly drop modules that import nothing left
+    left = {module: set(targets) for module, targets in graph.items()}
+    while True:
+        leaves = {module for module, targets in left.items() if not targets}
+        if not leaves:
+            break
+        left = {m: t - leaves for m, t in left.items() if m not in leaves}
+    assert left == {}, f"import cycle among {sorted(left)}"

@@ -8,12 +8,13 @@ run with an :class:`IdMismatchError` that names both sides and both values.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from torchtitan_lite.errors import UserError
+from torchtitan_lite.models.llama3.args import ModelArgs
 
 if TYPE_CHECKING:
-    from torchtitan_lite.models.llama3.args import ModelArgs
     from torchtitan_lite.tokenizer import Tokenizer
 
 EOT_TOKEN = "<|eot_id|>"
@@ -25,6 +26,40 @@ WEIGHT_ID_KEYS = MANIFEST_ID_KEYS[:3]
 
 class IdMismatchError(UserError):
     """Two parts of the job disagree on a special id (or the ids themselves are unusable)."""
+
+
+def args_from_tokenizer(
+    args: ModelArgs,
+    tokenizer: Tokenizer,
+    vocab_size: int = -1,
+    vocab_size_multiple_of: int = 1,
+    eos_id: int = -1,
+) -> ModelArgs:
+    """``args`` with ``vocab_size`` and ``eos_id`` taken from the tokenizer.
+
+    ``vocab_size``/``eos_id`` are the config's optional explicit values (``-1`` = unset): an
+    explicit vocab size must cover every tokenizer id, an explicit eos id must equal the
+    tokenizer's (the document mask would split at the wrong token otherwise).
+    """
+    if eos_id not in (-1, tokenizer.eos_id):
+        raise IdMismatchError(
+            f"Special-id mismatch: config key 'model.eos_id' is {eos_id}, but the tokenizer "
+            f"{tokenizer.path} says eos_id = {tokenizer.eos_id} "
+            f"({tokenizer.eos_token!r}). The document mask and generation would stop at the "
+            "wrong token. Fix: remove model.eos_id (the tokenizer's id is used), or choose "
+            "the boundary token with tokenizer.eos_token."
+        )
+    if vocab_size == -1:
+        m = vocab_size_multiple_of
+        vocab_size = (tokenizer.vocab_size + m - 1) // m * m
+    elif vocab_size < tokenizer.vocab_size:
+        raise IdMismatchError(
+            f"Special-id mismatch: config key 'model.vocab_size' is {vocab_size}, but the "
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids (eos {tokenizer.eos_id}"
+            f", bos {tokenizer.bos_id}); ids past the embedding would crash or alias. Fix: "
+            "remove model.vocab_size (it is taken from the tokenizer) or raise it."
+        )
+    return dataclasses.replace(args, vocab_size=vocab_size, eos_id=tokenizer.eos_id)
 
 
 def ids_manifest(tokenizer: Tokenizer, mask_type: str) -> dict[str, Any]:
@@ -114,7 +149,7 @@ def check_special_ids(
             raise IdMismatchError(
                 f"Special-id mismatch: the model args say eos_id = {model_args.eos_id}, but "
                 f"{_describe(t)} says {t.eos_id}. The document mask would split at the wrong "
-                "token. Fix: build the model args with update_from_tokenizer(tokenizer)."
+                "token. Fix: build the model args with ids.args_from_tokenizer(args, tokenizer)."
             )
         if model_args.vocab_size < t.vocab_size:
             raise IdMismatchError(

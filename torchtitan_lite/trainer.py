@@ -45,7 +45,7 @@ from torchtitan_lite.distributed.utils import (
     set_seed,
 )
 from torchtitan_lite.errors import ConfigError, UserError
-from torchtitan_lite.ids import check_special_ids, ids_manifest
+from torchtitan_lite.ids import args_from_tokenizer, check_special_ids, ids_manifest
 from torchtitan_lite.logging import init_logger, logger
 from torchtitan_lite.models.attention import (
     build_attention_mask,
@@ -158,7 +158,8 @@ class Trainer:
             flex_compile_mode=config.compile.flex_mode,
             **rope,
         )
-        self.model_args.update_from_tokenizer(
+        self.model_args = args_from_tokenizer(
+            self.model_args,
             self.tokenizer,
             vocab_size=mc.vocab_size,
             vocab_size_multiple_of=mc.vocab_size_multiple_of,

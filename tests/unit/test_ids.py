@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SPM_2K, TIKTOKEN_2K
-from torchtitan_lite.ids import IdMismatchError, check_special_ids, ids_manifest
+from torchtitan_lite.ids import (
+    IdMismatchError,
+    args_from_tokenizer,
+    check_special_ids,
+    ids_manifest,
+)
 from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
 from torchtitan_lite.tokenizer import load_tokenizer
 
 
 def args_from(tok, **kw) -> ModelArgs:
-    args = model_args_for("debugmodel")
-    args.update_from_tokenizer(tok, **kw)
-    return args
+    return args_from_tokenizer(model_args_for("debugmodel"), tok, **kw)
 
 
 @pytest.mark.parametrize("path, vocab, eos", [(TIKTOKEN_2K, 2304, 2049), (SPM_2K, 2048, 2)])

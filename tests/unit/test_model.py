@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import SPM_2K, TIKTOKEN_2K
+from torchtitan_lite.ids import args_from_tokenizer
 from torchtitan_lite.models.attention import build_attention_mask
 from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
 from torchtitan_lite.models.llama3.model import Transformer, _llama31_scale
@@ -102,8 +103,7 @@ def test_no_gradient_flows_between_documents(n_kv_heads):
 def test_model_built_from_each_tokenizer():
     for path in (TIKTOKEN_2K, SPM_2K):
         tok = load_tokenizer(path)
-        args = model_args_for("debugmodel")
-        args.update_from_tokenizer(tok, vocab_size_multiple_of=64)
+        args = args_from_tokenizer(model_args_for("debugmodel"), tok, vocab_size_multiple_of=64)
         with torch.device("meta"):
             model = Transformer(args)
         assert model.args.eos_id == tok.eos_id
@@ -113,7 +113,7 @@ def test_model_built_from_each_tokenizer():
 
 
 def test_model_refuses_args_without_tokenizer_ids():
-    with pytest.raises(ValueError, match="update_from_tokenizer"):
+    with pytest.raises(ValueError, match="args_from_tokenizer"):
         Transformer(model_args_for("debugmodel"))
 
 

@@ -22,9 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan_lite.components.dcp_format import MANIFEST, SafeLoadPlanner, is_complete
 from torchtitan_lite.components.optimizer import load_lr_scheduler
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import load_loader_state
@@ -46,7 +45,6 @@ from torchtitan_lite.ids import (
 )
 from torchtitan_lite.logging import logger
 
-MANIFEST = "ids_manifest.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -76,18 +74,6 @@ class OptimizerWrapper(Stateful):
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's loader with ``weights_only=True`` for the non-tensor items (its default
-    unpickles them without restriction)."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
 def _to_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -96,11 +82,6 @@ def _to_bytes(obj: Any) -> bytes:
 
 def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def is_complete(folder: Path) -> bool:
-    """A step folder that a finished save renamed into place (DCP metadata + manifest)."""
-    return (folder / ".metadata").is_file() and (folder / MANIFEST).is_file()
 
 
 def list_checkpoints(folder: Path) -> list[int]:

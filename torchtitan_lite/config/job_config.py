@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 
 from torchtitan_lite.errors import ConfigError
+from torchtitan_lite.models import MASK_TYPES
 
-MASK_TYPES = ("causal", "block_causal")
 ATTN_BACKENDS = ("auto", "flex", "sdpa")
 DTYPES = ("float32", "bfloat16")
 AC_MODES = ("none", "full", "selective")

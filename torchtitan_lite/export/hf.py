@@ -23,9 +23,15 @@ from pathlib import Path
 import torch
 
 from torchtitan_lite.chat_template import jinja_template
-from torchtitan_lite.components.checkpoint import MANIFEST, SafeLoadPlanner, is_complete
+from torchtitan_lite.components.dcp_format import MANIFEST, SafeLoadPlanner, is_complete
 from torchtitan_lite.config.loader import tomllib
 from torchtitan_lite.errors import UserError
+from torchtitan_lite.ids import (
+    IdMismatchError,
+    args_from_tokenizer,
+    check_special_ids,
+    ids_manifest,
+)
 from torchtitan_lite.models.llama3.args import (
     FLAVORS,
     ROPE_KEYS,
@@ -293,7 +299,6 @@ def load_checkpoint_model(
     """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer."""
     import torch.distributed.checkpoint as dcp
 
-    from torchtitan_lite.ids import check_special_ids
     from torchtitan_lite.models.llama3.model import Transformer
 
     config, manifest = read_checkpoint_config(checkpoint_dir)
@@ -314,8 +319,12 @@ def load_checkpoint_model(
     args = model_args_for(
         model_cfg["flavor"], max_seq_len=context, attn_mask_type=model_cfg["attn_mask_type"], **rope
     )
-    args.update_from_tokenizer(
-        tokenizer, model_cfg["vocab_size"], model_cfg["vocab_size_multiple_of"], model_cfg["eos_id"]
+    args = args_from_tokenizer(
+        args,
+        tokenizer,
+        model_cfg["vocab_size"],
+        model_cfg["vocab_size_multiple_of"],
+        model_cfg["eos_id"],
     )
     model = Transformer(args)
     state = {"model": model.state_dict()}
@@ -447,8 +456,6 @@ def read_hf_folder(
     Without ``load_weights`` the weights are not read (an empty dict)."""
     from safetensors.torch import load_file
 
-    from torchtitan_lite.ids import IdMismatchError
-
     cfg = json.loads((hf_dir / "config.json").read_text())
     candidates = (hf_dir / "original" / "tokenizer.model", hf_dir / "tokenizer.model")
     tok_file = tokenizer_path or next((str(p) for p in candidates if p.is_file()), None)
@@ -471,7 +478,7 @@ def read_hf_folder(
         **_rope_from_hf(cfg, hf_dir / "config.json"),
     )
     _check_representable(cfg, args, hf_dir / "config.json")
-    args.update_from_tokenizer(tokenizer, vocab_size=cfg["vocab_size"])
+    args = args_from_tokenizer(args, tokenizer, vocab_size=cfg["vocab_size"])
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(hf_dir.glob("*.safetensors")) if load_weights else ():
         weights.update(load_file(str(file)))
@@ -485,7 +492,6 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
     import torch.distributed.checkpoint as dcp
 
     from torchtitan_lite.config import JobConfig, to_toml
-    from torchtitan_lite.ids import ids_manifest
 
     cfg, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path)
     folder = out / "checkpoint" / "step-0"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from torchtitan_lite.config.job_config import MASK_TYPES  # the one list of mask types
+from torchtitan_lite.models import MASK_TYPES  # the one list of mask types
 
 #: The block tables of a BlockMask that build_block_mask computes (kv side and q side).
 BLOCK_MASK_FIELDS = (

@@ -6,8 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from torchtitan_lite.errors import ConfigError
-from torchtitan_lite.ids import IdMismatchError
-from torchtitan_lite.tokenizer import Tokenizer
 
 
 @dataclass
@@ -32,43 +30,9 @@ class ModelArgs:
     attn_mask_type: str = "block_causal"
     # torch.compile mode of FlexAttention compiled on its own (CUDA, blocks not compiled)
     flex_compile_mode: str = "max-autotune-no-cudagraphs"
-    # Set only by update_from_tokenizer: the tokenizer is the single source of truth.
+    # Set only by ids.args_from_tokenizer: the tokenizer is the single source of truth.
     vocab_size: int = -1
     eos_id: int = -1
-
-    def update_from_tokenizer(
-        self,
-        tokenizer: Tokenizer,
-        vocab_size: int = -1,
-        vocab_size_multiple_of: int = 1,
-        eos_id: int = -1,
-    ) -> None:
-        """Take ``vocab_size`` and ``eos_id`` from the tokenizer.
-
-        ``vocab_size``/``eos_id`` are the config's optional explicit values (``-1`` = unset): an
-        explicit vocab size must cover every tokenizer id, an explicit eos id must equal the
-        tokenizer's (the document mask would split at the wrong token otherwise).
-        """
-        if eos_id not in (-1, tokenizer.eos_id):
-            raise IdMismatchError(
-                f"Special-id mismatch: config key 'model.eos_id' is {eos_id}, but the tokenizer "
-                f"{tokenizer.path} says eos_id = {tokenizer.eos_id} "
-                f"({tokenizer.eos_token!r}). The document mask and generation would stop at the "
-                "wrong token. Fix: remove model.eos_id (the tokenizer's id is used), or choose "
-                "the boundary token with tokenizer.eos_token."
-            )
-        if vocab_size == -1:
-            m = vocab_size_multiple_of
-            vocab_size = (tokenizer.vocab_size + m - 1) // m * m
-        elif vocab_size < tokenizer.vocab_size:
-            raise IdMismatchError(
-                f"Special-id mismatch: config key 'model.vocab_size' is {vocab_size}, but the "
-                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids (eos {tokenizer.eos_id}"
-                f", bos {tokenizer.bos_id}); ids past the embedding would crash or alias. Fix: "
-                "remove model.vocab_size (it is taken from the tokenizer) or raise it."
-            )
-        self.vocab_size = vocab_size
-        self.eos_id = tokenizer.eos_id
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count computed from the shapes (no model needed)."""

@@ -165,7 +165,7 @@ class Transformer(nn.Module):
         if args.vocab_size <= 0 or args.eos_id < 0:
             raise ValueError(
                 "ModelArgs.vocab_size and eos_id come from the tokenizer: call "
-                "args.update_from_tokenizer(tokenizer) before building the model"
+                "ids.args_from_tokenizer(args, tokenizer) before building the model"
             )
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
