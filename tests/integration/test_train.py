@@ -51,60 +51,65 @@ def test_one_process_debug_run_learns(tmp_path):
     assert (out / "config.toml").is_file() and (out / "train.log").is_file()
 
 
-@pytest.mark.slow
-def test_two_process_fsdp_matches_one_process(tmp_path):
-    """Same global batch, same data, same init: the loss traces agree.
+#: One global batch of 4 rows per step in every layout: 2 data-parallel ranks × 2 rows read
+#: document shards 0 and 1; 1 process with 2 loader workers reads the same two shards
+#: (worker w = shard w) in 2 accumulation steps of 2 rows.
+DATA_PARALLEL = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.steps",
+    "6",
+    "--training.local_batch_size",
+    "2",
+    "--training.global_batch_size",
+    "4",
+    "--training.mixed_precision_param",
+    "float32",
+    "--optimizer.lr",
+    "2e-3",
+    *SMALL,
+]
 
-    2 ranks × local batch 2 read document shards 0 and 1; 1 process with 2 loader workers
-    reads the same two shards (worker w = shard w) with 2 accumulation steps of batch 2.
-    """
-    common = [
-        "--config",
-        str(DEBUG_CONFIG),
-        "--training.steps",
-        "6",
-        "--training.local_batch_size",
-        "2",
-        "--training.global_batch_size",
-        "4",
-        "--training.mixed_precision_param",
-        "float32",
-        "--optimizer.lr",
-        "2e-3",
-        *SMALL,
-    ]
-    two = torchrun(2, *common, "--job.dump_folder", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "world: 2 process(es) on cpu, data parallel replicate 1 × shard 2" in two.stdout
-    one = run_train(*common, "--job.dump_folder", str(tmp_path / "one"), "--data.num_workers", "2")
+
+@pytest.fixture(scope="module")
+def one_process_trace(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("one")
+    one = run_train(*DATA_PARALLEL, "--job.dump_folder", str(out), "--data.num_workers", "2")
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b, strict=True):
+    return metrics(out)
+
+
+def assert_same_trace(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) == 6
+    for x, y in zip(got, want, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
-    assert a[-1]["loss"] < a[0]["loss"]
 
 
 @pytest.mark.slow
-def test_hsdp_two_replicas(tmp_path):
+def test_two_process_fsdp_matches_one_process(tmp_path, one_process_trace):
+    """Same global batch, same data, same init: the loss traces agree."""
+    two = torchrun(2, *DATA_PARALLEL, "--job.dump_folder", str(tmp_path))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world: 2 process(es) on cpu, data parallel replicate 1 × shard 2" in two.stdout
+    assert_same_trace(metrics(tmp_path), one_process_trace)
+
+
+@pytest.mark.slow
+def test_hsdp_two_replicas(tmp_path, one_process_trace):
+    """Two replicas of a one-rank shard group: gradients all-reduced across the replicas,
+    the same trace as one process reading both shards."""
     proc = torchrun(
         2,
-        "--config",
-        str(DEBUG_CONFIG),
-        "--training.steps",
-        "2",
-        "--training.local_batch_size",
-        "2",
+        *DATA_PARALLEL,
         "--job.dump_folder",
         str(tmp_path),
         "--parallelism.data_parallel_replicate_degree",
         "2",
-        *SMALL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "replicate 2 × shard 1 (HSDP)" in proc.stdout
-    assert len(metrics(tmp_path)) == 2
+    assert_same_trace(metrics(tmp_path), one_process_trace)
 
 
 def test_parallel_layout_that_does_not_fit_the_world(tmp_path):
