@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from torchtitan_lite.config import help_text, load_config, parse_args
@@ -40,6 +41,11 @@ def main(argv: list[str]) -> int:
         if not isinstance(e, ConfigError) or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # A run refused part-way through its build leaves no process group behind (for a
+        # caller that goes on in the same process, as the tests do).
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -57,6 +57,21 @@ def run_train(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.
     )
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``train.main(args)`` in this process, its stdout and stderr captured: for runs that
+    stop with an error before training (a fraction of a subprocess's start-up cost). Runs
+    that train, signal, kill or need a fresh process stay subprocesses (:func:`run_train`)."""
+    import contextlib
+    import io
+
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train.main(list(args))
+    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def ranks_file(tmp_path: Path):
     return lambda n: write_ranks_file(tmp_path / f"ranks_{n}.model", n)

@@ -563,9 +563,20 @@ class Trainer:
         return _pad_rows(batch, self.config.training.local_batch_size, pad_id)
 
     def _train(self, stop_requested, gc: GarbageCollection) -> list[float]:
+        data_iter = iter(self.dataloader)
+        try:
+            return self._train_loop(data_iter, stop_requested, gc)
+        finally:
+            # Stop the loader's worker processes now. After a failed step the iterator lives
+            # on in the traceback until a later garbage collection, whose shutdown then waits
+            # seconds on each worker (torch's loader iterators have no public close).
+            shutdown = getattr(data_iter, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _train_loop(self, data_iter, stop_requested, gc: GarbageCollection) -> list[float]:
         tc = self.config.training
         losses: list[float] = []
-        data_iter = iter(self.dataloader)
         first_step = self.step + 1
         logger.info(f"training {tc.steps} steps")
         self.metrics.reset()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, run_train
+from tests.conftest import DEBUG_CONFIG, run_main, run_train
 from tests.integration.test_train import metrics, torchrun
 
 BASE = [
@@ -141,7 +141,7 @@ def test_manifest_mismatch_is_refused_before_step_one(tmp_path):
         "--job.dump_folder",
         str(first),
     ]
-    proc = run_train(*BASE, *changed)
+    proc = run_main(*BASE, *changed)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trained with eos_id = 2049" in proc.stderr and "has eos_id = 2058" in proc.stderr
     assert "checkpoint.allow_id_change" in proc.stderr
@@ -173,12 +173,6 @@ def test_seed_checkpoint_fixes_the_initial_weights(tmp_path):
     first = metrics(seed)[0]["loss"]
     assert first == pytest.approx(metrics(plain)[0]["loss"], rel=1e-6)
     assert first != pytest.approx(metrics(other)[0]["loss"], rel=1e-6)
-
-
-def test_load_step_that_does_not_exist(tmp_path):
-    proc = run_train(*BASE, "--checkpoint.load_step", "3", "--job.dump_folder", str(tmp_path))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "'checkpoint.load_step' is 3" in proc.stderr
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_train, train_command
+from tests.conftest import DEBUG_CONFIG, REPO, run_main, run_train, train_command
 from tests.integration.test_checkpoint import BASE
 from tests.integration.test_startup import assert_clean_error
 from tests.integration.test_train import metrics
@@ -334,7 +334,7 @@ def test_bad_configuration_matrix(tmp_path, name, args, fragments):
     extra = _bad_config_case(name, tmp_path)
     config = [] if "--config" in extra else ["--config", str(DEBUG_CONFIG)]
     dump = [] if "--job.dump_folder" in args else ["--job.dump_folder", str(tmp_path / "o")]
-    proc = run_train(*config, *extra, "--training.seq_len", "64", *dump, *args)
+    proc = run_main(*config, *extra, "--training.seq_len", "64", *dump, *args)
     assert_clean_error(proc, *fragments)
     assert "Fix" in proc.stderr or "Did you mean" in proc.stderr
 
@@ -375,7 +375,7 @@ BAD_DATA = [
 @pytest.mark.parametrize("name, fragments", BAD_DATA, ids=[c[0] for c in BAD_DATA])
 def test_bad_data_matrix(tmp_path, name, fragments, workers):
     path = _bad_data(name, tmp_path)
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--data.path",
@@ -412,7 +412,11 @@ ID_CASES = [
     ("eos == bos", ["--tokenizer.eos_token", "<|begin_of_text|>"], ["eos id == bos id == 2048"]),
     ("eos == pad", ["--tokenizer.pad_token", "<|end_of_text|>"], ["pad id == eos id == 2049"]),
     ("model eos override", ["--model.eos_id", "2"], ["'model.eos_id' is 2", "eos_id = 2049"]),
-    ("eot as boundary", ["--tokenizer.eos_token", "<|eot_id|>"], ["closes chat turns"]),
+    (
+        "eot as boundary",
+        ["--tokenizer.eos_token", "<|eot_id|>"],
+        ["closes chat turns", "allow_eot_boundary"],
+    ),
     (
         "checkpoint manifest",
         ["--tokenizer.eos_token", "<|reserved_special_token_3|>"],
@@ -423,7 +427,7 @@ ID_CASES = [
 
 @pytest.mark.parametrize("name, args, fragments", ID_CASES, ids=[c[0] for c in ID_CASES])
 def test_id_mismatch_matrix_refused_before_step_1(trained_checkpoint, name, args, fragments):
-    proc = run_train(
+    proc = run_main(
         *BASE, "--training.steps", "4", "--job.dump_folder", str(trained_checkpoint), *args
     )
     assert_clean_error(proc, *fragments)
@@ -471,7 +475,7 @@ def test_unloadable_checkpoint_is_a_clean_error(tmp_path):
     dcp.save({"model": {}, "train_state": b"x"}, checkpoint_id=str(folder), no_dist=True)
     tok = load_tokenizer(REPO / "assets/tokenizer/tiktoken_2k.model")
     (folder / "ids_manifest.json").write_text(json.dumps(ids_manifest(tok, "block_causal")))
-    proc = run_train(*BASE, "--training.steps", "3", "--job.dump_folder", str(tmp_path))
+    proc = run_main(*BASE, "--training.steps", "3", "--job.dump_folder", str(tmp_path))
     assert_clean_error(proc, f"Checkpoint {folder} cannot be loaded", "Fix")
 
 

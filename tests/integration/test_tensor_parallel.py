@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_train, train_command
+from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command
 from tests.unit.test_compile import EOS
 from torchtitan_lite.models.attention import build_attention_mask
 
@@ -189,7 +189,7 @@ def test_loss_parallel_and_compiled_tp_layout_equal_the_plain_model(tmp_path):
 
 
 def test_tensor_parallel_degree_that_does_not_fit_the_world(tmp_path):
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",
@@ -215,7 +215,7 @@ def test_tensor_parallel_degree_that_does_not_divide_the_model(tmp_path, world, 
     anything is built, with the failing quantities named."""
     import re
 
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",

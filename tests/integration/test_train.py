@@ -112,20 +112,6 @@ def test_hsdp_two_replicas(tmp_path, one_process_trace):
     assert_same_trace(metrics(tmp_path), one_process_trace)
 
 
-def test_parallel_layout_that_does_not_fit_the_world(tmp_path):
-    proc = run_train(
-        "--config",
-        str(DEBUG_CONFIG),
-        "--job.dump_folder",
-        str(tmp_path),
-        "--parallelism.data_parallel_shard_degree",
-        "4",
-    )
-    assert proc.returncode == 2
-    assert "1 × 4 × 1 = 4 processes do not match" in proc.stderr and "world size = 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 @pytest.mark.parametrize(
     "args, fragment",
     [
