@@ -40,12 +40,11 @@ def main(argv: list[str]) -> int:
         # fails alike: each node's first process says it, once.
         if not isinstance(e, ConfigError) or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
         # A run refused part-way through its build leaves no process group behind (for a
         # caller that goes on in the same process, as the tests do).
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        return 2
     return 0
 
 
