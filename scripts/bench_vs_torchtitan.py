@@ -141,7 +141,7 @@ def worker(spec: dict) -> None:
     print("RESULT " + json.dumps(statistics.median(times)), flush=True)
 
 
-def variants(native_bf16: bool, compile_: bool) -> dict[str, list[str]]:
+def variants(native_bf16: bool, compile_: bool) -> dict[str, list[str] | None]:
     """Name → our config overrides (None for torchtitan)."""
     fp32 = ["--training.mixed_precision_param", "float32"]
     bf16 = ["--training.mixed_precision_param", "bfloat16"]

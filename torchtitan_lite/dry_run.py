@@ -161,9 +161,8 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
     dense = flops.dense(tokens, c.training.seq_len)
     kept = flops.kept(figures["tokens"], figures["pairs"]) * accum
     shard, replicas, tp = pd.dp_shard, pd.dp_replicate, pd.tp
-    params = (
-        trainer.num_params / tp
-    )  # what one TP rank's FSDP shards (the norms, replicated, are tiny)
+    # what one TP rank's FSDP shards (the norms, replicated on every TP rank, are tiny)
+    params = trainer.num_params / tp
     param_size = getattr(torch, trainer.param_dtype).itemsize
     grad_size = getattr(torch, c.training.mixed_precision_reduce).itemsize
     # FSDP2, every micro-batch: each unit's parameters are all-gathered for the forward and,
