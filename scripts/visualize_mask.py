@@ -1,58 +1,35 @@
-"""Render the attention mask of a packed batch to a PNG, with its document and block structure.
+"""Draw the attention mask of the rows a run trains on, with matplotlib.
 
-For every row of the batch the image holds two panels side by side:
+Rows come from one of two places:
 
-* **token level** (left): pixel ``(q, kv)`` is the mask of query ``q`` against key ``kv`` from
-  :func:`torchtitan_lite.models.attention.reference_mask`; allowed pairs are dark, masked pairs
-  are white. Each block of ``--block-size`` x ``--block-size`` pairs is tinted by its kind in
-  :func:`~torchtitan_lite.models.attention.block_tables`: *full* blocks green (dark green where
-  allowed), *partial* blocks yellow (light yellow where masked, dark olive where allowed),
-  *empty* blocks untinted. A thin grey grid marks the blocks (when a block is at least 4 px
-  wide) and thin red lines mark the document boundaries, i.e. the position after each EOS.
-* **block level** (right): one cell per ``(query block, key block)``: full = green,
-  partial = yellow, empty = white.
+* ``--config FILE [--section.key VALUE ...]`` builds the tokenizer and the data loader exactly
+  as ``train.py`` does for that config (data-parallel rank 0 of ``--dp`` ranks) and draws the
+  first ``--rows`` rows that rank trains on. The eos id is the tokenizer's: the picture shows
+  the rows, document boundaries and mask of the run itself.
+* ``--tokens "5 0 7 0; 1 2 0 3" --eos-id 0`` draws a literal batch (rows split by ``;``). This
+  mode has no tokenizer, so only here is the eos id given by hand.
 
-A strip of alternating blue shades above and left of each panel shows which document every
-position belongs to. ``--scale`` (pixels per token) defaults to ``512 // seq_len`` (at least 1),
-so a token panel is about 512 px wide up to 512 tokens and ``seq_len`` px wide beyond. Above
-4096 tokens the S x S mask is not built: only the block-level map is drawn, and the printed
-summary says so. The PNG is written by a small encoder in this file
-(``zlib`` + ``struct``, 8-bit RGB, filter type 0); no imaging library is needed.
+Each row gets two panels. **Token level** (left): pair ``(q, kv)`` from
+:func:`torchtitan_lite.models.attention.reference_mask`, allowed pairs dark, each block of
+``--block-size`` pairs tinted by its kind in
+:func:`~torchtitan_lite.models.attention.block_tables` (full green, partial yellow, empty
+white), red lines where a document starts. **Block level** (right): one cell per (query block,
+key block), the tables FlexAttention skips and visits. Above 4096 tokens per row only the block
+map is drawn. A summary is printed: documents per row, the fraction of a causal mask's pairs
+kept, and the number of full, partial and empty blocks.
 
-Input is either a tokenizer and a text file, packed the way a pretraining loader packs
-documents (each document encoded with bos and eos, all documents concatenated and cut into
-rows of ``--seq-len`` tokens, so a document may continue on the next row; the corpus is
-repeated when it is too short), or a literal token list. A text file holds documents
-separated by lines that read ``---``; a ``.jsonl`` / ``.jsonl.gz`` file holds one JSON object
-per line with a ``text`` field.
+Needs matplotlib (``pip install -e ".[viz]"``). Usage::
 
-Usage::
-
-    # a tiny literal batch (EOS = 0), two rows, blocks of 2 tokens
+    python scripts/visualize_mask.py --config train_configs/debug_model.toml --rows 2 \\
+        --training.seq_len 256 --block-size 32 --out mask.png
     python scripts/visualize_mask.py --tokens "5 0 7 8 0 9; 1 2 3 0 4 5" --eos-id 0 \\
-        --block-size 2 --out /tmp/mask.png
-
-    # real documents through the default tokenizer
-    python scripts/visualize_mask.py --tokenizer assets/tokenizer/tiktoken_2k.model \\
-        --text docs.txt --seq-len 256 --block-size 32 --out mask.png
-
-    # two rows of the embedded corpus, plain causal mask for comparison
-    python scripts/visualize_mask.py --tokenizer assets/tokenizer/tiktoken_2k.model \\
-        --text assets/shakespeare.jsonl.gz --rows 2 --mask-type causal
-
-A short summary is printed: rows, sequence length, documents per row, eos id, mask type, the
-fraction of attention pairs kept compared with a causal mask, and the number of full, partial
-and empty blocks.
+        --block-size 2 --out mask.png
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import struct
 import sys
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +46,6 @@ from torchtitan_lite.models.attention import (
 
 #: Above this many tokens per row only the block-level map is drawn.
 MAX_TOKEN_LEVEL = 4096
-#: Width in pixels the automatic scale aims at for one panel.
-TARGET_PANEL_PX = 512
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -88,111 +63,11 @@ TOKEN_PALETTE = np.array(
 )
 # Block-level colours, indexed by block kind.
 BLOCK_PALETTE = np.array([(255, 255, 255), (242, 200, 40), (55, 160, 80)], dtype=np.uint8)
-BOUNDARY_RGB = (215, 30, 45)
-GRID_RGB = (150, 150, 165)
-BACKGROUND_RGB = (196, 202, 214)
-DOC_STRIP_RGB = ((70, 110, 200), (160, 190, 240))
-
-MARGIN = 10  # px around and between panels
-STRIP = 6  # px: the document strip above and left of a panel
-STRIP_GAP = 2  # px between the strip and its panel
+BOUNDARY_COLOR = "#d71e2d"
+GRID_COLOR = "#9696a5"
 
 
-# ------------------------------------------------------------------------------ PNG
-
-
-def encode_png(width: int, height: int, rgb: bytes) -> bytes:
-    """An 8-bit RGB PNG of ``width`` x ``height`` pixels, rows top to bottom, filter type 0."""
-    stride = width * 3
-    if width <= 0 or height <= 0 or len(rgb) != stride * height:
-        raise ValueError(f"need {width}x{height}x3 = {stride * height} bytes, got {len(rgb)}")
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
-    raw = b"".join(b"\x00" + rgb[y * stride : (y + 1) * stride] for y in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bit, RGB, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-
-
-def write_png(path: str | Path, width: int, height: int, rgb: bytes) -> Path:
-    """Write ``rgb`` (``height`` rows of ``width`` RGB pixels) as a PNG file."""
-    path = Path(path)
-    if path.parent != Path():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(width, height, rgb))
-    return path
-
-
-# ------------------------------------------------------------------------------ layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where everything goes in the image. Origins are ``(y, x)`` of a panel's top-left pixel."""
-
-    width: int
-    height: int
-    token_level: bool
-    scale: int  # px per token in the token panel (0 without one)
-    cell: int  # px per block in the block map
-    token_px: int  # side of the token panel (0 without one)
-    block_px: int  # side of the block map
-    token_origins: tuple[tuple[int, int], ...]  # one per row, empty without a token panel
-    block_origins: tuple[tuple[int, int], ...]  # one per row
-
-
-def auto_scale(seq_len: int) -> int:
-    """Pixels per token so that a token panel is about ``TARGET_PANEL_PX`` wide."""
-    return max(1, TARGET_PANEL_PX // seq_len)
-
-
-def compute_layout(rows: int, seq_len: int, block_size: int, scale: int | None = None) -> Layout:
-    """Panel sizes and positions for ``rows`` rows of ``seq_len`` tokens."""
-    if rows < 1 or seq_len < 1 or block_size < 1:
-        raise ValueError("rows, seq_len and block_size must be positive")
-    if scale is not None and scale < 1:
-        raise ValueError(f"scale must be a positive number of pixels per token, got {scale}")
-    n_blocks = -(-seq_len // block_size)
-    token_level = seq_len <= MAX_TOKEN_LEVEL
-    inset = STRIP + STRIP_GAP
-    if token_level:
-        scale = scale or auto_scale(seq_len)
-        token_px = seq_len * scale
-        cell = max(1, token_px // n_blocks)
-    else:
-        scale, token_px = 0, 0
-        cell = max(1, TARGET_PANEL_PX // n_blocks)
-    block_px = n_blocks * cell
-    band = inset + max(token_px, block_px)
-    token_x = MARGIN + inset
-    block_x = token_x + token_px + MARGIN + inset if token_level else token_x
-    token_origins, block_origins = [], []
-    for r in range(rows):
-        y = MARGIN + r * (band + MARGIN) + inset
-        if token_level:
-            token_origins.append((y, token_x))
-        block_origins.append((y, block_x))
-    return Layout(
-        width=block_x + block_px + MARGIN,
-        height=MARGIN + rows * (band + MARGIN),
-        token_level=token_level,
-        scale=scale,
-        cell=cell,
-        token_px=token_px,
-        block_px=block_px,
-        token_origins=tuple(token_origins),
-        block_origins=tuple(block_origins),
-    )
-
-
-# ------------------------------------------------------------------------------ render
+# ------------------------------------------------------------------------------ pictures
 
 
 def block_kinds(tokens: torch.Tensor, eos_id: int, mask_type: str, block_size: int) -> np.ndarray:
@@ -202,87 +77,79 @@ def block_kinds(tokens: torch.Tensor, eos_id: int, mask_type: str, block_size: i
     return kinds.numpy()
 
 
+def token_colors(
+    row: torch.Tensor, kinds: np.ndarray, eos_id: int, mask_type: str, block_size: int
+) -> np.ndarray:
+    """``(S, S, 3)`` uint8 picture of one row's mask, tinted by the kind of each pair's block."""
+    seq_len = row.shape[0]
+    mask = reference_mask(row[None], eos_id, mask_type)[0].numpy()
+    kind = np.repeat(np.repeat(kinds, block_size, 0), block_size, 1)[:seq_len, :seq_len]
+    return TOKEN_PALETTE[2 * kind + mask]
+
+
 def boundaries(row: torch.Tensor, eos_id: int) -> list[int]:
     """Positions where a new document starts inside the row (one after each EOS)."""
     seq_len = row.shape[0]
     return [p + 1 for p in (row == eos_id).nonzero().flatten().tolist() if p + 1 < seq_len]
 
 
-def line_width(scale: int) -> int:
-    """Pixels of a document-boundary line: 1, or up to 3 for large tokens."""
-    return max(1, min(3, scale // 8))
+def draw(tokens: torch.Tensor, eos_id: int, mask_type: str, block_size: int, title: str = ""):
+    """A matplotlib ``Figure``: per row, the token-level panel (up to ``MAX_TOKEN_LEVEL``
+    tokens) and the block map. Needs no display (``Figure`` draws with Agg)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-
-def _doc_strip(doc_row: np.ndarray, length_px: int) -> np.ndarray:
-    """``(length_px, 3)`` colours: the document of the token under each pixel, alternating."""
-    seq_len = doc_row.shape[0]
-    token = np.arange(length_px) * seq_len // length_px
-    return np.array(DOC_STRIP_RGB, dtype=np.uint8)[doc_row[token] % 2]
-
-
-def _token_panel(
-    mask: np.ndarray, kinds: np.ndarray, starts: list[int], block_size: int, scale: int
-) -> np.ndarray:
-    seq_len = mask.shape[0]
-    kind_tok = np.repeat(np.repeat(kinds, block_size, 0), block_size, 1)[:seq_len, :seq_len]
-    panel = TOKEN_PALETTE[2 * kind_tok + mask]
-    panel = np.repeat(np.repeat(panel, scale, 0), scale, 1)
-    if block_size * scale >= 4:
-        for p in range(block_size * scale, seq_len * scale, block_size * scale):
-            panel[p, :] = GRID_RGB
-            panel[:, p] = GRID_RGB
-    width = line_width(scale)
-    for start in starts:  # across the whole panel: the query row and the key column
-        p = start * scale
-        panel[p : p + width, :] = BOUNDARY_RGB
-        panel[:, p : p + width] = BOUNDARY_RGB
-    return panel
-
-
-def _block_panel(kinds: np.ndarray, cell: int) -> np.ndarray:
-    panel = np.repeat(np.repeat(BLOCK_PALETTE[kinds], cell, 0), cell, 1)
-    if cell >= 4:
-        for p in range(cell, kinds.shape[0] * cell, cell):
-            panel[p, :] = GRID_RGB
-            panel[:, p] = GRID_RGB
-    return panel
-
-
-def render_image(
-    tokens: torch.Tensor, eos_id: int, mask_type: str, block_size: int, scale: int | None = None
-) -> tuple[np.ndarray, Layout]:
-    """The picture as an ``(H, W, 3)`` uint8 array, and where its panels are."""
     tokens = _check_tokens(tokens)
     if mask_type not in MASK_TYPES:
         raise ValueError(f"unknown mask type {mask_type!r}; expected one of {MASK_TYPES}")
     rows, seq_len = tokens.shape
-    layout = compute_layout(rows, seq_len, block_size, scale)
-    image = np.empty((layout.height, layout.width, 3), dtype=np.uint8)
-    image[:] = BACKGROUND_RGB
+    token_level = seq_len <= MAX_TOKEN_LEVEL
     kinds = block_kinds(tokens, eos_id, mask_type, block_size)
-    docs = document_ids(tokens, eos_id).numpy()
-    inset = STRIP + STRIP_GAP
+    n_blocks = kinds.shape[-1]
+    cols = 2 if token_level else 1
+    fig = Figure(figsize=(4.5 * cols, 4.2 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r in range(rows):
-        panels = [(layout.block_origins[r], layout.block_px, _block_panel(kinds[r], layout.cell))]
-        if layout.token_level:
-            mask = reference_mask(tokens[r : r + 1], eos_id, mask_type)[0].numpy()
-            starts = boundaries(tokens[r], eos_id)
-            panel = _token_panel(mask, kinds[r], starts, block_size, layout.scale)
-            panels.append((layout.token_origins[r], layout.token_px, panel))
-        for (y, x), size, panel in panels:
-            image[y : y + panel.shape[0], x : x + panel.shape[1]] = panel
-            strip = _doc_strip(docs[r], size)
-            image[y - inset : y - STRIP_GAP, x : x + size] = strip[None, :, :]
-            image[y : y + size, x - inset : x - STRIP_GAP] = strip[:, None, :]
-    return image, layout
-
-
-def render(
-    tokens: torch.Tensor, eos_id: int, mask_type: str, block_size: int, scale: int | None = None
-) -> tuple[int, int, bytes]:
-    """``(height, width, rgb_bytes)`` of the picture; ``scale`` None picks it automatically."""
-    image, layout = render_image(tokens, eos_id, mask_type, block_size, scale)
-    return layout.height, layout.width, image.tobytes()
+        starts = boundaries(tokens[r], eos_id)
+        docs = len(starts) + 1
+        if token_level:
+            ax = axes[r, 0]
+            ax.imshow(token_colors(tokens[r], kinds[r], eos_id, mask_type, block_size))
+            edges = np.arange(block_size, seq_len, block_size) - 0.5
+            if seq_len // block_size <= 64:  # a grid finer than that is a grey smear
+                for e in edges:
+                    ax.axhline(e, color=GRID_COLOR, lw=0.4)
+                    ax.axvline(e, color=GRID_COLOR, lw=0.4)
+            for s in starts:
+                ax.axhline(s - 0.5, color=BOUNDARY_COLOR, lw=0.8)
+                ax.axvline(s - 0.5, color=BOUNDARY_COLOR, lw=0.8)
+            ax.set(
+                title=f"row {r}: {docs} document(s), {seq_len} tokens",
+                xlabel="key position",
+                ylabel="query position",
+            )
+        ax = axes[r, -1]
+        ax.imshow(BLOCK_PALETTE[kinds[r]])
+        counts = [int((kinds[r] == k).sum()) for k in (FULL, PARTIAL, EMPTY)]
+        ax.set(
+            title=f"{block_size}-token blocks: {counts[0]} full, {counts[1]} partial, "
+            f"{counts[2]} empty",
+            xlabel="key block",
+            ylabel="query block",
+        )
+        if n_blocks <= 16:
+            ax.set_xticks(range(n_blocks))
+            ax.set_yticks(range(n_blocks))
+    legend = [
+        Patch(color=TOKEN_PALETTE[5] / 255, label="allowed, full block"),
+        Patch(color=TOKEN_PALETTE[3] / 255, label="allowed, partial block"),
+        Patch(color=TOKEN_PALETTE[2] / 255, label="masked, partial block"),
+        Patch(color=BLOCK_PALETTE[EMPTY] / 255, label="empty block", ec="grey"),
+        Patch(color=BOUNDARY_COLOR, label="document start"),
+    ]
+    fig.legend(handles=legend, loc="outside lower center", ncols=3, fontsize="small")
+    fig.suptitle(title or f"{mask_type} mask, eos id {eos_id}")
+    return fig
 
 
 def _check_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -311,7 +178,6 @@ class MaskSummary:
     n_partial: int
     n_empty: int
     n_above_diagonal: int  # empty blocks that are empty because kv block > q block
-    token_level: bool
 
     @property
     def kept_fraction(self) -> float:
@@ -351,11 +217,10 @@ def summarize(tokens: torch.Tensor, eos_id: int, mask_type: str, block_size: int
         n_partial=int((kinds == PARTIAL).sum()),
         n_empty=int((kinds == EMPTY).sum()),
         n_above_diagonal=rows * n * (n - 1) // 2,
-        token_level=seq_len <= MAX_TOKEN_LEVEL,
     )
 
 
-def format_summary(summary: MaskSummary, layout: Layout | None = None) -> str:
+def format_summary(summary: MaskSummary) -> str:
     s = summary
     n = -(-s.seq_len // s.block_size)
     lines = [
@@ -369,13 +234,8 @@ def format_summary(summary: MaskSummary, layout: Layout | None = None) -> str:
     if s.rows > 1:
         per_row = " ".join(f"{k / s.causal_pairs:.4f}" for k in s.kept_pairs)
         lines.insert(3, f"kept fraction per row: {per_row}")
-    if not s.token_level:
-        lines.append(
-            f"seq_len {s.seq_len} > {MAX_TOKEN_LEVEL}: downsampled, only the block-level map "
-            "is drawn (no token-level panel)"
-        )
-    elif layout is not None:
-        lines.append(f"token panel: {layout.scale} px per token; block map: {layout.cell} px/block")
+    if s.seq_len > MAX_TOKEN_LEVEL:
+        lines.append(f"seq_len {s.seq_len} > {MAX_TOKEN_LEVEL}: only the block-level map is drawn")
     return "\n".join(lines)
 
 
@@ -399,47 +259,30 @@ def parse_tokens(text: str) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of a ``---``-separated text file or of a ``.jsonl`` / ``.jsonl.gz`` file."""
-    path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        content = f.read()
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        docs = [json.loads(line)["text"] for line in content.splitlines() if line.strip()]
-    else:
-        docs, current = [], []
-        for line in content.splitlines():
-            if line.strip() == "---":
-                docs.append("\n".join(current))
-                current = []
-            else:
-                current.append(line)
-        docs.append("\n".join(current))
-        docs = [d.strip("\n") for d in docs]
-    return [d for d in docs if d.strip()]
+def training_rows(
+    config_path: str, overrides: Sequence[str], rows: int, dp: int = 1
+) -> tuple[torch.Tensor, int, str]:
+    """The first ``rows`` rows data-parallel rank 0 (of ``dp``) trains on under this config,
+    built by the training code itself (``load_config`` → ``load_tokenizer`` →
+    ``build_dataloader``); returns them, the tokenizer's eos id and the config's mask type."""
+    from torchtitan_lite.config import load_config
+    from torchtitan_lite.data import build_dataloader
+    from torchtitan_lite.tokenizer import load_tokenizer
 
-
-def encode_documents(tokenizer, documents: Sequence[str], need: int) -> list[list[int]]:
-    """Encode documents in order, each with bos and eos, until ``need`` tokens are there."""
-    encoded, total = [], 0
-    for doc in documents:
-        encoded.append(tokenizer.encode(doc, bos=True, eos=True))
-        total += len(encoded[-1])
-        if total >= need:
+    config = load_config(config_path, list(overrides))
+    tk, tc = config.tokenizer, config.training
+    tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
+    loader = build_dataloader(
+        config.data, tokenizer, tc.seq_len, tc.local_batch_size, 0, dp, config.validation
+    )
+    taken: list[torch.Tensor] = []
+    for batch in loader:
+        taken.append(batch["input"])
+        if sum(t.shape[0] for t in taken) >= rows:
             break
-    return encoded
-
-
-def pack(documents: Sequence[Sequence[int]], seq_len: int, rows: int) -> torch.Tensor:
-    """Concatenate the documents and cut ``rows`` rows of ``seq_len`` tokens, repeating the
-    documents from the start when they run out (documents are split across rows)."""
-    stream = [t for doc in documents for t in doc]
-    if not stream:
-        raise ValueError("no tokens to pack: the text holds no documents")
-    need = seq_len * rows
-    repeats = -(-need // len(stream))
-    return torch.tensor((stream * repeats)[:need], dtype=torch.int64).view(rows, seq_len)
+    if not taken:
+        raise ValueError(f"{config.data.path}: the data loader yielded no rows")
+    return torch.cat(taken)[:rows], tokenizer.eos_id, config.model.attn_mask_type
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -447,64 +290,69 @@ def pack(documents: Sequence[Sequence[int]], seq_len: int, rows: int) -> torch.T
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Render the attention mask of a packed batch to a PNG.",
+        description="Draw the attention mask of the rows a run trains on.",
+        allow_abbrev=False,  # every other --section.key is a config override
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Usage::", 1)[1] if __doc__ else None,
+        epilog="Any other --section.key VALUE overrides the config, as with train.py."
+        + (__doc__.split("Usage::", 1)[1] if __doc__ else ""),
     )
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="documents: '---'-separated text, or .jsonl(.gz) with 'text'")
+    src.add_argument("--config", help="a training config: draw the rows its run trains on")
     src.add_argument("--tokens", help="token ids of one row, e.g. '5 0 7 0'; rows split by ';'")
-    parser.add_argument("--tokenizer", help="tokenizer file (needed with --text)")
-    parser.add_argument("--eos-id", type=int, help="EOS id (needed with --tokens)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row (--text; 512)")
-    parser.add_argument("--rows", type=int, default=1, help="rows to pack (--text; 1)")
+    parser.add_argument("--eos-id", type=int, help="EOS id (only with --tokens)")
+    parser.add_argument("--rows", type=int, default=1, help="rows to draw (--config; 1)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel ranks (--config; 1)")
     parser.add_argument(
-        "--mask-type", choices=MASK_TYPES, default="block_causal", help="(block_causal)"
+        "--mask-type", choices=MASK_TYPES, help="(the config's; block_causal with --tokens)"
     )
     parser.add_argument(
         "--block-size", type=int, default=128, help="FlexAttention block size (128)"
     )
-    parser.add_argument("--out", default="mask.png", help="PNG to write (default: mask.png)")
-    parser.add_argument("--scale", type=int, help="px per token (default: panel ~512 px wide)")
+    parser.add_argument("--out", default="mask.png", help="picture to write (mask.png)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("seq_len", "rows", "block_size", "scale"):
+    args, overrides = parser.parse_known_args(argv)
+    for name in ("rows", "dp", "block_size"):
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.text is not None:
-        if args.tokenizer is None:
-            parser.error("--text needs --tokenizer")
-        from torchtitan_lite.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
-        documents = read_documents(args.text)
-        encoded = encode_documents(tokenizer, documents, args.seq_len * args.rows)
-        try:
-            tokens = pack(encoded, args.seq_len, args.rows)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error('drawing needs matplotlib: pip install -e ".[viz]"')
+    if args.config is not None:
+        if args.eos_id is not None:
+            parser.error(
+                "--eos-id is for --tokens only: with --config the eos id is the tokenizer's "
+                "(set tokenizer.eos_token in the config to choose another boundary token)"
+            )
+        try:  # a bad config or data: the project's one-paragraph errors are ValueErrors
+            tokens, eos_id, mask_type = training_rows(args.config, overrides, args.rows, args.dp)
         except ValueError as e:
-            parser.error(f"{args.text}: {e}")
-        total = sum(len(d) for d in encoded)
-        note = " (repeated to fill the rows)" if total < tokens.numel() else ""
-        print(f"text: {len(encoded)} of {len(documents)} documents used, {total} tokens{note}")
-        eos_id = tokenizer.eos_id if args.eos_id is None else args.eos_id
+            parser.error(str(e))
+        title = f"{args.config}: {args.rows} row(s) of data-parallel rank 0 of {args.dp}"
     else:
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         if args.eos_id is None:
             parser.error("--tokens needs --eos-id")
         try:
             tokens = parse_tokens(args.tokens)
         except ValueError as e:
             parser.error(str(e))
-        eos_id = args.eos_id
+        eos_id, mask_type, title = args.eos_id, "block_causal", ""
+    mask_type = args.mask_type or mask_type
 
-    image, layout = render_image(tokens, eos_id, args.mask_type, args.block_size, args.scale)
-    path = write_png(args.out, layout.width, layout.height, image.tobytes())
-    print(format_summary(summarize(tokens, eos_id, args.mask_type, args.block_size), layout))
-    print(f"wrote {path} ({layout.width} x {layout.height} px)")
+    summary = summarize(tokens, eos_id, mask_type, args.block_size)
+    fig = draw(tokens, eos_id, mask_type, args.block_size, title)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(format_summary(summary))
+    print(f"wrote {path}")
     return 0
 
 

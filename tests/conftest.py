@@ -44,12 +44,14 @@ def train_command(*args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]
     ], env
 
 
-def run_train(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py`` as a user would, in a subprocess."""
+def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess of its own, as a user runs it: for what needs
+    a process (signals, kill -9, the exit status of a crash, start-up itself). One-process
+    runs that need none go through :func:`run_main` instead."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
@@ -58,17 +60,35 @@ def run_train(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.
 
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
-    """``train.main(args)`` in this process, its stdout and stderr captured: for runs that
-    stop with an error before training (a fraction of a subprocess's start-up cost). Runs
-    that train, signal, kill or need a fresh process stay subprocesses (:func:`run_train`)."""
+    """``train.main(args)`` in this process, from the repository root, its stdout and stderr
+    captured: the code path of ``python train.py ARGS`` after the imports, without a new
+    interpreter importing torch for every run. What the run leaves in the process is put
+    back: the working directory, torch's deterministic-algorithms switch and the logger's
+    handlers (the run's log file is closed)."""
     import contextlib
     import io
 
+    import torch
+
     import train
+    from torchtitan_lite.logging import logger
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = train.main(list(args))
+    cwd = os.getcwd()
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main(list(args))
+    finally:
+        os.chdir(cwd)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -81,9 +81,11 @@ def _reset_peak(tracker) -> None:
 
 def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     """A steady-state training step of a real batch under ``FSDPMemTracker``, fake (dry run)
-    or real: one step first (AdamW creates its state lazily; from the second step on it is
-    held through forward and backward), then the measured one. Returns the bytes this rank
-    holds for parameters, gradients and optimizer state (exact) and the tracker's peaks.
+    or real. AdamW creates its state lazily, at its first step; from the second step on the
+    state is held through forward and backward. So the optimizer first steps once on zero
+    gradients (creating its state without a forward and backward, which in a dry run of a
+    large model take most of its time), then the measured step runs. Returns the bytes this
+    rank holds for parameters, gradients and optimizer state (exact) and the tracker's peaks.
 
     A real step's peak is measured whole. A dry run measures forward, backward and clipping,
     and adds the optimizer step by what its kernels allocate (``optimizer_kind``, default the
@@ -104,7 +106,9 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     with trainer.fake_mode or contextlib.nullcontext():
         tracker = _tracker(trainer.model, trainer.optimizer)
         with tracker:
-            forward_backward()  # the first step: creates the optimizer state
+            with torch.no_grad():  # the optimizer's state, from a step on zero gradients
+                for p in params:
+                    p.grad = torch.zeros_like(p)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
             _reset_peak(tracker)

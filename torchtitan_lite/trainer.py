@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from torchtitan_lite.components.banner import log_banner
 from torchtitan_lite.components.checkpoint import (
     MANIFEST,
     CheckpointManager,
@@ -25,6 +23,8 @@ from torchtitan_lite.components.checkpoint import (
 from torchtitan_lite.components.gc_control import GarbageCollection
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
+from torchtitan_lite.components.profiling import maybe_profile
+from torchtitan_lite.components.stop_signals import stop_signals
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader, build_validation_loader
 from torchtitan_lite.distributed.parallel_dims import (
@@ -36,10 +36,12 @@ from torchtitan_lite.distributed.parallel_dims import (
 from torchtitan_lite.distributed.parallelize import parallelize
 from torchtitan_lite.distributed.utils import (
     all_reduce_sum,
+    any_rank,
     clip_grad_norm_,
     init_distributed,
     keep_freed_host_memory,
     local_device,
+    rank_sums,
     resolve_param_dtype,
     set_collective_timeout,
     set_seed,
@@ -121,17 +123,11 @@ class Trainer:
         self.tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
 
         # 5. Data: this rank's shard of the packed stream, with gradient accumulation.
-        dp = self.parallel_dims.dp
-        global_batch = (
-            tc.global_batch_size if tc.global_batch_size > 0 else (tc.local_batch_size * dp)
-        )
-        if global_batch % (tc.local_batch_size * dp):
-            raise ConfigError(
-                f"Config key 'training.global_batch_size' ({global_batch}) is not a multiple of "
-                f"training.local_batch_size ({tc.local_batch_size}) × data-parallel degree "
-                f"({dp}). Fix: set it to a multiple of {tc.local_batch_size * dp}, or -1."
-            )
-        self.grad_accum_steps = global_batch // (tc.local_batch_size * dp)
+        config.validate(data_parallel=self.parallel_dims.dp)  # the rules that need the world
+        global_batch = tc.global_batch_size
+        if global_batch == -1:
+            global_batch = tc.local_batch_size * self.parallel_dims.dp
+        self.grad_accum_steps = global_batch // (tc.local_batch_size * self.parallel_dims.dp)
         self.dataloader = build_dataloader(
             config.data,
             self.tokenizer,
@@ -182,15 +178,8 @@ class Trainer:
             allow_eot_boundary=tk.allow_eot_boundary,
         ):
             logger.warning(warning)
-        self.attn_backend = resolve_backend(mc.attn_backend, self.device)
-        if dry:  # the fake step runs the sdpa path: same shapes, no S×S tensor either way
-            self.attn_backend = "sdpa"
-        elif self.attn_backend == "flex" and self.device.type != "cuda":
-            raise ConfigError(
-                f"Config key 'model.attn_backend' is 'flex' on {self.device.type}: "
-                "FlexAttention has no backward pass there, so it cannot train. Fix: set "
-                'model.attn_backend = "auto" (flex on CUDA, sdpa elsewhere) or "sdpa".'
-            )
+        # The fake step of a dry run runs the sdpa path: same shapes, no S×S tensor either way.
+        self.attn_backend = "sdpa" if dry else resolve_backend(mc.attn_backend, self.device)
 
         # 7. The model: on the meta device (no memory), initialized, parallelized
         #    (TP → AC → compile → FSDP2), materialized on the device.
@@ -229,8 +218,7 @@ class Trainer:
                 **ids_manifest(self.tokenizer, mc.attn_mask_type),
                 "rope": rope_settings(self.model_args),
             },
-            self.rank,
-            self.dp_rank,
+            self.mesh,
         )
         cc = config.checkpoint
         state = None
@@ -265,92 +253,7 @@ class Trainer:
             show_trained=self.chat_template is not None,
             devices_per_batch=self.parallel_dims.tp,
         )
-        self._log_banner(config_path, global_batch)
-
-    # ------------------------------------------------------------------ banner
-
-    def _log_banner(self, config_path: str | None, global_batch: int) -> None:
-        t, a, c = self.tokenizer, self.model_args, self.config
-        logger.info(f"torchtitan_lite: {c.job.description}")
-        written = (
-            "dry run: nothing written but dry_run.json"
-            if self.fake_mode is not None
-            else f"resolved {self.dump_folder / 'config.toml'}"
-        )
-        logger.info(f"config {config_path or '(defaults)'} -> {written}")
-        if c.job.print_config:
-            for line in to_toml(c).splitlines():
-                if line:
-                    logger.info(f"  {line}")
-        pd = self.parallel_dims
-        tp = ""
-        if pd.tp > 1:
-            loss = "loss parallel" if c.parallelism.loss_parallel else "logits gathered"
-            tp = f" × tensor parallel {pd.tp} (sequence parallel, {loss})"
-        logger.info(
-            f"world: {self.world_size} process(es) on {self.device.type}, data parallel "
-            f"replicate {pd.dp_replicate} × shard {pd.dp_shard}{tp} "
-            f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'}{' + TP' if tp else ''})"
-        )
-        logger.info(
-            f"precision: params {self.param_dtype} ({self.param_dtype_reason}), gradient "
-            f"reduce {c.training.mixed_precision_reduce}"
-        )
-        if self.device.type == "cpu":
-            logger.info(f"host memory: {self.host_memory}")
-        pad = "none" if t.pad_id is None else f"{t.pad_id} {t.id_to_token(t.pad_id)!r}"
-        logger.info(
-            f"tokenizer {t.path} ({t.kind}, sha256 {t.file_sha256[:12]}): vocab {t.vocab_size}, "
-            f"bos {t.bos_id} {t.id_to_token(t.bos_id)!r}, eos {t.eos_id} {t.eos_token!r}, "
-            f"pad {pad}, stop ids {t.stop_ids}"
-        )
-        logger.info(
-            f"model {c.model.name} {c.model.flavor}: {a.n_layers} layers, dim {a.dim}, "
-            f"{a.n_heads} heads ({a.n_kv_heads or a.n_heads} kv), vocab {a.vocab_size}, "
-            f"eos {a.eos_id}, {self.num_params / 1e6:,.1f}M parameters"
-        )
-        kernel = self.attn_backend
-        if kernel == "flex" and self.device.type == "cuda":
-            kernel += (
-                ", compiled with each block"
-                if c.compile.enable
-                else f", compiled on its own (mode {c.compile.flex_mode})"
-            )
-        scaling = (
-            f"Llama 3.1 scaling ×{a.rope_scaling_factor:g} (original context "
-            f"{a.rope_original_max_len})"
-            if a.rope_scaling_factor > 0
-            else "no scaling"
-        )
-        logger.info(f"RoPE: theta {a.rope_theta:g}, {scaling} ({self.rope_source})")
-        logger.info(
-            f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id}),"
-            f" kernel {kernel} on {self.device}"
-        )
-        logger.info(f"MFU peak: {self.peak_source}")
-        logger.info(
-            f"data {c.data.path}: seq_len {c.training.seq_len}, local batch "
-            f"{c.training.local_batch_size}, global batch {global_batch} (gradient "
-            f"accumulation {self.grad_accum_steps}), {c.data.num_workers} loader workers"
-        )
-        if self.chat_template is not None:
-            d = c.data
-            ids = ", ".join(f"{k} {v}" for k, v in self.chat_template.special_ids().items())
-            logger.info(
-                f"chat template (Llama 3): {ids}, pad {self.dataloader.dataset.pad_id}; "
-                f"{'packed (block-causal between conversations)' if d.packing else 'padded'}"
-                f", loss on {'every token' if d.train_on_prompt else 'the assistant turns'}; "
-                "tps counts every input position, 'trained' the supervised targets"
-            )
-        vc = c.validation
-        if vc.enable:
-            source = vc.path or f"{vc.split_fraction:g} of {c.data.path}, held out of training"
-            steps = "all batches" if vc.steps < 0 else f"{vc.steps} batches"
-            logger.info(f"validation: {source}, every {vc.freq} steps, {steps}")
-        logger.info(
-            "startup id check passed: tokenizer, model and data agree on vocab, bos, eos, pad"
-            + (", and the chat template's ids are usable" if self.chat_template else "")
-        )
+        log_banner(self, config_path, global_batch)
 
     # ------------------------------------------------------------------ steps
 
@@ -379,7 +282,13 @@ class Trainer:
         """The batch's mask, built once and shared by all layers: flex builds its BlockMask on
         the device (from ``tokens``, the batch's tokens already there, when given); sdpa cuts
         its segments on the host copy of the tokens (no device→host read), placing their
-        small masks on the device."""
+        small masks on the device.
+
+        A dry run's fake step attends causally (None): FlexAttention's memory on the GPU is
+        the same (output and log-sum-exp, no S×S), its FLOPs are counted from the real mask
+        by the dry run, and one fake kernel call per layer replaces one per document."""
+        if self.fake_mode is not None:
+            return None
         if self.attn_backend != "flex":
             tokens = batch["input"]
         elif tokens is None:
@@ -439,7 +348,7 @@ class Trainer:
                     batch, failed = next(data_iter, None), None
                 except UserError as e:  # bad validation data: every rank stops, none waits
                     batch, failed = None, e
-                more, failures = _rank_sums(batch is not None, failed is not None)
+                more, failures = rank_sums(batch is not None, failed is not None)
                 if failures:
                     raise failed or UserError(
                         "Validation data could not be read on another rank; its log says why."
@@ -534,7 +443,7 @@ class Trainer:
         step boundary with a checkpoint, exit status 0; a second signal exits at once.
         """
         with (
-            _stop_signals() as stop_requested,
+            stop_signals() as stop_requested,
             GarbageCollection(self.config.training.gc_freq) as gc,
         ):
             return self._train(stop_requested, gc)
@@ -580,7 +489,7 @@ class Trainer:
         first_step = self.step + 1
         logger.info(f"training {tc.steps} steps")
         self.metrics.reset()
-        with _profiler(self.config, self.dump_folder, self.rank) as profiler:
+        with maybe_profile(self.config, self.dump_folder, self.rank) as profiler:
             while self.step < tc.steps:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 micro_batches = []
@@ -617,7 +526,7 @@ class Trainer:
                     )
                     self.checkpointer.save(self.step, self.tokens_seen, model_only=model_only)
                     saved = True
-                if self.step < tc.steps and _any_rank(stop_requested()):
+                if self.step < tc.steps and any_rank(stop_requested()):
                     if self.config.checkpoint.enable and not saved and not diverging:
                         self.checkpointer.save(self.step, self.tokens_seen)
                     logger.warning(
@@ -650,45 +559,6 @@ class Trainer:
             dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _profiler(config: JobConfig, dump_folder: Path, rank: int):
-    """torch.profiler traces (one step every ``profile_freq``) and CUDA memory snapshots."""
-    pc = config.profiling
-    if not pc.enable_profiling and not pc.enable_memory_snapshot:
-        yield None
-        return
-    folder = dump_folder / pc.save_traces_folder
-    folder.mkdir(parents=True, exist_ok=True)
-    if pc.enable_memory_snapshot and torch.cuda.is_available():
-        torch.cuda.memory._record_memory_history(max_entries=100_000)
-    prof = None
-    if pc.enable_profiling:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-
-        def on_trace(p: torch.profiler.profile) -> None:
-            p.export_chrome_trace(str(folder / f"rank{rank}_step{p.step_num}.json"))
-
-        prof = torch.profiler.profile(
-            activities=activities,
-            on_trace_ready=on_trace,
-            schedule=torch.profiler.schedule(wait=max(pc.profile_freq - 2, 0), warmup=1, active=1),
-        )
-        prof.start()
-    try:
-        yield prof
-    finally:
-        if prof is not None:
-            prof.stop()
-        if pc.enable_memory_snapshot and torch.cuda.is_available():
-            import pickle
-
-            with open(folder / f"rank{rank}_memory_snapshot.pickle", "wb") as f:
-                pickle.dump(torch.cuda.memory._snapshot(), f)
-            torch.cuda.memory._record_memory_history(enabled=None)
-
-
 class DivergenceError(UserError):
     """The loss or gradient norm stayed non-finite."""
 
@@ -700,17 +570,6 @@ def _original_message(message: str) -> str:
         return message
     last = [line for line in message.strip().splitlines() if line.strip()][-1]
     return last.split(": ", 1)[1] if ": " in last else last
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when any rank has ``flag`` set (ranks stop at the same step)."""
-    return _rank_sums(flag)[0] > 0
-
-
-def _rank_sums(*flags: bool) -> list[int]:
-    """How many ranks have each flag set. A CPU tensor: reduced by gloo, also in CUDA runs,
-    without touching the device queue."""
-    return all_reduce_sum(torch.tensor([int(f) for f in flags])).numpy().tolist()
 
 
 def _starting_rope(config: JobConfig, dump_folder: Path) -> tuple[str, dict]:
@@ -756,32 +615,6 @@ def _pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int) -> dict[st
             [batch["labels"], batch["labels"].new_full((missing, width), IGNORE_INDEX)]
         ),
     }
-
-
-@contextlib.contextmanager
-def _stop_signals():
-    """Record SIGTERM/SIGINT; a second one exits immediately. Yields ``stop_requested()``."""
-    received: list[int] = []
-
-    def handler(signum, frame) -> None:
-        if received:
-            logger.warning(f"second signal {signal.Signals(signum).name}: exiting now")
-            os._exit(128 + signum)
-        received.append(signum)
-        logger.warning(
-            f"received {signal.Signals(signum).name}: finishing the current step, "
-            "then saving and exiting (send it again to exit at once)"
-        )
-
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield lambda: bool(received)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _device(choice: str) -> torch.device:

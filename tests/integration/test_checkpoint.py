@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, run_main, run_train
+from tests.conftest import DEBUG_CONFIG, run_main
 from tests.integration.test_train import metrics, torchrun
 
 BASE = [
@@ -50,10 +50,10 @@ def assert_same_trace(full: list[dict], resumed: list[dict]) -> None:
 @pytest.mark.slow
 def test_resume_continues_the_uninterrupted_run(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    ok(run_train(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(full)))
+    ok(run_main(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(full)))
     assert sorted(p.name for p in (full / "checkpoint").iterdir()) == ["step-4", "step-8"]
     copy_checkpoint(full, resumed, 4)
-    proc = ok(run_train(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    proc = ok(run_main(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
     assert "checkpoint: loaded step 4" in proc.stdout
     rows = metrics(resumed)
     assert [r["step"] for r in rows] == [5, 6, 7, 8]
@@ -66,10 +66,10 @@ def test_extending_a_run_follows_the_new_schedule(tmp_path):
     old schedule's last, decayed rate."""
     base = [a for a in BASE if a not in ("--training.steps", "8")]
     short, extended, fresh = tmp_path / "short", tmp_path / "extended", tmp_path / "fresh"
-    ok(run_train(*base, "--training.steps", "4", "--job.dump_folder", str(short)))
+    ok(run_main(*base, "--training.steps", "4", "--job.dump_folder", str(short)))
     copy_checkpoint(short, extended, 4)
-    ok(run_train(*base, "--training.steps", "10", "--job.dump_folder", str(extended)))
-    ok(run_train(*base, "--training.steps", "10", "--job.dump_folder", str(fresh)))
+    ok(run_main(*base, "--training.steps", "10", "--job.dump_folder", str(extended)))
+    ok(run_main(*base, "--training.steps", "10", "--job.dump_folder", str(fresh)))
     resumed = metrics(extended)
     assert [r["step"] for r in resumed] == list(range(5, 11))
     want = {r["step"]: r["lr"] for r in metrics(fresh)}
@@ -85,7 +85,7 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
     assert_same_trace(metrics(full), metrics(resumed))
     # The same checkpoint on one process: model and optimizer reshard, the data order is told.
     copy_checkpoint(full, single, 4)
-    proc = ok(run_train(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(single)))
+    proc = ok(run_main(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(single)))
     assert "checkpoint: loaded step 4" in proc.stdout
     assert "data state was written by 2 shards" in proc.stdout + proc.stderr
     rows, trained = metrics(single), metrics(full)
@@ -100,7 +100,7 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
 @pytest.mark.slow
 def test_keep_latest_k_and_no_partial_folders(tmp_path):
     ok(
-        run_train(
+        run_main(
             *BASE,
             "--checkpoint.interval",
             "2",
@@ -121,7 +121,7 @@ def test_keep_latest_k_and_no_partial_folders(tmp_path):
 def test_manifest_mismatch_is_refused_before_step_one(tmp_path):
     first = tmp_path / "first"
     ok(
-        run_train(
+        run_main(
             *BASE,
             "--training.steps",
             "2",
@@ -146,27 +146,27 @@ def test_manifest_mismatch_is_refused_before_step_one(tmp_path):
     assert "trained with eos_id = 2049" in proc.stderr and "has eos_id = 2058" in proc.stderr
     assert "checkpoint.allow_id_change" in proc.stderr
     assert not (first / "checkpoint" / "step-4").exists()
-    proc = ok(run_train(*BASE, *changed, "--checkpoint.allow_id_change"))
+    proc = ok(run_main(*BASE, *changed, "--checkpoint.allow_id_change"))
     assert "loading despite an id change" in proc.stdout
 
 
 @pytest.mark.slow
 def test_seed_checkpoint_fixes_the_initial_weights(tmp_path):
     seed = tmp_path / "seed"
-    ok(run_train(*BASE, "--checkpoint.create_seed_checkpoint", "--job.dump_folder", str(seed)))
+    ok(run_main(*BASE, "--checkpoint.create_seed_checkpoint", "--job.dump_folder", str(seed)))
     assert sorted(p.name for p in (seed / "checkpoint").iterdir()) == ["step-0"]
     assert not (seed / "metrics.jsonl").exists()
     # A run with another seed that loads step 0 starts from the seed checkpoint's weights.
     ok(
-        run_train(
+        run_main(
             *BASE, "--training.steps", "2", "--training.seed", "7", "--job.dump_folder", str(seed)
         )
     )
     plain = tmp_path / "plain"
-    ok(run_train(*BASE, "--training.steps", "2", "--job.dump_folder", str(plain)))
+    ok(run_main(*BASE, "--training.steps", "2", "--job.dump_folder", str(plain)))
     other = tmp_path / "other"
     ok(
-        run_train(
+        run_main(
             *BASE, "--training.steps", "2", "--training.seed", "7", "--job.dump_folder", str(other)
         )
     )
@@ -186,9 +186,9 @@ def test_async_save_writes_complete_checkpoints_that_resume(tmp_path):
         "--job.dump_folder",
         str(tmp_path),
     ]
-    ok(run_train(*args, "--training.steps", "4"))
+    ok(run_main(*args, "--training.steps", "4"))
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-2", "step-4"]
-    proc = ok(run_train(*args, "--training.steps", "6"))
+    proc = ok(run_main(*args, "--training.steps", "6"))
     assert "checkpoint: loaded step 4" in proc.stdout
     assert [r["step"] for r in metrics(tmp_path)][-2:] == [5, 6]
 
@@ -198,7 +198,7 @@ def test_last_save_model_only_in_export_dtype(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     ok(
-        run_train(
+        run_main(
             *BASE,
             "--training.steps",
             "4",

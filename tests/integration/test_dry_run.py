@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_train, train_command, write_ranks_file
+from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command, write_ranks_file
 from torchtitan_lite.models.llama3.args import model_args_for
 
 CONFIGS = REPO / "train_configs"
@@ -24,7 +24,7 @@ def llama3_ranks(tmp_path_factory) -> Path:
 
 
 def dry_run(dump: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
-    proc = run_train(*args, "--job.dump_folder", str(dump))
+    proc = run_main(*args, "--job.dump_folder", str(dump))
     report = dump / "dry_run.json"
     return proc, json.loads(report.read_text()) if report.is_file() else None
 

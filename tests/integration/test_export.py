@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, TIKTOKEN_2K, run_train
+from tests.conftest import DEBUG_CONFIG, TIKTOKEN_2K, run_main
 from torchtitan_lite.export.hf import (
     ExportError,
     export_to_hf,
@@ -27,7 +27,7 @@ TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the m
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",

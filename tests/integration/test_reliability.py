@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_main, run_train, train_command
+from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command
 from tests.integration.test_checkpoint import BASE
 from tests.integration.test_startup import assert_clean_error
 from tests.integration.test_train import metrics
@@ -118,12 +118,12 @@ def test_kill_9_at_random_points_then_restart_matches_uninterrupted(tmp_path, np
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_and_stale_tmp_is_removed(tmp_path):
     args = [*BASE, "--checkpoint.interval", "2", "--job.dump_folder", str(tmp_path)]
-    assert run_train(*args, "--training.steps", "4").returncode == 0
+    assert run_main(*args, "--training.steps", "4").returncode == 0
     newest = tmp_path / "checkpoint" / "step-4"
     shard = next(newest.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     (tmp_path / "checkpoint" / "step-5.tmp").mkdir()  # an unfinished save of a killed run
-    proc = run_train(*args, "--training.steps", "6")
+    proc = run_main(*args, "--training.steps", "6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout
     assert f"{newest} is corrupt or incomplete" in log
@@ -155,7 +155,7 @@ def test_signal_saves_at_the_step_boundary_and_exits_0(tmp_path, sig):
     last = metrics(tmp_path)[-1]["step"]
     assert f"stopping at step {last} on a signal; checkpoint saved" in out
     assert (tmp_path / "checkpoint" / f"step-{last}").is_dir()
-    resumed = run_train(
+    resumed = run_main(
         *BASE,
         "--training.steps",
         str(last + 1),
@@ -182,13 +182,15 @@ def test_second_signal_exits_promptly(tmp_path):
     )
     wait_for_metrics(tmp_path, 1, proc)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    start = time.time()
+    time.sleep(0.2)  # a step here takes seconds: both signals land inside one
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
-    assert time.time() - start < 5  # a step here takes seconds: it did not wait for one
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "received SIGTERM: finishing the current step" in out
     assert "second signal SIGTERM: exiting now" in out
+    # it exited inside the step (checkpoint.interval is 500): that step was never finished
+    # or saved, as a run that waited for the step boundary would have done
+    assert "stopping at step" not in out and not (tmp_path / "checkpoint").exists()
 
 
 # ------------------------------------------------------------------ divergence
@@ -196,7 +198,7 @@ def test_second_signal_exits_promptly(tmp_path):
 
 @pytest.mark.slow
 def test_divergence_guard_skips_then_stops_and_keeps_the_good_checkpoint(tmp_path):
-    proc = run_train(
+    proc = run_main(
         *BASE,
         "--optimizer.lr",
         "1e30",
@@ -398,7 +400,7 @@ def test_bad_data_matrix(tmp_path, name, fragments, workers):
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ids")
-    proc = run_train(*BASE, "--training.steps", "2", "--job.dump_folder", str(out))
+    proc = run_main(*BASE, "--training.steps", "2", "--job.dump_folder", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -448,7 +450,7 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from torchtitan_lite.components.checkpoint import SafeLoadPlanner
+    from torchtitan_lite.components.safe_load import SafeLoadPlanner
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EVIL_MARKER", str(marker))
@@ -482,7 +484,7 @@ def test_unloadable_checkpoint_is_a_clean_error(tmp_path):
 def test_config_values_are_data_not_code(tmp_path):
     marker = tmp_path / "pwned"
     payload = f"__import__('os').system('touch {marker}')"
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.description",

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import DEBUG_CONFIG, REPO, TIKTOKEN_2K, run_train
+from tests.conftest import DEBUG_CONFIG, REPO, TIKTOKEN_2K, run_main
 from torchtitan_lite.chat_template import ChatTemplate
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import Data, Validation
@@ -122,7 +122,7 @@ def test_training_never_sees_the_held_out_documents(tmp_path):
 
 
 def test_pretraining_validation_is_logged_to_jsonl_and_tensorboard(tmp_path):
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",
@@ -193,7 +193,7 @@ def test_bad_sft_settings_are_one_paragraph(tmp_path, overrides, pattern):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",
@@ -210,7 +210,7 @@ def pretrained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_run(pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(SFT_CONFIG),
         "--job.dump_folder",
@@ -362,7 +362,7 @@ def test_a_hugging_face_model_of_another_shape_names_the_keys_to_set(hf_base, tm
 
 
 def test_chat_sft_runs_on_its_own_from_random_weights(tmp_path):
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(SFT_CONFIG),
         "--job.dump_folder",
@@ -438,7 +438,7 @@ def test_two_process_sft_with_validation_matches_one_process(hf_base, tmp_path):
     cmd, env = train_command(*common, "--job.dump_folder", str(tmp_path / "two"), nproc=2)
     two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run_train(*common, "--job.dump_folder", str(tmp_path / "one"), "--data.num_workers", "2")
+    one = run_main(*common, "--job.dump_folder", str(tmp_path / "one"), "--data.num_workers", "2")
     assert one.returncode == 0, one.stderr[-3000:]
 
     def records(folder):

@@ -34,6 +34,7 @@ FAST = [
 def test_startup_banner_and_resolved_config(tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX2-only CPU, on any CPU
+    # a real `python train.py`, as the README runs it (the other one-process runs are in-process)
     proc = run_train("--config", str(DEBUG_CONFIG), "--job.dump_folder", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr
     log = proc.stdout
@@ -58,7 +59,7 @@ def test_startup_banner_and_resolved_config(tmp_path, monkeypatch):
 
 
 def test_sentencepiece_tokenizer_flows_into_the_model(tmp_path):
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",

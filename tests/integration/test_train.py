@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_train, train_command
+from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command
 
 SMALL = ["--training.seq_len", "128", "--metrics.enable_tensorboard", "false"]
 
@@ -27,7 +27,7 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
 @pytest.mark.slow
 def test_one_process_debug_run_learns(tmp_path):
     out = tmp_path / "run"
-    proc = run_train(
+    proc = run_main(
         "--config",
         str(DEBUG_CONFIG),
         "--job.dump_folder",
@@ -74,7 +74,7 @@ DATA_PARALLEL = [
 @pytest.fixture(scope="module")
 def one_process_trace(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("one")
-    one = run_train(*DATA_PARALLEL, "--job.dump_folder", str(out), "--data.num_workers", "2")
+    one = run_main(*DATA_PARALLEL, "--job.dump_folder", str(out), "--data.num_workers", "2")
     assert one.returncode == 0, one.stderr[-3000:]
     return metrics(out)
 

@@ -171,6 +171,21 @@ def test_validate_rejects_bad_values(args, pattern):
         load_config(DEBUG_CONFIG, args)
 
 
+def test_global_batch_is_checked_against_the_data_parallel_degree():
+    # local batch 8 (the debug config): 16 rows fit one process, or two processes without
+    # accumulation, but not three data-parallel ranks (24 rows per step)
+    config = load_config(DEBUG_CONFIG, ["--training.global_batch_size", "16"])
+    assert config.training.local_batch_size == 8
+    config.validate(data_parallel=2)
+    with pytest.raises(ConfigError) as e:
+        config.validate(data_parallel=3)
+    assert str(e.value).startswith(
+        "Config key 'training.global_batch_size' (16) is not a multiple of "
+        "'training.local_batch_size' (8) × data-parallel degree (3). Fix: set it to a "
+        "multiple of 24"
+    )
+
+
 def test_round_trip_through_toml(tmp_path):
     c = load_config(
         DEBUG_CONFIG,

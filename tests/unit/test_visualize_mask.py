@@ -1,23 +1,25 @@
-"""scripts/visualize_mask.py: the PNG encoder, the picture's pixels, the summary and the CLI."""
+"""scripts/visualize_mask.py: the pictures against the dense oracle, the rows against the
+training loader, the summary and the CLI."""
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
-import struct
 import sys
-import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from torchtitan_lite.config import load_config
+from torchtitan_lite.data import build_dataloader
 from torchtitan_lite.models.attention import block_tables, reference_mask
 from torchtitan_lite.tokenizer import load_tokenizer
 
+pytest.importorskip("matplotlib", reason="the visualizer draws with matplotlib (the viz extra)")
+
 REPO = Path(__file__).resolve().parents[2]
-TIKTOKEN_2K = REPO / "assets" / "tokenizer" / "tiktoken_2k.model"
+DEBUG_CONFIG = REPO / "train_configs" / "debug_model.toml"
 
 
 def _load_script():
@@ -38,108 +40,57 @@ EOS = 0
 ROW = [5, 6, 0, 7, 8, 9, 0, 3]
 
 
-def read_png(path: Path) -> tuple[int, int, bytes]:
-    """Decode an 8-bit RGB, filter-0 PNG: (width, height, rgb bytes), checking every chunk."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, tag
-        chunks.append((tag, body))
-        pos += 12 + length
-    assert [t for t, _ in chunks][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    width, height, depth, color, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color, comp, filt, interlace) == (8, 2, 0, 0, 0)
-    raw = zlib.decompress(b"".join(body for tag, body in chunks if tag == b"IDAT"))
-    stride = 3 * width
-    assert len(raw) == height * (stride + 1)
-    rows = [raw[y * (stride + 1) : (y + 1) * (stride + 1)] for y in range(height)]
-    assert all(r[0] == 0 for r in rows)  # filter type 0 everywhere
-    return width, height, b"".join(r[1:] for r in rows)
-
-
-def pixel(rgb: bytes, width: int, y: int, x: int) -> tuple[int, int, int]:
-    i = 3 * (y * width + x)
-    return tuple(rgb[i : i + 3])
-
-
-def token_pixel(layout, row: int, q: int, kv: int) -> tuple[int, int]:
-    """(y, x) of the centre of token pair (q, kv) in a row's token panel."""
-    y0, x0 = layout.token_origins[row]
-    s = layout.scale
-    return y0 + q * s + s // 2, x0 + kv * s + s // 2
-
-
-def is_dark(rgb: tuple[int, int, int]) -> bool:
-    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 110
-
-
-def test_write_png_roundtrip(tmp_path):
-    rgb = bytes(range(2 * 3 * 3))  # 3 wide, 2 high
-    path = vm.write_png(tmp_path / "sub" / "x.png", 3, 2, rgb)
-    assert read_png(path) == (3, 2, rgb)
-    with pytest.raises(ValueError):
-        vm.encode_png(3, 2, rgb[:-1])
-
-
-def test_rendered_png_pixels(tmp_path):
-    tokens = torch.tensor([ROW])
-    scale, block_size = 10, 2
-    height, width, rgb = vm.render(tokens, EOS, "block_causal", block_size, scale)
-    path = vm.write_png(tmp_path / "mask.png", width, height, rgb)
-    w, h, decoded = read_png(path)
-    assert (w, h) == (width, height) and decoded == rgb
-    layout = vm.compute_layout(1, len(ROW), block_size, scale)
-    assert (layout.width, layout.height) == (width, height)
-
-    mask = reference_mask(tokens, EOS, "block_causal")[0]
-    partial, full = block_tables(tokens, EOS, "block_causal", block_size)
-    white = (255, 255, 255)
-    for q in range(len(ROW)):
-        for kv in range(len(ROW)):
-            got = pixel(decoded, w, *token_pixel(layout, 0, q, kv))
+def expected_token_picture(row: list[int], mask_type: str, block_size: int) -> np.ndarray:
+    """Pixel by pixel from the oracle and the block tables, with plain loops."""
+    tokens = torch.tensor([row])
+    mask = reference_mask(tokens, EOS, mask_type)[0]
+    partial, full = block_tables(tokens, EOS, mask_type, block_size)
+    picture = np.zeros((len(row), len(row), 3), dtype=np.uint8)
+    for q in range(len(row)):
+        for kv in range(len(row)):
             bq, bk = q // block_size, kv // block_size
-            if mask[q, kv]:
-                assert is_dark(got), (q, kv, got)
-            elif not partial[0, 0, bq, bk] and not full[0, 0, bq, bk]:
-                assert got == white, (q, kv, got)  # masked in an empty block: plain white
-            else:
-                assert not is_dark(got), (q, kv, got)
-    # spot checks with the exact colours: masked above the diagonal, allowed in a partial block
-    assert pixel(decoded, w, *token_pixel(layout, 0, 0, 7)) == white
-    assert pixel(decoded, w, *token_pixel(layout, 0, 4, 1)) == white  # other document
-    assert pixel(decoded, w, *token_pixel(layout, 0, 5, 3)) == tuple(vm.TOKEN_PALETTE[3])
-
-    # document boundary lines at the starts of documents 1 and 2 (positions 3 and 7)
-    y0, x0 = layout.token_origins[0]
-    boundary = tuple(vm.BOUNDARY_RGB)
-    for start in (3, 7):
-        for q in (0, 5):  # the key column, crossing masked and allowed pairs
-            assert pixel(decoded, w, y0 + q * scale + scale // 2, x0 + start * scale) == boundary
-        assert pixel(decoded, w, y0 + start * scale, x0 + scale // 2) == boundary  # query row
-    # no boundary where none is: position 5 lies inside document 1
-    assert pixel(decoded, w, y0 + 6 * scale + scale // 2, x0 + 5 * scale) != boundary
+            kind = vm.FULL if full[0, 0, bq, bk] else vm.PARTIAL if partial[0, 0, bq, bk] else 0
+            picture[q, kv] = vm.TOKEN_PALETTE[2 * kind + int(mask[q, kv])]
+    return picture
 
 
-def test_block_map_colours():
-    # one 7-token document, then one more token: blocks of 2 -> full blocks below the diagonal
-    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 0, 7]])
-    image, layout = vm.render_image(tokens, EOS, "block_causal", 2, 4)
-    partial, full = block_tables(tokens, EOS, "block_causal", 2)
-    kinds = partial[0, 0].long() * vm.PARTIAL + full[0, 0].long() * vm.FULL
-    assert int(kinds.eq(vm.FULL).sum()) == 3  # (1,0) (2,0) (2,1)
-    y0, x0 = layout.block_origins[0]
-    c = layout.cell
-    for i in range(4):
-        for j in range(4):
-            got = tuple(image[y0 + i * c + c // 2, x0 + j * c + c // 2].tolist())
-            assert got == tuple(vm.BLOCK_PALETTE[int(kinds[i, j])].tolist()), (i, j)
-    # the full block is dark green where allowed in the token panel
-    ty, tx = token_pixel(layout, 0, 5, 0)
-    assert tuple(image[ty, tx].tolist()) == tuple(vm.TOKEN_PALETTE[2 * vm.FULL + 1].tolist())
+def boundary_lines(ax) -> set[float]:
+    return {
+        float(line.get_xdata()[0])
+        for line in ax.get_lines()
+        if line.get_color() == vm.BOUNDARY_COLOR and line.get_xdata()[0] == line.get_xdata()[1]
+    }
+
+
+@pytest.mark.parametrize("mask_type", ["block_causal", "causal"])
+def test_drawn_panels_equal_the_oracle(mask_type):
+    rows = [ROW, [0, 0, 0, 4, 0, 6, 7, 0]]
+    fig = vm.draw(torch.tensor(rows), EOS, mask_type, 2)
+    axes = fig.get_axes()
+    assert len(axes) == 4  # token panel and block map per row
+    for r, row in enumerate(rows):
+        token_ax, block_ax = axes[2 * r], axes[2 * r + 1]
+        drawn = np.asarray(token_ax.get_images()[0].get_array())
+        np.testing.assert_array_equal(drawn, expected_token_picture(row, mask_type, 2))
+        partial, full = block_tables(torch.tensor([row]), EOS, mask_type, 2)
+        kinds = (partial[0, 0].long() * vm.PARTIAL + full[0, 0].long() * vm.FULL).numpy()
+        blocks = np.asarray(block_ax.get_images()[0].get_array())
+        np.testing.assert_array_equal(blocks, vm.BLOCK_PALETTE[kinds])
+        # a red line before every document start (one after each EOS but the last token)
+        starts = [p + 1 for p, t in enumerate(row[:-1]) if t == EOS]
+        assert boundary_lines(token_ax) == {s - 0.5 for s in starts}
+    assert axes[0].get_title() == "row 0: 3 document(s), 8 tokens"
+
+
+def test_long_rows_draw_the_block_map_only():
+    seq_len = vm.MAX_TOKEN_LEVEL + 4
+    tokens = torch.randint(1, 50, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    tokens[0, ::1000] = EOS
+    fig = vm.draw(tokens, EOS, "block_causal", 128)
+    (ax,) = fig.get_axes()
+    assert np.asarray(ax.get_images()[0].get_array()).shape == (33, 33, 3)
+    summary = vm.summarize(tokens, EOS, "block_causal", 128)
+    assert "only the block-level map" in vm.format_summary(summary)
 
 
 @pytest.mark.parametrize("mask_type", ["block_causal", "causal"])
@@ -162,91 +113,63 @@ def test_summary_kept_fraction_matches_reference_mask(rows, mask_type):
     assert f"({summary.kept_fraction:.4f})" in vm.format_summary(summary)
 
 
-def test_cli_tokens(tmp_path, capsys):
+def test_rows_are_the_training_loaders_rows():
+    overrides = ["--training.seq_len", "128", "--training.local_batch_size", "2"]
+    tokens, eos_id, mask_type = vm.training_rows(str(DEBUG_CONFIG), overrides, rows=3, dp=2)
+    # the training loader of data-parallel rank 0 of 2, built here on its own
+    config = load_config(DEBUG_CONFIG, overrides)
+    tk = config.tokenizer
+    tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
+    loader = iter(build_dataloader(config.data, tokenizer, 128, 2, 0, 2, config.validation))
+    expected = torch.cat([next(loader)["input"], next(loader)["input"]])[:3]
+    assert torch.equal(tokens, expected)
+    assert eos_id == tokenizer.eos_id and (tokens == eos_id).sum() == 1  # row 2 has a boundary
+    assert mask_type == config.model.attn_mask_type
+
+
+def test_cli_config_mode(tmp_path, capsys):
+    out = tmp_path / "sub" / "mask.png"
+    rc = vm.main(
+        ["--config", str(DEBUG_CONFIG), "--rows", "2", "--block-size", "16"]
+        + ["--training.seq_len", "128", "--out", str(out)]
+    )
+    assert rc == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = load_config(DEBUG_CONFIG)
+    eos = load_tokenizer(config.tokenizer.path).eos_id
+    text = capsys.readouterr().out
+    assert f"rows: 2  seq_len: 128  eos id: {eos}  mask: block_causal" in text
+    assert f"wrote {out}" in text
+
+
+def test_cli_tokens_mode(tmp_path, capsys):
     out = tmp_path / "m.png"
     rc = vm.main(
         ["--tokens", "5 0 7 0 0 9; 1 2 3 0 4 5", "--eos-id", "0", "--block-size", "2"]
-        + ["--scale", "6", "--out", str(out)]
+        + ["--out", str(out)]
     )
-    assert rc == 0
-    width, height, _ = read_png(out)
-    layout = vm.compute_layout(2, 6, 2, 6)
-    assert (width, height) == (layout.width, layout.height)
+    assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = capsys.readouterr().out
     assert "rows: 2  seq_len: 6  eos id: 0  mask: block_causal" in text
     assert "documents per row: 4 2" in text
     tokens = torch.tensor([[5, 0, 7, 0, 0, 9], [1, 2, 3, 0, 4, 5]])
     kept = reference_mask(tokens, 0, "block_causal").sum().item()
     assert f"attention pairs kept: {kept} of 42 causal" in text
-    assert str(out) in text
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        vm.main(["--tokens", "1 0 2"])  # no --eos-id
-    with pytest.raises(SystemExit):
-        vm.main(["--tokens", "1 0 2; 3", "--eos-id", "0"])  # ragged rows
-    with pytest.raises(SystemExit):
-        vm.main(["--text", str(tmp_path / "x.txt")])  # no --tokenizer
-    with pytest.raises(SystemExit):
-        vm.main(["--tokens", "1 0", "--eos-id", "0", "--block-size", "0"])
-
-
-def test_cli_text_with_tokenizer(tmp_path, capsys):
-    docs = ["First document, short.", "Second one\nhas two lines.", "Third.", "Fourth and last."]
-    text = tmp_path / "docs.txt"
-    text.write_text("\n---\n".join(docs) + "\n")
-    assert vm.read_documents(text) == docs
-    out = tmp_path / "t.png"
-    seq_len = 16
-    rc = vm.main(
-        ["--tokenizer", str(TIKTOKEN_2K), "--text", str(text), "--seq-len", str(seq_len)]
-        + ["--rows", "2", "--block-size", "4", "--out", str(out)]
-    )
-    assert rc == 0
-    width, height, _ = read_png(out)
-    layout = vm.compute_layout(2, seq_len, 4)
-    assert (width, height) == (layout.width, layout.height)
-
-    tok = load_tokenizer(TIKTOKEN_2K)
-    stream = [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
-    assert len(stream) > 2 * seq_len  # documents are cut across rows, not repeated
-    packed = vm.pack([tok.encode(d, bos=True, eos=True) for d in docs], seq_len, 2)
-    assert packed.tolist() == [stream[:seq_len], stream[seq_len : 2 * seq_len]]
-    summary = vm.summarize(packed, tok.eos_id, "block_causal", 4)
-    printed = capsys.readouterr().out
-    assert f"eos id: {tok.eos_id}" in printed
-    assert f"documents per row: {' '.join(map(str, summary.docs_per_row))}" in printed
-    assert f"({summary.kept_fraction:.4f})" in printed
-
-
-def test_jsonl_gz_and_repetition(tmp_path):
-    path = tmp_path / "c.jsonl.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for t in ["alpha", "", "beta gamma"]:
-            f.write(json.dumps({"id": t, "text": t}) + "\n")
-    assert vm.read_documents(path) == ["alpha", "beta gamma"]
-    packed = vm.pack([[1, 2, 0], [3, 0]], 4, 2)  # 5 tokens fill 8 by repeating
-    assert packed.tolist() == [[1, 2, 0, 3], [0, 1, 2, 0]]
-
-
-def test_encode_documents_stops_when_rows_are_full():
-    class Chars:  # one token per character, bos 1, eos 0
-        def encode(self, text, bos=False, eos=False):
-            return [1] * bos + [ord(c) for c in text] + [0] * eos
-
-    docs = ["abc", "de", "fghij", "never encoded"]
-    encoded = vm.encode_documents(Chars(), docs, 9)  # 5 + 4 tokens are enough
-    assert encoded == [[1, 97, 98, 99, 0], [1, 100, 101, 0]]
-
-
-def test_long_rows_draw_the_block_map_only(capsys):
-    seq_len = vm.MAX_TOKEN_LEVEL + 4
-    tokens = torch.randint(1, 50, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    tokens[0, ::1000] = EOS
-    height, width, rgb = vm.render(tokens, EOS, "block_causal", 128)
-    layout = vm.compute_layout(1, seq_len, 128)
-    assert not layout.token_level and layout.token_origins == ()
-    assert len(rgb) == 3 * width * height and width == layout.width
-    summary = vm.summarize(tokens, EOS, "block_causal", 128)
-    assert "only the block-level map" in vm.format_summary(summary, layout)
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens", "1 0 2"], "--tokens needs --eos-id"),
+        (["--tokens", "1 0 2; 3", "--eos-id", "0"], "rows differ in length"),
+        (["--tokens", "1 0", "--eos-id", "0", "--block-size", "0"], "--block-size must be"),
+        (["--tokens", "1 0", "--eos-id", "0", "--training.steps", "2"], "unrecognized"),
+        (["--config", str(DEBUG_CONFIG), "--eos-id", "3"], "the eos id is the tokenizer's"),
+        (["--config", str(DEBUG_CONFIG), "--training.stesp", "3"], "'training.stesp'"),
+    ],
+)
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        vm.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -7,6 +7,9 @@ mask type) and ``config.toml``. It is written as ``step-N.tmp/`` and renamed onl
 rank has finished, so a ``step-N/`` folder is always complete; loading takes the newest
 complete one (or ``checkpoint.load_step``). Model weights load with DCP (tensors only) or
 safetensors, never with unrestricted pickle.
+
+``torch.distributed.checkpoint`` is imported where a save or load needs it: a run that does
+neither (the debug run) does not pay for the import at start-up.
 """
 
 from __future__ import annotations
@@ -21,21 +24,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.device_mesh import DeviceMesh
 
-from torchtitan_lite.components.dcp_format import MANIFEST, SafeLoadPlanner, is_complete
+from torchtitan_lite.components.dcp_format import MANIFEST, is_complete
 from torchtitan_lite.components.optimizer import load_lr_scheduler
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import load_loader_state
+from torchtitan_lite.distributed.parallel_dims import dp_rank
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.ids import (
     MANIFEST_ID_KEYS,
@@ -52,25 +47,41 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, incomplete or corrupt."""
 
 
-class ModelWrapper(Stateful):
+class ModelWrapper:
+    """The model's full state dict (sharded DTensors stay sharded) as a DCP ``Stateful``
+    (a protocol: DCP checks for ``state_dict`` and ``load_state_dict``)."""
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
         return get_model_state_dict(self.model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
         set_model_state_dict(self.model, state, options=StateDictOptions(strict=True))
 
 
-class OptimizerWrapper(Stateful):
+class OptimizerWrapper:
+    """The optimizer's state keyed by parameter names, as a DCP ``Stateful``."""
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
@@ -106,18 +117,19 @@ class CheckpointManager:
         lr_scheduler,
         dataloader,
         manifest: dict,
-        rank: int,
-        dp_rank: int,
+        mesh: DeviceMesh,
     ) -> None:
         """``manifest`` is written into every checkpoint (ids, RoPE); the run's lineage — the
-        weights it started from and the data of every stage — is added at each save."""
+        weights it started from and the data of every stage — is added at each save. ``mesh``
+        (the run's device mesh) says which data-loader state this rank saves and loads: its
+        data-parallel rank's."""
         cc = config.checkpoint
         self.config, self.cc = config, cc
         self.folder = dump_folder / cc.folder
         self.model, self.optimizer = model, optimizer
         self.lr_scheduler, self.dataloader = lr_scheduler, dataloader
         self.manifest = manifest
-        self.rank, self.dp_rank = rank, dp_rank
+        self.rank, self.dp_rank = mesh.get_rank(), dp_rank(mesh)
         self._pending = None  # (future, tmp folder, final folder) of an async save
         # Checkpoint collectives get a gloo group of their own (every rank creates it here, in
         # the same order): CPU-side, so an async save can run them from its background thread
@@ -155,6 +167,8 @@ class CheckpointManager:
 
     def save(self, step: int, tokens_seen: int, model_only: bool = False) -> Path:
         """Write ``step-N`` atomically (tmp folder, then rename after every rank is done)."""
+        import torch.distributed.checkpoint as dcp
+
         self.wait()
         final = self.folder / f"step-{step}"
         tmp = self.folder / f"step-{step}.tmp"
@@ -231,6 +245,8 @@ class CheckpointManager:
 
         A checkpoint that fails its size check or cannot be read is reported with its path and
         the next older one is used (unless ``checkpoint.load_step`` chose it)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         self.remove_stale()
         steps = list_checkpoints(self.folder)
         if self.cc.load_step > 0:
@@ -301,6 +317,11 @@ class CheckpointManager:
                 WEIGHT_ID_KEYS,
             )
             self._inherit(manifest, own=False)
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            from torchtitan_lite.components.safe_load import SafeLoadPlanner
+
             state = {"model": ModelWrapper(self.model)}
             try:
                 dcp.load(
@@ -323,6 +344,11 @@ class CheckpointManager:
             weights, self.base = read_hf_base(
                 path, tokenizer, model_args, load_weights=self.rank == 0 or not broadcast
             )
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
             options = StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=broadcast, strict=True
             )
@@ -363,6 +389,10 @@ class CheckpointManager:
             logger.warning(f"checkpoint: loading despite an id change (allowed): {e}")
 
     def _load(self, path: Path, step: int) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        from torchtitan_lite.components.safe_load import SafeLoadPlanner
+
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
         keys = {k.split(".")[0] for k in metadata.state_dict_metadata}
         model_only = "optimizer" not in keys

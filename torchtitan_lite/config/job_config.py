@@ -449,8 +449,12 @@ class JobConfig:
     profiling: Profiling = field(default_factory=Profiling)
     dry_run: DryRun = field(default_factory=DryRun)
 
-    def validate(self) -> None:
-        """Cross-field and range rules; raises ConfigError naming the key and the fix."""
+    def validate(self, data_parallel: int | None = None) -> None:
+        """Cross-field and range rules; raises ConfigError naming the key and the fix.
+
+        ``data_parallel``: the run's data-parallel degree, known once the world is (the
+        Trainer validates again with it); without it, the batch rule that depends on it is
+        checked only as far as the config alone allows."""
         _one_of("model.attn_mask_type", self.model.attn_mask_type, MASK_TYPES)
         _one_of("model.attn_backend", self.model.attn_backend, ATTN_BACKENDS)
         _one_of("model.name", self.model.name, ("llama3",))
@@ -578,11 +582,17 @@ class JobConfig:
                 "the peak learning rate. Fix: lower lr_scheduler.warmup_steps."
             )
         gbs, lbs = self.training.global_batch_size, self.training.local_batch_size
-        if gbs != -1 and gbs % lbs:
+        rows = lbs * (data_parallel or 1)  # rows of one step without accumulation
+        if gbs != -1 and gbs % rows:
+            where = (
+                f"'training.local_batch_size' ({lbs}) × data-parallel degree ({data_parallel})"
+                if data_parallel
+                else f"'training.local_batch_size' ({lbs})"
+            )
             raise ConfigError(
-                f"Config key 'training.global_batch_size' ({gbs}) is not a multiple of "
-                f"'training.local_batch_size' ({lbs}). Fix: make it local_batch_size × data-"
-                "parallel degree × gradient-accumulation steps, or -1."
+                f"Config key 'training.global_batch_size' ({gbs}) is not a multiple of {where}"
+                f". Fix: set it to a multiple of {rows} (local_batch_size × data-parallel degree"
+                " × gradient-accumulation steps), or -1."
             )
         self._validate_validation()
         chat = self.data.format.startswith("chat")

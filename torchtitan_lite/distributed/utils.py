@@ -184,6 +184,17 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank has ``flag`` set (ranks stop at the same step)."""
+    return rank_sums(flag)[0] > 0
+
+
+def rank_sums(*flags: bool) -> list[int]:
+    """How many ranks have each flag set. A CPU tensor: reduced by gloo, also in CUDA runs,
+    without touching the device queue."""
+    return all_reduce_sum(torch.tensor([int(f) for f in flags])).numpy().tolist()
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Clip gradients by their global L2 norm across all shards; returns the norm before.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from torchtitan_lite.chat_template import jinja_template
-from torchtitan_lite.components.dcp_format import MANIFEST, SafeLoadPlanner, is_complete
+from torchtitan_lite.components.dcp_format import MANIFEST, is_complete
 from torchtitan_lite.config.loader import tomllib
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.ids import (
@@ -299,6 +299,7 @@ def load_checkpoint_model(
     """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer."""
     import torch.distributed.checkpoint as dcp
 
+    from torchtitan_lite.components.safe_load import SafeLoadPlanner
     from torchtitan_lite.models.llama3.model import Transformer
 
     config, manifest = read_checkpoint_config(checkpoint_dir)

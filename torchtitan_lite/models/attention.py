@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.models import MASK_TYPES  # the one list of mask types
 
 #: The block tables of a BlockMask that build_block_mask computes (kv side and q side).
@@ -318,9 +319,17 @@ def build_attention_mask(
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` → ``flex`` on CUDA (compiled FlexAttention), ``sdpa`` elsewhere."""
+    """The kernel that trains on ``device`` (``model.attn_backend``): ``auto`` → ``flex`` on
+    CUDA (compiled FlexAttention), ``sdpa`` elsewhere. ``flex`` off CUDA is refused: torch's
+    FlexAttention has no backward pass there."""
     if backend == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
+    if backend == "flex" and device.type != "cuda":
+        raise ConfigError(
+            f"Config key 'model.attn_backend' is 'flex' on {device.type}: FlexAttention has no "
+            "backward pass there, so it cannot train. Fix: set model.attn_backend = "
+            '"auto" (flex on CUDA, sdpa elsewhere) or "sdpa".'
+        )
     return backend
 
 
