@@ -8,8 +8,9 @@ measures, from the moment the process is started:
   line appears on stdout — the time to the first step, build and first step included — and
   until the process has exited.
 
-Rounds are interleaved and the median is printed. ``--importtime`` adds the modules that
-``python -X importtime`` charges most for importing the trainer (one extra process).
+Rounds are interleaved and the median is printed. ``--importtime`` adds what
+``python -X importtime`` charges to each module the trainer imports directly (one extra
+process).
 
 Usage::
 
@@ -72,7 +73,8 @@ def time_run(dump: str) -> tuple[float, float]:
 
 
 def importtime(top: int) -> list[tuple[float, str]]:
-    """The ``top`` modules with the largest self import time (ms) when importing the trainer."""
+    """What importing the trainer spends, by the modules it imports directly: their
+    cumulative ``python -X importtime`` milliseconds, largest first (``top`` of them)."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import torchtitan_lite.trainer"],
         cwd=REPO,
@@ -80,11 +82,20 @@ def importtime(top: int) -> list[tuple[float, str]]:
         text=True,
         check=True,
     )
-    rows = []
-    for line in proc.stderr.splitlines()[1:]:
+    rows: list[tuple[float, str]] = []
+    children: list[tuple[float, str]] = []  # depth-1 lines since the last depth-0 line
+    for line in proc.stderr.splitlines():  # post-order: a module's imports come before it
         parts = line.split("|")
-        if len(parts) == 3 and parts[0].startswith("import time:"):
-            rows.append((int(parts[1]) / 1e3, parts[2].strip()))
+        if len(parts) != 3 or not parts[1].strip().isdigit():
+            continue
+        name = parts[2].rstrip()
+        depth = (len(name) - len(name.lstrip())) // 2
+        if depth == 1:
+            children.append((int(parts[1]) / 1e3, name.strip()))
+        elif depth == 0:
+            if name.strip() == "torchtitan_lite.trainer":
+                rows = children
+            children = []
     return sorted(rows, reverse=True)[:top]
 
 
@@ -113,7 +124,7 @@ def main() -> None:
             f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |"
         )
     if args.importtime:
-        print("\nlargest self import times (ms) of `import torchtitan_lite.trainer`:")
+        print("\n`import torchtitan_lite.trainer`: cumulative ms of what it imports directly")
         for ms, module in importtime(15):
             print(f"  {ms:8.1f}  {module}")
 

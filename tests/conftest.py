@@ -64,8 +64,11 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     captured: the code path of ``python train.py ARGS`` after the imports, without a new
     interpreter importing torch for every run. What the run leaves in the process is put
     back: the working directory, torch's deterministic-algorithms switch and the logger's
-    handlers (the run's log file is closed)."""
+    handlers (the run's log file is closed). What it leaves on the heap (imported modules,
+    torch's caches) is frozen out of later garbage collections: each Trainer collects fully
+    at start and end, which would otherwise walk this test process's ever larger heap."""
     import contextlib
+    import gc
     import io
 
     import torch
@@ -89,6 +92,8 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
+        gc.collect()
+        gc.freeze()
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 
