@@ -2,8 +2,8 @@
 
 One backward of the debug model (fp32, 2 × 512 tokens) in the layout given by the overrides,
 then for each implementation: the norm against an fp64 reference computed from the full
-gradients, the median time of a call that clips, and the collectives DTensor issues
-(``CommDebugMode``; a plain ``all_reduce`` is not counted there). torch's is
+gradients, the median time of a call that clips, and the collectives it issues (DTensor's
+and plain c10d ones, as ``CommDebugMode`` counts them). torch's is
 ``torch.nn.utils.clip_grad_norm_(..., foreach=True)``.
 
 Usage::
@@ -87,7 +87,7 @@ def main() -> None:
     if trainer.rank == 0:
         layout = " ".join(sys.argv[1:]) or "(one process)"
         print(f"{layout}, {trainer.world_size} process(es): fp64 norm {reference:.9g}")
-        print("| clip_grad_norm_ | norm | relative error | median ms | DTensor collectives | "
+        print("| clip_grad_norm_ | norm | relative error | median ms | collectives | "
               "norm after clipping to 1e-9 |")  # fmt: skip
         print("|---|---|---|---|---|---|")
         for name, value, seconds, comms, clipped in rows:

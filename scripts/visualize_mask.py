@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="a training config: draw the rows its run trains on")
     src.add_argument("--tokens", help="token ids of one row, e.g. '5 0 7 0'; rows split by ';'")
     parser.add_argument("--eos-id", type=int, help="EOS id (only with --tokens)")
-    parser.add_argument("--rows", type=int, default=1, help="rows to draw (--config; 1)")
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel ranks (--config; 1)")
+    parser.add_argument("--rows", type=int, help="rows to draw (--config; 1)")
+    parser.add_argument("--dp", type=int, help="data-parallel ranks (--config; 1)")
     parser.add_argument(
         "--mask-type", choices=MASK_TYPES, help="(the config's; block_causal with --tokens)"
     )
@@ -317,26 +317,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     for name in ("rows", "dp", "block_size"):
         value = getattr(args, name)
-        if value < 1:
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         parser.error('drawing needs matplotlib: pip install -e ".[viz]"')
+    stray = [a for a in overrides if a.startswith("-") and "." not in a]
+    if stray:  # a mistyped option of this script, not a --section.key config override
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.config is not None:
         if args.eos_id is not None:
             parser.error(
                 "--eos-id is for --tokens only: with --config the eos id is the tokenizer's "
                 "(set tokenizer.eos_token in the config to choose another boundary token)"
             )
+        rows, dp = args.rows or 1, args.dp or 1
         try:  # a bad config or data: the project's one-paragraph errors are ValueErrors
-            tokens, eos_id, mask_type = training_rows(args.config, overrides, args.rows, args.dp)
+            tokens, eos_id, mask_type = training_rows(args.config, overrides, rows, dp)
         except ValueError as e:
             parser.error(str(e))
-        title = f"{args.config}: {args.rows} row(s) of data-parallel rank 0 of {args.dp}"
+        title = f"{args.config}: {rows} row(s) of data-parallel rank 0 of {dp}"
     else:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        if args.rows is not None or args.dp is not None:
+            parser.error("--rows and --dp are for --config (--tokens draws the rows it is given)")
         if args.eos_id is None:
             parser.error("--tokens needs --eos-id")
         try:

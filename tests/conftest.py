@@ -62,22 +62,30 @@ def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def run_main(*args: str) -> subprocess.CompletedProcess:
     """``train.main(args)`` in this process, from the repository root, its stdout and stderr
     captured: the code path of ``python train.py ARGS`` after the imports, without a new
-    interpreter importing torch for every run. What the run leaves in the process is put
-    back: the working directory, torch's deterministic-algorithms switch and the logger's
-    handlers (the run's log file is closed). What it leaves on the heap (imported modules,
-    torch's caches) is frozen out of later garbage collections: each Trainer collects fully
-    at start and end, which would otherwise walk this test process's ever larger heap."""
+    interpreter importing torch for every run.
+
+    Put back afterwards: the working directory, the RNG states (torch, numpy, random), torch's
+    deterministic-algorithms switch, the logger's handlers (the run's log file is closed) and,
+    after a crash, the process group. Left in place on purpose: glibc's malloc settings (a
+    CPU run keeps freed memory for reuse; the test process then stays at its high-water
+    mark), and what the run left on the heap (imported modules, torch's caches), frozen out
+    of later garbage collections: each Trainer collects fully at start and end, which would
+    otherwise walk this process's ever larger heap."""
     import contextlib
     import gc
     import io
+    import random
 
+    import numpy as np
     import torch
+    import torch.distributed as dist
 
     import train
     from torchtitan_lite.logging import logger
 
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     deterministic = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -88,10 +96,15 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
             code = train.main(list(args))
     finally:
         os.chdir(cwd)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
+        if dist.is_initialized():  # a crash (a refused run already destroyed it)
+            dist.destroy_process_group()
         gc.collect()
         gc.freeze()
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())

@@ -106,6 +106,7 @@ class Trainer:
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
         # Which data this rank reads: the ranks of one tensor-parallel group read the same.
         self.dp_rank = dp_rank(self.mesh)
+        config.validate(data_parallel=self.parallel_dims.dp)  # the rules that need the world
 
         # 2. The run folder: everything the run writes lands here (a dry run writes nothing).
         self.dump_folder = (
@@ -123,11 +124,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
 
         # 5. Data: this rank's shard of the packed stream, with gradient accumulation.
-        config.validate(data_parallel=self.parallel_dims.dp)  # the rules that need the world
-        global_batch = tc.global_batch_size
-        if global_batch == -1:
-            global_batch = tc.local_batch_size * self.parallel_dims.dp
-        self.grad_accum_steps = global_batch // (tc.local_batch_size * self.parallel_dims.dp)
+        rows = tc.local_batch_size * self.parallel_dims.dp  # one step without accumulation
+        global_batch = tc.global_batch_size if tc.global_batch_size > 0 else rows
+        self.grad_accum_steps = global_batch // rows  # validate() checked it divides
         self.dataloader = build_dataloader(
             config.data,
             self.tokenizer,
@@ -284,9 +283,9 @@ class Trainer:
         its segments on the host copy of the tokens (no device→host read), placing their
         small masks on the device.
 
-        A dry run's fake step attends causally (None): FlexAttention's memory on the GPU is
-        the same (output and log-sum-exp, no S×S), its FLOPs are counted from the real mask
-        by the dry run, and one fake kernel call per layer replaces one per document."""
+        A dry run's fake step attends causally (None): no S×S either way, as with
+        FlexAttention on the GPU; the dry run counts the FLOPs from the real mask; and one
+        fake kernel call per layer replaces one per document."""
         if self.fake_mode is not None:
             return None
         if self.attn_backend != "flex":

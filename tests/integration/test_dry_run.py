@@ -59,7 +59,9 @@ def test_one_rank_dry_run_equals_a_real_step(tmp_path, impl):
 
 @pytest.mark.slow
 def test_two_rank_dry_run_equals_a_real_two_process_step(tmp_path):
+    # fp32 pinned: "auto" is bf16 in a dry run (GPUs) but may be fp32 on this CPU
     args = (*SMALL, "--training.seq_len", "1024", "--training.local_batch_size", "4")
+    args = (*args, "--training.mixed_precision_param", "float32")
     real = real_step(*args, nproc=2)
     assert real["world_size"] == 2
     proc, report = dry_run(tmp_path, *args, "--dry_run.world_size", "2")
@@ -175,6 +177,10 @@ def test_a_job_that_cannot_fit_exits_3_and_names_the_knob(tmp_path, llama3_ranks
     [
         (("--parallelism.data_parallel_replicate_degree", "3"), r"world size = 8"),
         (("--training.global_batch_size", "12"), r"'training.global_batch_size' \(12\)"),
+        (  # a multiple of the local batch, but not of local batch × 8 ranks
+            ("--training.global_batch_size", "16"),
+            r"'training.local_batch_size' \(8\) × data-parallel degree \(8\)",
+        ),
         (("--dry_run.gpu", "h800"), r"'dry_run.gpu' is 'h800'"),
     ],
 )

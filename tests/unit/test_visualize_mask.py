@@ -164,6 +164,8 @@ def test_cli_tokens_mode(tmp_path, capsys):
         (["--tokens", "1 0 2; 3", "--eos-id", "0"], "rows differ in length"),
         (["--tokens", "1 0", "--eos-id", "0", "--block-size", "0"], "--block-size must be"),
         (["--tokens", "1 0", "--eos-id", "0", "--training.steps", "2"], "unrecognized"),
+        (["--tokens", "1 0", "--eos-id", "0", "--rows", "2"], "--rows and --dp are for --config"),
+        (["--config", str(DEBUG_CONFIG), "--block_size", "16"], "unrecognized arguments"),
         (["--config", str(DEBUG_CONFIG), "--eos-id", "3"], "the eos id is the tokenizer's"),
         (["--config", str(DEBUG_CONFIG), "--training.stesp", "3"], "'training.stesp'"),
     ],

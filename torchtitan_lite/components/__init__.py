@@ -1,1 +1,2 @@
-"""Training components: optimizer and LR schedule, loss, metrics."""
+"""Training components: optimizer and LR schedule, checkpoints, metrics, the startup
+banner, profiling, stop signals, scheduled garbage collection."""

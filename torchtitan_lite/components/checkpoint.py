@@ -300,6 +300,13 @@ class CheckpointManager:
     def load_initial(self, tokenizer, model_args) -> None:
         """Start from the weights of ``checkpoint.initial_load_path`` (a DCP step folder) or
         ``checkpoint.initial_load_hf`` (a Hugging Face folder), as step 0."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from torchtitan_lite.components.safe_load import SafeLoadPlanner
+        from torchtitan_lite.export.hf import read_hf_base
+
         if self.cc.initial_load_path:
             path = Path(self.cc.initial_load_path)
             if not is_complete(path):
@@ -317,11 +324,6 @@ class CheckpointManager:
                 WEIGHT_ID_KEYS,
             )
             self._inherit(manifest, own=False)
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.api import CheckpointException
-
-            from torchtitan_lite.components.safe_load import SafeLoadPlanner
-
             state = {"model": ModelWrapper(self.model)}
             try:
                 dcp.load(
@@ -335,8 +337,6 @@ class CheckpointManager:
                 ) from None
             self.stage["start"] = f"checkpoint {path}"
         else:
-            from torchtitan_lite.export.hf import read_hf_base
-
             path = Path(self.cc.initial_load_hf)
             # Every rank checks the folder (so all fail alike); only rank 0 reads the weights,
             # which are then broadcast and sharded: one copy of the model in host memory.
@@ -344,11 +344,6 @@ class CheckpointManager:
             weights, self.base = read_hf_base(
                 path, tokenizer, model_args, load_weights=self.rank == 0 or not broadcast
             )
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-            )
-
             options = StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=broadcast, strict=True
             )

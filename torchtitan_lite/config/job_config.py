@@ -584,15 +584,17 @@ class JobConfig:
         gbs, lbs = self.training.global_batch_size, self.training.local_batch_size
         rows = lbs * (data_parallel or 1)  # rows of one step without accumulation
         if gbs != -1 and gbs % rows:
-            where = (
-                f"'training.local_batch_size' ({lbs}) × data-parallel degree ({data_parallel})"
-                if data_parallel
-                else f"'training.local_batch_size' ({lbs})"
-            )
+            if data_parallel is None:
+                raise ConfigError(
+                    f"Config key 'training.global_batch_size' ({gbs}) is not a multiple of "
+                    f"'training.local_batch_size' ({lbs}). Fix: make it local_batch_size × "
+                    "data-parallel degree × gradient-accumulation steps, or -1."
+                )
             raise ConfigError(
-                f"Config key 'training.global_batch_size' ({gbs}) is not a multiple of {where}"
-                f". Fix: set it to a multiple of {rows} (local_batch_size × data-parallel degree"
-                " × gradient-accumulation steps), or -1."
+                f"Config key 'training.global_batch_size' ({gbs}) is not a multiple of "
+                f"'training.local_batch_size' ({lbs}) × data-parallel degree ({data_parallel})"
+                f". Fix: set it to a multiple of {rows} (× the gradient-accumulation steps "
+                "you want), or -1."
             )
         self._validate_validation()
         chat = self.data.format.startswith("chat")
