@@ -18,25 +18,15 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command
+from tests.integration.test_train import GLOBAL_BATCH_OF_4
 from tests.unit.test_compile import EOS
 from torchtitan_lite.models.attention import build_attention_mask
 
 STEPS = 10
 COMMON = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.seq_len",
-    "128",
+    *GLOBAL_BATCH_OF_4,
     "--training.steps",
     str(STEPS),
-    "--training.global_batch_size",
-    "4",
-    "--training.mixed_precision_param",
-    "float32",
-    "--optimizer.lr",
-    "2e-3",
-    "--metrics.enable_tensorboard",
-    "false",
     "--checkpoint.enable",
     "true",
     "--checkpoint.interval",

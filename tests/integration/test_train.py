@@ -51,16 +51,13 @@ def test_one_process_debug_run_learns(tmp_path):
     assert (out / "config.toml").is_file() and (out / "train.log").is_file()
 
 
-#: One global batch of 4 rows per step in every layout: 2 data-parallel ranks × 2 rows read
-#: document shards 0 and 1; 1 process with 2 loader workers reads the same two shards
-#: (worker w = shard w) in 2 accumulation steps of 2 rows.
-DATA_PARALLEL = [
+#: One global batch of 4 rows per step in every layout, in fp32 so that layouts agree to
+#: rounding: 2 data-parallel ranks × 2 rows read document shards 0 and 1; 1 process with 2
+#: loader workers reads the same two shards (worker w = shard w) in 2 accumulation steps of
+#: 2 rows. Shared with the tensor-parallel tests.
+GLOBAL_BATCH_OF_4 = [
     "--config",
     str(DEBUG_CONFIG),
-    "--training.steps",
-    "6",
-    "--training.local_batch_size",
-    "2",
     "--training.global_batch_size",
     "4",
     "--training.mixed_precision_param",
@@ -69,6 +66,7 @@ DATA_PARALLEL = [
     "2e-3",
     *SMALL,
 ]
+DATA_PARALLEL = [*GLOBAL_BATCH_OF_4, "--training.steps", "6", "--training.local_batch_size", "2"]
 
 
 @pytest.fixture(scope="module")
