@@ -2,7 +2,8 @@
 
 Reads ``config.json`` + ``*.safetensors`` and the tokenizer (``original/tokenizer.model`` or
 ``tokenizer.model``, or ``--tokenizer``), refuses a config whose eos disagrees with the
-tokenizer, and writes ``OUTPUT/checkpoint/step-0`` with its ids manifest. Then::
+tokenizer, and writes ``OUTPUT/checkpoint/step-0`` with its ids manifest (OUTPUT must not hold
+checkpoints yet). A folder exported here is checked against its ``checksums.json`` first. Then::
 
     python train.py --config CONFIG --job.dump_folder OUTPUT --checkpoint.enable \\
         --tokenizer.path <the same tokenizer>
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import import_from_hf
+from torchtitan_lite.export.hf import NO_VERIFY_HELP, import_from_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("hf_dir", type=Path)
     p.add_argument("output_dir", type=Path)
     p.add_argument("--tokenizer")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     args = p.parse_args(argv)
     try:
-        folder = import_from_hf(args.hf_dir, args.output_dir, args.tokenizer)
+        folder = import_from_hf(
+            args.hf_dir, args.output_dir, args.tokenizer, verify=not args.no_verify
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

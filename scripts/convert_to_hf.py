@@ -2,7 +2,10 @@
 
 Writes ``model.safetensors`` (sharded above ``--max-shard-gb``), ``config.json`` (bos/eos from
 the tokenizer), ``generation_config.json`` (eos = the tokenizer's stop ids), tokenizer files
-that ``transformers`` loads (all special tokens kept), and a model card ``README.md``.
+that ``transformers`` loads (all special tokens kept), a model card ``README.md`` and
+``checksums.json``. The checkpoint's files are checked against their checksums first. The
+folder is written beside OUTPUT_DIR and renamed into place; OUTPUT_DIR must be new or empty,
+or an earlier export replaced whole with ``--overwrite``.
 
 Usage::
 
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import export_to_hf
+from torchtitan_lite.export.hf import NO_VERIFY_HELP, export_to_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--tokenizer", help="tokenizer file (default: the one in the ids manifest)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in OUTPUT_DIR whole"
+    )
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     args = p.parse_args(argv)
     try:
         out = export_to_hf(
@@ -35,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype,
             int(args.max_shard_gb * 2**30),
             args.tokenizer,
+            overwrite=args.overwrite,
+            verify=not args.no_verify,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ import torch
 
 from torchtitan_lite.chat_template import ChatTemplate
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import load_checkpoint_model, load_hf_model
+from torchtitan_lite.export.hf import NO_VERIFY_HELP, load_checkpoint_model, load_hf_model
 from torchtitan_lite.models.llama3.model import KVCache
 
 
@@ -79,10 +79,10 @@ def generate(
         logits = model(torch.tensor([[token]]), None, cache=cache)[0, -1]
 
 
-def load(source: Path, tokenizer: str | None):
+def load(source: Path, tokenizer: str | None, verify: bool = True):
     if (source / "config.json").is_file():
-        return load_hf_model(source, tokenizer)
-    return load_checkpoint_model(source, tokenizer)
+        return load_hf_model(source, tokenizer, verify)
+    return load_checkpoint_model(source, tokenizer, verify)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer file (default: the source's own)")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.add_argument(
         "--logit-bias",
         action="append",
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     try:
-        model, args, tok = load(a.source, a.tokenizer)
+        model, args, tok = load(a.source, a.tokenizer, verify=not a.no_verify)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

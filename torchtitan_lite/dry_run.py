@@ -30,15 +30,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from torchtitan_lite.components.memory import USABLE_MEMORY
 from torchtitan_lite.components.metrics import GPUS, FlopCounter, attention_pairs
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX
 from torchtitan_lite.distributed.utils import clip_grad_norm_
 from torchtitan_lite.logging import logger
 
-#: Share of the GPU's memory a job may plan for: the rest is the CUDA context, the NCCL
-#: buffers and allocator fragmentation.
-USABLE_MEMORY = 0.92
 _GIB = 2**30
 
 

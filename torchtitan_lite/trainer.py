@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -14,18 +13,17 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan_lite.components.banner import log_banner
-from torchtitan_lite.components.checkpoint import (
-    MANIFEST,
-    CheckpointManager,
-    is_complete,
-    list_checkpoints,
-)
+from torchtitan_lite.components.checkpoint import CheckpointManager, list_checkpoints
+from torchtitan_lite.components.dcp_format import read_manifest
 from torchtitan_lite.components.gc_control import GarbageCollection
+from torchtitan_lite.components.integrity import IntegrityError
+from torchtitan_lite.components.memory import check_step_fits
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.components.profiling import maybe_profile
 from torchtitan_lite.components.stop_signals import stop_signals
 from torchtitan_lite.config import JobConfig, to_toml
+from torchtitan_lite.config.loader import all_keys, tomllib
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader, build_validation_loader
 from torchtitan_lite.distributed.parallel_dims import (
     ParallelDims,
@@ -114,7 +112,9 @@ class Trainer:
         )
         init_logger(self.dump_folder / "train.log" if self.rank == 0 and not dry else None)
         if self.rank == 0 and not dry:
-            (self.dump_folder / "config.toml").write_text(to_toml(config), encoding="utf-8")
+            (self.dump_folder / "config.toml").write_text(
+                f"{RUN_CONFIG_MARK}\n{to_toml(config)}", encoding="utf-8"
+            )
 
         # 3. Seed: the same on every rank, so initial weights agree before sharding.
         set_seed(tc.seed, tc.deterministic)
@@ -170,6 +170,17 @@ class Trainer:
             ),
             tc.seq_len,
         )
+        if not dry:  # refuse a step that cannot fit before anything is allocated
+            check_step_fits(
+                self.model_args,
+                self.device,
+                seq_len=tc.seq_len,
+                local_batch_size=tc.local_batch_size,
+                ac_mode=config.activation_checkpoint.mode,
+                param_dtype=self.param_dtype,
+                shards=self.parallel_dims.dp_shard,
+                tp=self.parallel_dims.tp,
+            )
         for warning in check_special_ids(
             self.tokenizer,
             model_args=self.model_args,
@@ -573,18 +584,23 @@ def _original_message(message: str) -> str:
 
 def _starting_rope(config: JobConfig, dump_folder: Path) -> tuple[str, dict]:
     """Where the run's weights come from, and the RoPE settings they were trained with: the
-    run's own checkpoint (resume), ``checkpoint.initial_load_path`` or ``initial_load_hf``.
-    Config keys left unset (-1) take them, so a Llama 3.1 base keeps its scaling."""
+    run's own checkpoint (resume; the newest whose manifest reads), ``checkpoint.
+    initial_load_path`` or ``initial_load_hf``. Config keys left unset (-1) take them, so a
+    Llama 3.1 base keeps its scaling. A manifest that does not read is skipped here; the
+    checkpoint manager reports it when it loads."""
     cc = config.checkpoint
     own = dump_folder / cc.folder
     steps = list_checkpoints(own) if cc.enable and not cc.create_seed_checkpoint else []
-    if steps:
-        step = cc.load_step if cc.load_step in steps else steps[-1]
-        manifest = json.loads((own / f"step-{step}" / MANIFEST).read_text())
-        return f"checkpoint {own / f'step-{step}'}", manifest.get("rope", {})
-    if cc.initial_load_path and is_complete(Path(cc.initial_load_path)):
-        manifest = json.loads((Path(cc.initial_load_path) / MANIFEST).read_text())
-        return f"checkpoint {cc.initial_load_path}", manifest.get("rope", {})
+    if cc.load_step in steps:
+        steps = [cc.load_step]
+    folders = [own / f"step-{step}" for step in reversed(steps)]
+    if cc.initial_load_path:
+        folders.append(Path(cc.initial_load_path))
+    for folder in folders:
+        try:
+            return f"checkpoint {folder}", read_manifest(folder, verify=False).get("rope", {})
+        except IntegrityError:
+            continue
     if cc.initial_load_hf:
         from torchtitan_lite.export.hf import hf_rope_settings
 
@@ -627,7 +643,16 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+#: The first line of the resolved config a run writes into its folder. A ``config.toml``
+#: there is overwritten only when it starts with this line: any other file of that name (a
+#: user's own config, say) makes the run stop instead.
+RUN_CONFIG_MARK = "# torchtitan_lite: the resolved config of the run in this folder"
+
+
 def _make_dump_folder(path: str) -> Path:
+    """Create (or reuse) the run folder, after checking that the run may write there: it is
+    writable, and its ``config.toml``, if any, is a run's resolved config (every rank checks,
+    so all refuse alike)."""
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -640,4 +665,26 @@ def _make_dump_folder(path: str) -> Path:
             "Fix: point job.dump_folder at a writable folder, e.g. --job.dump_folder "
             "./outputs."
         ) from None
+    resolved = folder / "config.toml"
+    if resolved.is_dir() or (resolved.exists() and not _is_run_config(resolved)):
+        raise ConfigError(
+            f"Config key 'job.dump_folder' is {path!r}, which holds a config.toml that is "
+            "not a run's resolved config (it lacks the first line a run writes), e.g. your "
+            "own config file: the run would overwrite it with its resolved config. Fix: "
+            "choose another job.dump_folder, or move that config.toml elsewhere."
+        )
     return folder
+
+
+def _is_run_config(path: Path) -> bool:
+    """A resolved config a run wrote: marked on its first line, or (written before the mark
+    existed) a TOML file with every key of every section, as only the writer produces."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.split("\n", 1)[0] == RUN_CONFIG_MARK:
+        return True
+    try:
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return False
+    keys = [f"{s}.{k}" for s, t in tables.items() if isinstance(t, dict) for k in t]
+    return sorted(keys) == sorted(all_keys())

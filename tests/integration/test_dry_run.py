@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command, write_ranks_file
+from tests.conftest import (
+    DEBUG_CONFIG,
+    REPO,
+    TIKTOKEN_2K,
+    run_main,
+    train_command,
+    write_ranks_file,
+)
 from torchtitan_lite.models.llama3.args import model_args_for
 
 CONFIGS = REPO / "train_configs"
@@ -55,6 +62,25 @@ def test_one_rank_dry_run_equals_a_real_step(tmp_path, impl):
         assert report["bytes"][key] == real[key], key
     assert report["bytes"]["peak"] == pytest.approx(real["peak"], rel=0.10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dry_run.json"]  # nothing else
+
+
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_the_start_up_memory_bound_is_below_the_measured_step(tmp_path, ac):
+    """The trainer refuses a run whose step cannot fit by a lower bound of its memory
+    (components/memory.py): it must never exceed what a step holds, here the dry run's
+    measured peak (bf16, the simulated GPU), and be close enough to it to refuse the runs
+    that are far too large."""
+    from torchtitan_lite.components.memory import step_lower_bound
+    from torchtitan_lite.ids import args_from_tokenizer
+    from torchtitan_lite.tokenizer import load_tokenizer
+
+    proc, report = dry_run(
+        tmp_path, *SMALL, "--activation_checkpoint.mode", ac, "--dry_run.world_size", "1"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = args_from_tokenizer(model_args_for("debugmodel"), load_tokenizer(TIKTOKEN_2K))
+    bound, _ = step_lower_bound(args, 8 * 256, ac != "none", 2, shards=1, tp=1)
+    assert 0.5 * report["bytes"]["peak"] < bound <= report["bytes"]["peak"]
 
 
 @pytest.mark.slow

@@ -131,14 +131,32 @@ def test_import_refuses_a_disagreeing_eos(exported, tmp_path):
     config["eos_token_id"] = 2
     bad = tmp_path / "bad"
     bad.mkdir()
-    for f in exported.iterdir():
-        if f.is_file():
+    for f in exported.iterdir():  # a folder from elsewhere: no checksum record of ours
+        if f.is_file() and f.name != "checksums.json":
             (bad / f.name).write_bytes(f.read_bytes())
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(IdMismatchError, match=r"eos_token_id 2.*eos 2049"):
         import_from_hf(
             bad, tmp_path / "out", tokenizer_path=str(exported / "original" / "tokenizer.model")
         )
+
+
+def debug_shaped_config(transformers, **settings):
+    """A ``transformers.LlamaConfig`` in the debug model's shapes, with the embedded
+    tokenizer's vocabulary and bos/eos."""
+    return transformers.LlamaConfig(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=768,
+        vocab_size=2304,
+        rms_norm_eps=1e-5,
+        bos_token_id=2048,
+        eos_token_id=2049,
+        tie_word_embeddings=False,
+        **settings,
+    )
 
 
 LLAMA31_ROPE = {
@@ -156,20 +174,11 @@ def llama31_style(tmp_path_factory):
     'llama3' RoPE scaling, in the debug model's shapes (random weights)."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("llama31")
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        intermediate_size=768,
-        vocab_size=2304,
+    config = debug_shaped_config(
+        transformers,
         max_position_embeddings=16384,
         rope_theta=500000.0,
         rope_scaling=dict(LLAMA31_ROPE),
-        rms_norm_eps=1e-5,
-        bos_token_id=2048,
-        eos_token_id=2049,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()

@@ -322,6 +322,12 @@ BAD_CONFIGS = [
         ["'checkpoint.load_step' is 7"],
     ),
     ("bad boolean", ["--checkpoint.enable", "maybe"], ["'checkpoint.enable'", "boolean"]),
+    ("infinite number", ["--optimizer.lr", "inf"], ["'optimizer.lr'", "finite number"]),
+    (
+        "a step too large for the memory",
+        ["--training.seq_len", str(2**24)],
+        ["needs at least", "training.seq_len", 'activation_checkpoint.mode = "full"'],
+    ),
     (
         "flex cannot train on cpu",
         ["--model.attn_backend", "flex"],
@@ -450,7 +456,7 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from torchtitan_lite.components.safe_load import SafeLoadPlanner
+    from torchtitan_lite.components.dcp_io import SafeLoadPlanner
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EVIL_MARKER", str(marker))

@@ -3,10 +3,16 @@
 A checkpoint is a folder ``<job.dump_folder>/<checkpoint.folder>/step-N/`` holding the DCP
 shards of the model, optimizer, LR scheduler, train state (step, tokens seen, RNG) and each
 rank's data-loader state, plus ``ids_manifest.json`` (tokenizer hash, vocab, bos/eos/pad,
-mask type) and ``config.toml``. It is written as ``step-N.tmp/`` and renamed only once every
-rank has finished, so a ``step-N/`` folder is always complete; loading takes the newest
-complete one (or ``checkpoint.load_step``). Model weights load with DCP (tensors only) or
-safetensors, never with unrestricted pickle.
+mask type, and every file's size and checksum) and ``config.toml``. It is written as
+``step-N.tmp/`` and renamed only once every rank has finished, so a ``step-N/`` folder is
+always complete; loading takes the newest complete one (or ``checkpoint.load_step``) whose
+files match their checksums and whose contents load, else the one before it. Nothing is
+unpickled without an allow-list (:mod:`~torchtitan_lite.components.dcp_io`).
+
+Nothing this run did not write is deleted: a folder in the way of a save (one that failed to
+load, one without a manifest, a later step of a run resumed from an earlier one) is moved
+aside under a name that says why, and pruning removes only checkpoints whose manifest reads
+and that did not fail to load.
 
 ``torch.distributed.checkpoint`` is imported where a save or load needs it: a run that does
 neither (the debug run) does not pay for the import at start-up.
@@ -15,10 +21,9 @@ neither (the debug run) does not pay for the import at start-up.
 from __future__ import annotations
 
 import io
-import json
-import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from torchtitan_lite.components.dcp_format import MANIFEST, is_complete
+from torchtitan_lite.components.dcp_format import (
+    MANIFEST,
+    UNSEALED,
+    is_complete,
+    read_manifest,
+    seal_step_folder,
+    verify_step_folder,
+)
+from torchtitan_lite.components.integrity import IntegrityError
 from torchtitan_lite.components.optimizer import load_lr_scheduler
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import load_loader_state
@@ -95,16 +108,31 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def list_checkpoints(folder: Path) -> list[int]:
-    """Steps of the complete checkpoints in ``folder``, oldest first."""
+def _step_folders(folder: Path) -> dict[int, Path]:
+    """Every ``step-N`` folder in ``folder``, complete or not, by step."""
     if not folder.is_dir():
-        return []
-    steps = []
+        return {}
+    found = {}
     for child in folder.iterdir():
         match = _STEP.match(child.name)
-        if match and is_complete(child):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+        if match and child.is_dir():
+            found[int(match.group(1))] = child
+    return found
+
+
+def list_checkpoints(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``folder``, oldest first."""
+    return sorted(step for step, path in _step_folders(folder).items() if is_complete(path))
+
+
+def _move_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` to ``<path>.<why>`` (``.<why>-2``, ... when taken); returns the new path."""
+    target, n = path.with_name(f"{path.name}.{why}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{why}-{n}")
+    path.rename(target)
+    return target
 
 
 class CheckpointManager:
@@ -130,7 +158,10 @@ class CheckpointManager:
         self.lr_scheduler, self.dataloader = lr_scheduler, dataloader
         self.manifest = manifest
         self.rank, self.dp_rank = mesh.get_rank(), dp_rank(mesh)
-        self._pending = None  # (future, tmp folder, final folder) of an async save
+        # A save in flight: (future or None, writer, tmp folder, final folder, step).
+        self._pending = None
+        # Steps of this folder that failed to load, and why: set aside, never pruned.
+        self.unusable: dict[int, str] = {}
         # Checkpoint collectives get a gloo group of their own (every rank creates it here, in
         # the same order): CPU-side, so an async save can run them from its background thread
         # on CUDA runs too, never interleaved with the training collectives of the default
@@ -167,7 +198,7 @@ class CheckpointManager:
 
     def save(self, step: int, tokens_seen: int, model_only: bool = False) -> Path:
         """Write ``step-N`` atomically (tmp folder, then rename after every rank is done)."""
-        import torch.distributed.checkpoint as dcp
+        from torchtitan_lite.components import dcp_io
 
         self.wait()
         final = self.folder / f"step-{step}"
@@ -180,57 +211,86 @@ class CheckpointManager:
         if model_only and self.cc.export_dtype != "float32":
             dtype = getattr(torch, self.cc.export_dtype)
             state = {"model": {k: v.to(dtype) for k, v in state["model"].state_dict().items()}}
-        if self.cc.async_mode == "async":
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg)
-            self._pending = (future, tmp, final, step)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
-            self._finalize(tmp, final, step)
+        background = self.cc.async_mode == "async"
+        writer, future = dcp_io.save(state, tmp, self.pg, background=background)
+        self._pending = (future, writer, tmp, final, step)
+        if not background:
+            self.wait()
         return final
 
-    def _finalize(self, tmp: Path, final: Path, step: int) -> None:
-        self._barrier()
+    def wait(self) -> None:
+        """Finish a save in flight (an async one: before the next save and at the end): every
+        rank's checksums go into the manifest, written last; then the folder is renamed."""
+        if self._pending is None:
+            return
+        future, writer, tmp, final, step = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        files = {}
+        for checksums in self._gather(writer.checksums):
+            files.update(checksums)
         if self.rank == 0:
-            # File sizes let a later load detect a truncated or partly copied checkpoint.
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {
                 **self.manifest,
                 "step": step,
-                "files": files,
                 "lineage": [*self.lineage, {**self.stage, "steps": step}],
                 **self.base,
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            (tmp / "config.toml").write_text(to_toml(self.config))
-            shutil.rmtree(final, ignore_errors=True)
+            seal_step_folder(tmp, manifest, files, to_toml(self.config))
+            if final.exists():
+                self._set_aside(final, step)
             tmp.rename(final)  # atomic: step-N/ appears complete or not at all
             self._prune()
             logger.info(f"checkpoint: saved step {step} to {final}")
         self._barrier()
 
+    def _set_aside(self, final: Path, step: int) -> None:
+        """A save's folder is taken: keep what is there under a name that says why."""
+        if step in self.unusable:
+            why, what = "corrupt", f"it failed to load ({self.unusable[step]})"
+        elif not is_complete(final):
+            why, what = "incomplete", f"it has no .metadata or {MANIFEST}"
+        else:
+            why, what = "replaced", "this run resumed from an earlier step and saved it again"
+        aside = _move_aside(final, why)
+        logger.warning(f"checkpoint: {final} was already there ({what}); moved to {aside}")
+
+    def _gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank of the checkpoint group, in rank order."""
+        if self.pg is None or dist.get_world_size(self.pg) == 1:
+            return [value]
+        values: list[Any] = [None] * dist.get_world_size(self.pg)
+        dist.all_gather_object(values, value, group=self.pg)
+        return values
+
     def _barrier(self) -> None:
         if self.pg is not None and dist.get_world_size(self.pg) > 1:
             dist.barrier(group=self.pg)
 
-    def wait(self) -> None:
-        """Finish an async save in flight (before the next save and at the end)."""
-        if self._pending is not None:
-            future, tmp, final, step = self._pending
-            self._pending = None
-            future.result()
-            self._finalize(tmp, final, step)
-
     def _prune(self) -> None:
+        """Keep the newest ``keep_latest_k``; a checkpoint that failed to load or whose
+        manifest does not read is not counted, and never deleted."""
         k = self.cc.keep_latest_k
-        if k > 0:
-            for step in list_checkpoints(self.folder)[:-k]:
-                shutil.rmtree(self.folder / f"step-{step}", ignore_errors=True)
-                logger.info(f"checkpoint: removed step {step} (keep_latest_k = {k})")
+        if k <= 0:
+            return
+        intact = []
+        for step in list_checkpoints(self.folder):
+            try:
+                read_manifest(self.folder / f"step-{step}", verify=False)
+            except IntegrityError:
+                continue
+            if step not in self.unusable:
+                intact.append(step)
+        for step in intact[:-k]:
+            shutil.rmtree(self.folder / f"step-{step}", ignore_errors=True)
+            logger.info(f"checkpoint: removed step {step} (keep_latest_k = {k})")
 
     # ------------------------------------------------------------------ load
 
     def remove_stale(self) -> None:
-        """Delete ``step-N.tmp`` folders left by a run killed while saving (rank 0)."""
+        """Delete ``step-N.tmp`` folders left by a run killed while saving, and report step
+        folders that are not complete checkpoints (rank 0; those are kept)."""
         if self.rank == 0 and self.folder.is_dir():
             for tmp in sorted(self.folder.glob("step-*.tmp")):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -238,15 +298,22 @@ class CheckpointManager:
                     f"checkpoint: removed {tmp}, an unfinished save of an earlier "
                     "run (it was never complete)"
                 )
+            for step, path in sorted(_step_folders(self.folder).items()):
+                if not is_complete(path):
+                    logger.warning(
+                        f"checkpoint: {path} is not a complete checkpoint (no .metadata or "
+                        f"{MANIFEST}): not loaded, and kept (moved aside if this run saves "
+                        f"step {step} again)"
+                    )
         self._barrier()
 
     def load(self, tokenizer, allow_id_change: bool = False) -> dict[str, Any] | None:
         """Load the chosen (or newest complete) checkpoint; returns its train state or None.
 
-        A checkpoint that fails its size check or cannot be read is reported with its path and
-        the next older one is used (unless ``checkpoint.load_step`` chose it)."""
-        from torch.distributed.checkpoint.api import CheckpointException
-
+        A checkpoint whose manifest does not read, whose files differ from their recorded
+        sizes and checksums, that holds anything the safe unpickler refuses, or that fails to
+        load is reported with its path and the next older one is used (unless
+        ``checkpoint.load_step`` chose it). Every rank takes the same decision."""
         self.remove_stale()
         steps = list_checkpoints(self.folder)
         if self.cc.load_step > 0:
@@ -259,32 +326,62 @@ class CheckpointManager:
             steps = [self.cc.load_step]
         for step in reversed(steps):
             path = self.folder / f"step-{step}"
-            manifest = json.loads((path / MANIFEST).read_text())
-            self._check_manifest(path, manifest, tokenizer, allow_id_change)
-            self._inherit(manifest, own=True)
             try:
-                _verify_files(path, manifest)
-                return self._load(path, step)
-            except (
-                RuntimeError,
-                ValueError,
-                OSError,
-                pickle.UnpicklingError,
-                KeyError,
-                CheckpointError,
-                CheckpointException,
-            ) as e:
-                if self.cc.load_step > 0 or step == steps[0]:
-                    raise CheckpointError(
-                        f"Checkpoint {path} cannot be loaded ({_reason(e)}). Fix: delete or "
-                        "move that folder to fall back to an older checkpoint, or start "
-                        "without one."
-                    ) from None
-                logger.warning(
-                    f"checkpoint: {path} is corrupt or incomplete ({_reason(e)}); falling "
-                    "back to an older one"
+                manifest = read_manifest(path, verify=self.cc.verify_checksums)
+                error = None
+            except IntegrityError as e:
+                manifest, error = None, str(e)
+            if manifest is not None:
+                self._check_manifest(path, manifest, tokenizer, allow_id_change)
+                error = self._verify(path, manifest)
+            if error is None:
+                train_state, error = self._attempt(self._load, path, step)
+            if error is None:
+                self._inherit(manifest, own=True)
+                return train_state
+            if self.cc.load_step > 0 or step == steps[0]:
+                raise CheckpointError(
+                    f"Checkpoint {path} cannot be loaded ({error}). Fix: "
+                    + (
+                        "set checkpoint.verify_checksums = false if its storage is trusted, "
+                        if UNSEALED in error
+                        else ""
+                    )
+                    + "move that folder away to fall back to an older checkpoint, or start "
+                    "without one."
                 )
+            self.unusable[step] = error
+            logger.warning(
+                f"checkpoint: {path} is corrupt or incomplete ({error}); it is kept, and an "
+                "older checkpoint is loaded"
+            )
         return None
+
+    def _verify(self, path: Path, manifest: dict) -> str | None:
+        """A step folder's files against its manifest's sizes (and checksums, unless
+        ``checkpoint.verify_checksums`` is off); returns what differs, or None."""
+        problems = self._shared_check(verify_step_folder, path, manifest, self.cc.verify_checksums)
+        return "; ".join(problems) if problems else None
+
+    def _shared_check(self, check: Callable[..., list[str]], *args: Any) -> list[str]:
+        """``check(*args, part=(rank, ranks))`` on every rank of the checkpoint group, each
+        reading its share of the files; returns what all of them found."""
+        world = dist.get_world_size(self.pg) if self.pg is not None else 1
+        problems = check(*args, part=(self.rank % world, world))
+        return sorted(p for rank_problems in self._gather(problems) for p in rank_problems)
+
+    def _attempt(self, load: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
+        """(``load(*args)``, None), or (None, why it failed on the first rank that failed). DCP's
+        load is collective; what a load does around it is per rank; the verdict is shared, so
+        every rank falls back (or stops) together."""
+        from torchtitan_lite.components.dcp_io import LOAD_ERRORS, failure_reason
+
+        try:
+            result, error = load(*args), None
+        except LOAD_ERRORS as e:
+            result, error = None, failure_reason(e)
+        errors = [e for e in self._gather(error) if e is not None]
+        return (result, None) if not errors else (None, errors[0])
 
     def _inherit(self, manifest: dict, own: bool) -> None:
         """Take over the lineage of a loaded checkpoint: all of it when resuming this run's
@@ -300,12 +397,10 @@ class CheckpointManager:
     def load_initial(self, tokenizer, model_args) -> None:
         """Start from the weights of ``checkpoint.initial_load_path`` (a DCP step folder) or
         ``checkpoint.initial_load_hf`` (a Hugging Face folder), as step 0."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from torchtitan_lite.components.safe_load import SafeLoadPlanner
-        from torchtitan_lite.export.hf import read_hf_base
+        from torchtitan_lite.components import dcp_io
+        from torchtitan_lite.export.hf import read_hf_base, verify_export
 
         if self.cc.initial_load_path:
             path = Path(self.cc.initial_load_path)
@@ -315,34 +410,38 @@ class CheckpointManager:
                     f"complete checkpoint step folder (no .metadata or {MANIFEST}). Fix: point it "
                     "at a step folder such as outputs/debug_model/checkpoint/step-10."
                 )
-            manifest = json.loads((path / MANIFEST).read_text())
-            self._check_manifest(
-                path,
-                manifest,
-                tokenizer,
-                self.cc.allow_id_change,
-                WEIGHT_ID_KEYS,
-            )
-            self._inherit(manifest, own=False)
-            state = {"model": ModelWrapper(self.model)}
             try:
-                dcp.load(
-                    state, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=self.pg
-                )
-            except (RuntimeError, ValueError, OSError, CheckpointException) as e:
-                raise CheckpointError(
-                    f"Checkpoint {path} (checkpoint.initial_load_path) cannot be loaded into "
-                    f"this model ({_reason(e)}). Fix: use a checkpoint of the same model.flavor "
-                    "and vocabulary."
-                ) from None
+                manifest = read_manifest(path, verify=self.cc.verify_checksums)
+            except IntegrityError as e:
+                raise _unusable_initial(path, str(e)) from None
+            self._check_manifest(path, manifest, tokenizer, self.cc.allow_id_change, WEIGHT_ID_KEYS)
+            error = self._verify(path, manifest)
+            if error is None:
+                weights = {"model": ModelWrapper(self.model)}
+                _, error = self._attempt(dcp_io.load, weights, path, None, self.pg)
+            if error is not None:
+                raise _unusable_initial(path, error)
+            self._inherit(manifest, own=False)
             self.stage["start"] = f"checkpoint {path}"
         else:
             path = Path(self.cc.initial_load_hf)
-            # Every rank checks the folder (so all fail alike); only rank 0 reads the weights,
+            # The ranks share checking an exported folder against its checksums; every rank
+            # checks the rest of the folder (so all fail alike); only rank 0 reads the weights,
             # which are then broadcast and sharded: one copy of the model in host memory.
+            problems = self._shared_check(verify_export, path, self.cc.verify_checksums)
+            if problems:
+                raise CheckpointError(
+                    f"The Hugging Face folder {path} (checkpoint.initial_load_hf) is not what "
+                    f"was exported: {'; '.join(problems)}. Fix: export it again or "
+                    "restore it from a copy."
+                )
             broadcast = dist.is_initialized() and dist.get_world_size() > 1
             weights, self.base = read_hf_base(
-                path, tokenizer, model_args, load_weights=self.rank == 0 or not broadcast
+                path,
+                tokenizer,
+                model_args,
+                load_weights=self.rank == 0 or not broadcast,
+                verify=False,  # the contents were just checked; sizes are checked again
             )
             options = StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=broadcast, strict=True
@@ -384,18 +483,16 @@ class CheckpointManager:
             logger.warning(f"checkpoint: loading despite an id change (allowed): {e}")
 
     def _load(self, path: Path, step: int) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
+        from torchtitan_lite.components import dcp_io
 
-        from torchtitan_lite.components.safe_load import SafeLoadPlanner
-
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = dcp_io.read_metadata(path)
         keys = {k.split(".")[0] for k in metadata.state_dict_metadata}
         model_only = "optimizer" not in keys
         state = self._state(step, 0, model_only)
         data_key = f"dataloader.dp_rank_{self.dp_rank}"
         if not model_only and data_key not in metadata.state_dict_metadata:
             state.pop(data_key)
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=self.pg)
+        dcp_io.load(state, path, metadata, process_group=self.pg)
         logger.info(
             f"checkpoint: loaded step {step} from {path}"
             + (" (model weights only)" if model_only else "")
@@ -416,18 +513,10 @@ class CheckpointManager:
         return train_state
 
 
-def _reason(e: BaseException) -> str:
-    """One line on why a load failed (DCP wraps per-rank failures)."""
-    text = str(e).strip()
-    for line in text.splitlines():
-        if "Error" in line or "Exception" in line:
-            text = line
-            break
-    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def _verify_files(path: Path, manifest: dict) -> None:
-    for name, size in manifest.get("files", {}).items():
-        actual = (path / name).stat().st_size if (path / name).is_file() else None
-        if actual != size:
-            raise CheckpointError(f"file {name} has {actual} bytes, the manifest says {size}")
+def _unusable_initial(path: Path, why: str) -> CheckpointError:
+    hint = " (or set checkpoint.verify_checksums = false if its storage is trusted)"
+    return CheckpointError(
+        f"Checkpoint {path} (checkpoint.initial_load_path) cannot be loaded into this model "
+        f"({why}). Fix: point checkpoint.initial_load_path at an intact step folder of a run "
+        f"with the same model.flavor and vocabulary{hint if UNSEALED in why else ''}."
+    )

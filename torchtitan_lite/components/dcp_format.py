@@ -1,14 +1,76 @@
-"""What a checkpoint folder is, shared by the checkpoint manager and the Hugging Face export:
-the ids manifest's file name and the completeness test of a step folder (no DCP import:
-the trainer asks these before it knows whether it will load anything)."""
+"""What a checkpoint step folder is, shared by the checkpoint manager and the Hugging Face
+conversions: the ids manifest (its name, how it is written and read), the completeness test,
+and which files a folder's manifest vouches for. No DCP import: the trainer asks these before
+it knows whether it will load anything.
+
+A step folder holds DCP's ``.metadata`` and ``__R_I.distcp`` shards, ``config.toml`` and
+``ids_manifest.json``. The manifest records the tokenizer's ids, the RoPE settings, the run's
+lineage and ``files``: every other file's size and checksum, taken by the rank that wrote it.
+It is sealed with its own checksum and written last, just before the folder is renamed into
+place.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from torchtitan_lite.components.integrity import (
+    IntegrityError,
+    describe_files,
+    is_sealed,
+    read_json_object,
+    seal,
+    unseal,
+    verify_files,
+    write_json,
+)
+
 MANIFEST = "ids_manifest.json"
+METADATA = ".metadata"
+#: How a manifest without checksums (written before they were recorded) is described: the one
+#: load failure that trusting the storage (``checkpoint.verify_checksums = false``) resolves.
+UNSEALED = "records no checksums"
 
 
 def is_complete(folder: Path) -> bool:
     """A step folder that a finished save renamed into place (DCP metadata + manifest)."""
-    return (folder / ".metadata").is_file() and (folder / MANIFEST).is_file()
+    return (folder / METADATA).is_file() and (folder / MANIFEST).is_file()
+
+
+def seal_step_folder(
+    folder: Path, manifest: dict, files: dict[str, dict], config_toml: str
+) -> None:
+    """Finish a step folder whose DCP files are written (``files``: their sizes and
+    checksums, from every rank): its ``config.toml``, then the sealed manifest, last."""
+    (folder / "config.toml").write_text(config_toml, encoding="utf-8")
+    files = {**files, **describe_files(folder, ["config.toml"])}
+    write_json(folder / MANIFEST, seal({**manifest, "files": dict(sorted(files.items()))}))
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    """The manifest of a step folder, checked against its own checksum; raises
+    :class:`IntegrityError` for one that is missing, not JSON, damaged, or (with ``verify``)
+    written without checksums."""
+    path = folder / MANIFEST
+    manifest = read_json_object(path, "a checkpoint's ids manifest")
+    if is_sealed(manifest):
+        return unseal(manifest, path)
+    if verify:
+        raise IntegrityError(
+            f"{path} {UNSEALED} (a checkpoint written before they were recorded, or "
+            "an edited manifest), so its files cannot be verified"
+        )
+    return manifest
+
+
+def verify_step_folder(
+    folder: Path, manifest: dict, checksums: bool, part: tuple[int, int] = (0, 1)
+) -> list[str]:
+    """What differs between a step folder's files and its manifest's record of them (sizes,
+    and contents with ``checksums``); ``part`` shares the work between ranks."""
+    record = manifest.get("files", {})
+    # Manifests written before checksums recorded only sizes ({name: bytes}).
+    record = {k: v if isinstance(v, dict) else {"size": v} for k, v in record.items()}
+    if METADATA not in record and checksums:
+        return [f"{folder / MANIFEST} records no {METADATA}"]
+    return verify_files(folder, record, checksums, part)

@@ -338,6 +338,14 @@ class Checkpoint:
     model.rope_theta / rope_scaling_factor are left at -1; its stop ids and context length are
     kept for export."""
 
+    verify_checksums: bool = True
+    """Before loading a checkpoint (resume, initial_load_path) or a Hugging Face folder this
+    project exported (initial_load_hf), read every file back and compare it with the
+    checksums recorded when it was written; a damaged checkpoint is then reported and the
+    previous one loaded. Turn off only for trusted storage where reading a checkpoint twice
+    costs too much: sizes are still compared, and nothing is ever unpickled outside an
+    allow-list either way."""
+
     allow_id_change: bool = False
     """Resume even though the checkpoint's ids manifest disagrees with the tokenizer (a
     deliberate tokenizer change; logged)."""

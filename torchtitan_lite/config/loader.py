@@ -100,6 +100,12 @@ def _check_value(dotted: str, value: Any, tp: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ConfigError(
+                f"Config key '{dotted}' in {where} expects a finite number but got {value!r}: "
+                "no setting here means anything at infinity or NaN. Fix: give a finite value, "
+                f"e.g. {_example(tp)}."
+            )
         if ok:
             return float(value)
     else:
@@ -142,8 +148,10 @@ def _parse_cli_value(dotted: str, text: str, tp: Any) -> Any:
         if tp is int:
             return int(text)
         if tp is float:
-            return float(text)
+            return _check_value(dotted, float(text), tp, where)
         return text
+    except ConfigError:
+        raise
     except (ValueError, tomllib.TOMLDecodeError):
         raise ConfigError(
             f"Config key '{dotted}' on the command line expects {_a(tp)} but got "

@@ -15,15 +15,34 @@ tokenizer with the Llama 3 chat specials gets the chat template of
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from torchtitan_lite.chat_template import jinja_template
-from torchtitan_lite.components.dcp_format import MANIFEST, is_complete
+from torchtitan_lite.components.dcp_format import (
+    MANIFEST,
+    METADATA,
+    UNSEALED,
+    is_complete,
+    read_manifest,
+    seal_step_folder,
+    verify_step_folder,
+)
+from torchtitan_lite.components.integrity import (
+    ALGORITHM,
+    IntegrityError,
+    describe_files,
+    read_json_object,
+    seal,
+    unseal,
+    verify_files,
+    write_json,
+)
 from torchtitan_lite.config.loader import tomllib
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.ids import (
@@ -51,6 +70,15 @@ from torchtitan_lite.tokenizer import (
 
 class ExportError(UserError):
     """A checkpoint or Hugging Face folder that cannot be converted."""
+
+
+#: The checksums of an export's files, written last (see :func:`export_to_hf`).
+EXPORT_RECORD = "checksums.json"
+#: The conversion scripts' ``--no-verify``, as ``checkpoint.verify_checksums = false``.
+NO_VERIFY_HELP = (
+    "do not read the source's files back against their recorded checksums (trusted storage, "
+    "or a checkpoint saved before checksums were recorded); sizes are still compared"
+)
 
 
 # ------------------------------------------------------------------ weights
@@ -282,28 +310,45 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path, stops: list[int] | None = No
 # ------------------------------------------------------------------ checkpoint → HF
 
 
-def read_checkpoint_config(checkpoint_dir: Path) -> tuple[dict, dict]:
-    """The config.toml and ids manifest stored in a step folder."""
-    config_path, manifest_path = checkpoint_dir / "config.toml", checkpoint_dir / MANIFEST
+def _open_checkpoint(checkpoint_dir: Path, verify: bool) -> tuple[dict, dict]:
+    """The config.toml and ids manifest of a step folder, after checking every file against
+    the manifest (sizes; contents too with ``verify``)."""
     if not is_complete(checkpoint_dir):
         raise ExportError(
             f"{checkpoint_dir} is not a complete checkpoint folder (no .metadata or {MANIFEST}). "
             "Fix: pass a step folder such as outputs/debug_model/checkpoint/step-10."
         )
-    return (tomllib.loads(config_path.read_text()), json.loads(manifest_path.read_text()))
+    try:
+        manifest = read_manifest(checkpoint_dir, verify)
+        problems = verify_step_folder(checkpoint_dir, manifest, verify)
+        if problems:
+            raise IntegrityError("; ".join(problems))
+        config = tomllib.loads((checkpoint_dir / "config.toml").read_text(encoding="utf-8"))
+    except (IntegrityError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        hint = " (or pass --no-verify if its storage is trusted)" if UNSEALED in str(e) else ""
+        raise ExportError(
+            f"Checkpoint {checkpoint_dir} cannot be read: {e}. Fix: use an intact step folder, "
+            f"e.g. the one before it{hint}."
+        ) from None
+    return config, manifest
 
 
 def load_checkpoint_model(
-    checkpoint_dir: Path, tokenizer_path: str | None = None
+    checkpoint_dir: Path, tokenizer_path: str | None = None, verify: bool = True
 ) -> tuple[torch.nn.Module, ModelArgs, Tokenizer]:
-    """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer."""
-    import torch.distributed.checkpoint as dcp
+    """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer;
+    the folder's files are checked against their recorded checksums first (``verify``)."""
+    _, _, model, args, tokenizer = _load_checkpoint(checkpoint_dir, tokenizer_path, verify)
+    return model, args, tokenizer
 
-    from torchtitan_lite.components.safe_load import SafeLoadPlanner
+
+def _load_checkpoint(checkpoint_dir: Path, tokenizer_path: str | None, verify: bool):
+    """(config, manifest, model, args, tokenizer) of a step folder."""
+    from torchtitan_lite.components import dcp_io
     from torchtitan_lite.models.llama3.model import Transformer
 
-    config, manifest = read_checkpoint_config(checkpoint_dir)
-    tk = config["tokenizer"]
+    config, manifest = _open_checkpoint(checkpoint_dir, verify)
+    tk, model_cfg = config["tokenizer"], config["model"]
     tokenizer = load_tokenizer(
         tokenizer_path or manifest["tokenizer_path"],
         tk["eos_token"],
@@ -312,7 +357,6 @@ def load_checkpoint_model(
     )
     for warning in check_special_ids(tokenizer, manifest=manifest):
         print(f"warning: {warning}")
-    model_cfg = config["model"]
     rope = {key: model_cfg[key] for key in ROPE_KEYS if key in model_cfg}
     rope.update(manifest.get("rope", {}))  # what the weights were trained with
     # the longest context the weights have seen: this run's, or a base model's (Llama 3.1)
@@ -329,11 +373,15 @@ def load_checkpoint_model(
     )
     model = Transformer(args)
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "no process group: loading in one process" is the intent
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(checkpoint_dir), planner=SafeLoadPlanner())
+    try:
+        dcp_io.load(state, checkpoint_dir)
+    except dcp_io.LOAD_ERRORS as e:
+        raise ExportError(
+            f"Checkpoint {checkpoint_dir} cannot be loaded ({dcp_io.failure_reason(e)}). Fix: "
+            "use an intact step folder written by train.py, e.g. the one before it."
+        ) from None
     model.load_state_dict({k: v.float() for k, v in state["model"].items()})
-    return model.eval(), args, tokenizer
+    return config, manifest, model.eval(), args, tokenizer
 
 
 def export_to_hf(
@@ -342,12 +390,20 @@ def export_to_hf(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 5 * 2**30,
     tokenizer_path: str | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
+    """Write the checkpoint as a Hugging Face folder ``out``: assembled in a temporary folder
+    beside it and renamed into place, with ``checksums.json`` (every file's size and checksum)
+    written last. ``out`` must be new or empty, or, with ``overwrite``, a model folder, which
+    is then replaced whole; a folder holding a checkpoint (or inside one) is refused."""
     from safetensors.torch import save_file
 
-    model, args, tokenizer = load_checkpoint_model(checkpoint_dir, tokenizer_path)
+    _check_export_target(checkpoint_dir, out, overwrite)
+    config, manifest, model, args, tokenizer = _load_checkpoint(
+        checkpoint_dir, tokenizer_path, verify
+    )
     torch_dtype = getattr(torch, dtype)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {
         k: v.to(torch_dtype).contiguous()
         for k, v in to_hf_state_dict(model.state_dict(), args).items()
@@ -361,30 +417,92 @@ def export_to_hf(
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
-            "weight_map": {},
-        }
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            index["weight_map"].update({k: name for k in shard})
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config, manifest = read_checkpoint_config(checkpoint_dir)
-    stops = export_stop_ids(tokenizer, manifest.get("base_stop_ids", []))
-    config_json = hf_config(args, tokenizer, torch_dtype, stops)
-    (out / "config.json").write_text(json.dumps(config_json, indent=2))
-    gen = generation_config(tokenizer, stops)
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    save_tokenizer(tokenizer, out, stops)
-    (out / "original").mkdir(exist_ok=True)  # the project's own tokenizer file, as Meta ships
-    shutil.copy(tokenizer.path, out / "original" / "tokenizer.model")
-    card = _model_card(config, manifest, args, tokenizer, stops, checkpoint_dir)
-    (out / "README.md").write_text(card)
+    with _staged(out) as folder:
+        if len(shards) == 1:
+            save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                "weight_map": {},
+            }
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(folder / name), metadata={"format": "pt"})
+                index["weight_map"].update({k: name for k in shard})
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        stops = export_stop_ids(tokenizer, manifest.get("base_stop_ids", []))
+        config_json = hf_config(args, tokenizer, torch_dtype, stops)
+        (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+        gen = generation_config(tokenizer, stops)
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        save_tokenizer(tokenizer, folder, stops)
+        (folder / "original").mkdir(exist_ok=True)  # the project's own tokenizer, as Meta ships
+        shutil.copy(tokenizer.path, folder / "original" / "tokenizer.model")
+        card = _model_card(config, manifest, args, tokenizer, stops, checkpoint_dir)
+        (folder / "README.md").write_text(card)
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        record = {"algorithm": ALGORITHM, "files": describe_files(folder, names)}
+        write_json(folder / EXPORT_RECORD, seal(record))
     return out
+
+
+def _check_export_target(checkpoint_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an export that would mix with, or destroy, what is already there."""
+    source, target = checkpoint_dir.resolve(), out.resolve()
+    if target == source or source in target.parents or any(is_complete(p) for p in target.parents):
+        raise ExportError(
+            f"The output folder {out} is inside the checkpoint folder {checkpoint_dir}: the "
+            "export would mix with the checkpoint's files. Fix: export to a folder of its own, "
+            "e.g. outputs/hf_export."
+        )
+    if target in source.parents:
+        raise ExportError(
+            f"The output folder {out} holds the checkpoint being exported ({checkpoint_dir}). "
+            "Fix: export to a folder of its own, e.g. outputs/hf_export."
+        )
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"The output path {out} is a file. Fix: name a folder.")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise ExportError(
+            f"The output folder {out} is not empty ({len(entries)} entries, e.g. "
+            f"{', '.join(entries[:3])}): an export into it would mix with them. Fix: export to "
+            "a new or empty folder, or pass --overwrite to replace an earlier export whole."
+        )
+    if not (out / "config.json").is_file() or next(
+        (p for p in out.rglob("*") if p.name in (METADATA, MANIFEST)), None
+    ):
+        raise ExportError(
+            f"The output folder {out} is not a model folder (no config.json, or it holds a "
+            "checkpoint): --overwrite replaces only an earlier export. Fix: export to a new or "
+            "empty folder."
+        )
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A temporary folder beside ``out`` to write into; on success it replaces ``out`` (an
+    earlier export is removed only once the new one is in place), on failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    elif out.is_dir():
+        out.rmdir()
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _data_kind(fmt: str) -> str:
@@ -447,17 +565,69 @@ def _model_card(
 # ------------------------------------------------------------------ HF → checkpoint
 
 
+def verify_export(
+    hf_dir: Path, checksums: bool = True, part: tuple[int, int] = (0, 1)
+) -> list[str]:
+    """What differs between an exported folder's files and its ``checksums.json`` (sizes, and
+    contents with ``checksums``; ``part`` shares the reading between ranks). A folder without
+    the record (one not exported here, e.g. from the Hugging Face Hub) has nothing to check."""
+    path = hf_dir / EXPORT_RECORD
+    if not path.is_file():
+        return []
+    try:
+        record = unseal(read_json_object(path, "an export's checksum record"), path)
+    except IntegrityError as e:
+        return [str(e)]
+    return verify_files(hf_dir, record.get("files", {}), checksums, part)
+
+
+def _read_hf_json(path: Path, what: str) -> dict:
+    try:
+        return read_json_object(path, what)
+    except IntegrityError as e:
+        raise ExportError(
+            f"{e}. Fix: use a Hugging Face model folder with an intact {path.name} (e.g. one "
+            "written by scripts/convert_to_hf.py)."
+        ) from None
+
+
+_REQUIRED_CONFIG_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
 def read_hf_folder(
-    hf_dir: Path, tokenizer_path: str | None = None, load_weights: bool = True
+    hf_dir: Path, tokenizer_path: str | None = None, load_weights: bool = True, verify: bool = True
 ) -> tuple[dict, Tokenizer, ModelArgs, dict[str, torch.Tensor]]:
     """An HF Llama folder as (config.json, tokenizer, our model args, our fp32 weights).
 
-    The tokenizer is ``tokenizer_path``, else ``original/tokenizer.model`` or
-    ``tokenizer.model`` in the folder; a config whose eos disagrees with it is refused.
-    Without ``load_weights`` the weights are not read (an empty dict)."""
+    A folder this project exported is first checked against its ``checksums.json`` (sizes,
+    and contents with ``verify``). The tokenizer is ``tokenizer_path``, else
+    ``original/tokenizer.model`` or ``tokenizer.model`` in the folder; a config whose eos
+    disagrees with it is refused. Weights are read from ``*.safetensors`` only (a pickled
+    ``pytorch_model.bin`` is never loaded); without ``load_weights`` they are not read (an
+    empty dict)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = json.loads((hf_dir / "config.json").read_text())
+    problems = verify_export(hf_dir, checksums=verify)
+    if problems:
+        raise ExportError(
+            f"{hf_dir} is not what was exported: {'; '.join(problems)}. Fix: export it again "
+            "(scripts/convert_to_hf.py --overwrite) or restore it from a copy."
+        )
+    cfg = _read_hf_json(hf_dir / "config.json", "a Hugging Face config.json")
+    bad = [k for k in _REQUIRED_CONFIG_KEYS if not (isinstance(cfg.get(k), int) and cfg[k] > 0)]
+    if bad:
+        raise ExportError(
+            f"{hf_dir / 'config.json'} lacks a positive whole number for {', '.join(bad)}. Fix: "
+            "use the model's own config.json (a Llama architecture config)."
+        )
     candidates = (hf_dir / "original" / "tokenizer.model", hf_dir / "tokenizer.model")
     tok_file = tokenizer_path or next((str(p) for p in candidates if p.is_file()), None)
     if tok_file is None:
@@ -480,26 +650,47 @@ def read_hf_folder(
     )
     _check_representable(cfg, args, hf_dir / "config.json")
     args = args_from_tokenizer(args, tokenizer, vocab_size=cfg["vocab_size"])
+    files = sorted(hf_dir.glob("*.safetensors")) if load_weights else []
+    if load_weights and not files:
+        raise ExportError(
+            f"{hf_dir} holds no *.safetensors weights (weights pickled in pytorch_model.bin "
+            "are never loaded here: unpickling can run code). Fix: save the model with "
+            "safetensors, e.g. model.save_pretrained(folder, safe_serialization=True)."
+        )
     weights: dict[str, torch.Tensor] = {}
-    for file in sorted(hf_dir.glob("*.safetensors")) if load_weights else ():
-        weights.update(load_file(str(file)))
+    for file in files:
+        try:
+            weights.update(load_file(str(file)))
+        except (SafetensorError, OSError) as e:
+            raise ExportError(
+                f"{file} cannot be read ({e}). Fix: download or export the model again."
+            ) from None
     state = {k: v.float() for k, v in from_hf_state_dict(weights, args).items()}
     return cfg, tokenizer, args, state
 
 
-def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -> Path:
+def import_from_hf(
+    hf_dir: Path, out: Path, tokenizer_path: str | None = None, verify: bool = True
+) -> Path:
     """Write an HF Llama folder as a step-0 DCP checkpoint under ``out/checkpoint`` (start a
-    run with ``--job.dump_folder out --checkpoint.enable``); refuses disagreeing ids."""
-    import torch.distributed.checkpoint as dcp
-
+    run with ``--job.dump_folder out --checkpoint.enable``); refuses disagreeing ids, and a
+    run folder that already holds checkpoints (its step 0 would sit beside later steps)."""
+    from torchtitan_lite.components import dcp_io
     from torchtitan_lite.config import JobConfig, to_toml
 
-    cfg, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path)
-    folder = out / "checkpoint" / "step-0"
-    folder.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": state}, checkpoint_id=str(folder))
+    checkpoints = out / "checkpoint"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        held = ", ".join(sorted(p.name for p in checkpoints.iterdir())[:3])
+        raise ExportError(
+            f"{checkpoints} already holds checkpoints ({held}): an imported step 0 beside "
+            "them would be ignored or mixed with that run. Fix: import into a new folder, "
+            "e.g. outputs/from_hf."
+        )
+    cfg, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path, verify=verify)
+    folder, tmp = checkpoints / "step-0", checkpoints / "step-0.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer, _ = dcp_io.save({"model": state}, tmp)
     config = JobConfig()
     config.model.flavor = _matching_flavor(cfg)
     config.model.vocab_size = cfg["vocab_size"]
@@ -507,7 +698,6 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
         setattr(config.model, key, value)
     config.training.seq_len = args.max_seq_len  # its context length, written back on export
     config.tokenizer.path = str(tokenizer.path)
-    (folder / "config.toml").write_text(to_toml(config))
     manifest = {
         **ids_manifest(tokenizer, "block_causal"),
         "rope": rope_settings(args),
@@ -517,7 +707,8 @@ def import_from_hf(hf_dir: Path, out: Path, tokenizer_path: str | None = None) -
         ],
         **_base_record(hf_dir, cfg, args),
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    seal_step_folder(tmp, manifest, writer.checksums, to_toml(config))
+    tmp.rename(folder)
     return folder
 
 
@@ -595,12 +786,12 @@ def _matching_flavor(cfg: dict) -> str:
 
 
 def load_hf_model(
-    hf_dir: Path, tokenizer_path: str | None = None
+    hf_dir: Path, tokenizer_path: str | None = None, verify: bool = True
 ) -> tuple[torch.nn.Module, ModelArgs, Tokenizer]:
     """A plain CPU fp32 model from an exported HF folder, with its tokenizer."""
     from torchtitan_lite.models.llama3.model import Transformer
 
-    _, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path)
+    _, tokenizer, args, state = read_hf_folder(hf_dir, tokenizer_path, verify=verify)
     model = Transformer(args)
     model.load_state_dict(state)
     return model.eval(), args, tokenizer
@@ -614,7 +805,7 @@ def _base_config(hf_dir: Path) -> dict:
             "Face model folder (no config.json). Fix: point it at a folder with config.json "
             "and *.safetensors (e.g. one written by scripts/convert_to_hf.py)."
         )
-    return json.loads((hf_dir / "config.json").read_text())
+    return _read_hf_json(hf_dir / "config.json", "a Hugging Face config.json")
 
 
 def hf_rope_settings(hf_dir: Path) -> dict[str, float]:
@@ -624,13 +815,18 @@ def hf_rope_settings(hf_dir: Path) -> dict[str, float]:
 
 
 def read_hf_base(
-    hf_dir: Path, tokenizer: Tokenizer, model_args: ModelArgs, load_weights: bool = True
+    hf_dir: Path,
+    tokenizer: Tokenizer,
+    model_args: ModelArgs,
+    load_weights: bool = True,
+    verify: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The weights of an HF folder a run starts from (``checkpoint.initial_load_hf``; only
     with ``load_weights``), after proving they fit this run's model, and what the export
-    keeps of the base model: its stop ids and context length."""
+    keeps of the base model: its stop ids and context length. ``verify``: check an exported
+    folder's contents against its checksums (sizes are always compared)."""
     _base_config(hf_dir)
-    cfg, _, args, state = read_hf_folder(hf_dir, str(tokenizer.path), load_weights)
+    cfg, _, args, state = read_hf_folder(hf_dir, str(tokenizer.path), load_weights, verify)
     ours = {
         "model.flavor": _flavor_of(model_args),
         "model.vocab_size": model_args.vocab_size,
@@ -657,7 +853,7 @@ def _base_record(hf_dir: Path, cfg: dict, args: ModelArgs) -> dict:
     """What a checkpoint keeps of the HF model it started from, for the export: its stop ids
     (its config's eos, then its generation config's) and its context length."""
     gen_path = hf_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen = _read_hf_json(gen_path, "a generation config") if gen_path.is_file() else {}
     stops = union(_stop_ids_of(cfg.get("eos_token_id")), _stop_ids_of(gen.get("eos_token_id")))
     return {"base_stop_ids": stops, "base_context_length": args.max_seq_len}
 
