@@ -81,7 +81,16 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
     full, resumed, single = tmp_path / "full", tmp_path / "resumed", tmp_path / "single"
     ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(full)))
     copy_checkpoint(full, resumed, 4)
-    ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    # Step 8 is there too, with one byte of rank 1's shard flipped: the ranks share the
+    # checksum verification, and both fall back to step 4 together.
+    step8 = resumed / "checkpoint" / "step-8"
+    shutil.copytree(full / "checkpoint" / "step-8", step8)
+    shard = bytearray((step8 / "__1_0.distcp").read_bytes())
+    shard[len(shard) // 3] ^= 0x10
+    (step8 / "__1_0.distcp").write_bytes(bytes(shard))
+    proc = ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    assert f"{step8} is corrupt or incomplete (__1_0.distcp has checksum" in proc.stdout
+    assert (resumed / "checkpoint" / "step-8.corrupt").is_dir()
     assert_same_trace(metrics(full), metrics(resumed))
     # The same checkpoint on one process: model and optimizer reshard, the data order is told.
     copy_checkpoint(full, single, 4)

@@ -69,6 +69,8 @@ def verify_step_folder(
     """What differs between a step folder's files and its manifest's record of them (sizes,
     and contents with ``checksums``); ``part`` shares the work between ranks."""
     record = manifest.get("files", {})
+    if not isinstance(record, dict):
+        return [f"{folder / MANIFEST} has no record of its files"]
     # Manifests written before checksums recorded only sizes ({name: bytes}).
     record = {k: v if isinstance(v, dict) else {"size": v} for k, v in record.items()}
     if METADATA not in record and checksums:

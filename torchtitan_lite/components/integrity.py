@@ -83,6 +83,8 @@ def verify_files(
     """What differs between the files in ``folder`` and ``record`` (empty: all match). Sizes
     are always compared; contents too with ``checksums``. ``part = (i, n)`` checks only every
     n-th file from the i-th, so n ranks share the reading of one folder."""
+    if not isinstance(record, dict):
+        return [f"the record of {folder}'s files is not a mapping of names"]
     index, count = part
     names = sorted(record)[index::count]
     problems, present = [], []
