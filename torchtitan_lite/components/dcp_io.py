@@ -122,11 +122,6 @@ def read_metadata(folder: Path) -> dcp_metadata.Metadata:
     return metadata
 
 
-def data_files(metadata: dcp_metadata.Metadata) -> set[str]:
-    """The shard files the metadata reads from."""
-    return {info.relative_path for info in metadata.storage_data.values()}
-
-
 class _Reader(FileSystemReader):
     """DCP's file reader, given metadata already read by :func:`read_metadata`."""
 
