@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_main
+from tests.conftest import DEBUG_CONFIG, TIKTOKEN_2K, run_main
 from tests.integration.test_checkpoint import BASE
 from tests.integration.test_export import debug_shaped_config
 from tests.integration.test_startup import assert_clean_error
@@ -246,13 +246,10 @@ def test_an_import_never_unpickles_pytorch_model_bin(tmp_path):
     debug_shaped_config(transformers).save_pretrained(str(hf))
     torch.save({"model.embed_tokens.weight": Payload(marker)}, hf / "pytorch_model.bin")
     code, err = script(
-        "convert_from_hf", str(hf), str(tmp_path / "out"), "--tokenizer", str(REPO / TOKENIZER)
+        "convert_from_hf", str(hf), str(tmp_path / "out"), "--tokenizer", str(TIKTOKEN_2K)
     )
     assert code == 2 and "no *.safetensors" in err, err
     assert not marker.exists() and not (tmp_path / "out").exists()
-
-
-TOKENIZER = "assets/tokenizer/tiktoken_2k.model"
 
 
 # ------------------------------------------------------------------ manifests
