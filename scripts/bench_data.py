@@ -51,7 +51,9 @@ def main() -> None:
         n = windows * args.seq_len
         print(f"| {tok.kind} | read + encode + pack | {n:,} | {dt:.2f} | {n / dt:,.0f} |")
 
-        loader = build_dataloader(Data(path=args.path), tok, args.seq_len, args.batch)
+        loader = build_dataloader(
+            Data(path=args.path), tok, seq_len=args.seq_len, batch_size=args.batch
+        )
         steps = max(1, windows // args.batch)
         start = time.perf_counter()
         for _ in islice(iter(loader), steps):
@@ -67,7 +69,7 @@ def main() -> None:
     tok = load_tokenizer("assets/tokenizer/tiktoken_2k.model")
     for packing in (True, False):
         data = Data(path=args.chat_path, format="chat", packing=packing)
-        loader = build_dataloader(data, tok, args.seq_len, args.batch)
+        loader = build_dataloader(data, tok, seq_len=args.seq_len, batch_size=args.batch)
         rows = trained = 0
         start = time.perf_counter()
         for batch in islice(iter(loader), max(1, args.tokens // (args.batch * args.seq_len))):

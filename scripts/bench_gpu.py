@@ -119,7 +119,7 @@ def bench_slice(layers: int, seq_len: int, steps: int, ac: str) -> dict:
     )
     with torch.device("meta"):
         model = Transformer(args)
-    mesh = ParallelDims(1, -1, 1).build_mesh("cuda")
+    mesh = ParallelDims(dp_replicate=1, dp_shard=-1, world_size=1).build_mesh("cuda")
     model = parallelize(model, mesh, config, "flex", "bfloat16")
     model.to_empty(device="cuda")
     with torch.no_grad():

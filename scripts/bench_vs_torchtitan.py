@@ -53,12 +53,15 @@ def first_batch():
     """The debug config's first batch, from our loader (the same rows for every variant)."""
     from torchtitan_lite.config import load_config
     from torchtitan_lite.data import build_dataloader
-    from torchtitan_lite.tokenizer import load_tokenizer
+    from torchtitan_lite.tokenizer import tokenizer_from_config
 
     config = load_config(CONFIG)
-    tokenizer = load_tokenizer(REPO / config.tokenizer.path)
+    tokenizer = tokenizer_from_config(config.tokenizer, path=REPO / config.tokenizer.path)
     loader = build_dataloader(
-        config.data, tokenizer, config.training.seq_len, config.training.local_batch_size
+        config.data,
+        tokenizer,
+        seq_len=config.training.seq_len,
+        batch_size=config.training.local_batch_size,
     )
     return next(iter(loader)), tokenizer
 
@@ -187,7 +190,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from torchtitan_lite.distributed.utils import cpu_native_bf16, resolve_param_dtype
+    from torchtitan_lite.hardware import cpu_native_bf16, resolve_param_dtype
 
     ensure_torchtitan(args.deps)
     native, why = cpu_native_bf16()

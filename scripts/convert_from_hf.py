@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import NO_VERIFY_HELP, import_from_hf
+from torchtitan_lite.export.checkpoint_model import NO_VERIFY_HELP
+from torchtitan_lite.export.from_hf import import_from_hf
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import NO_VERIFY_HELP, export_to_hf
+from torchtitan_lite.export.checkpoint_model import NO_VERIFY_HELP
+from torchtitan_lite.export.to_hf import export_to_hf
 
 
 def main(argv: list[str] | None = None) -> int:

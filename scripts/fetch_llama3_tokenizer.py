@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from torchtitan_lite.tokenizer import LLAMA3_TOKENIZER_PATH
+
 
 def fetch(out_dir: Path, version: str = "0.3.0") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,7 @@ def fetch(out_dir: Path, version: str = "0.3.0") -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("assets/tokenizer/llama3"))
+    p.add_argument("--out", type=Path, default=Path(LLAMA3_TOKENIZER_PATH).parent)
     p.add_argument("--version", default="0.3.0")
     args = p.parse_args()
     print(fetch(args.out, args.version))

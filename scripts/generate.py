@@ -29,7 +29,8 @@ import torch
 
 from torchtitan_lite.chat_template import ChatTemplate
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import NO_VERIFY_HELP, load_checkpoint_model, load_hf_model
+from torchtitan_lite.export.checkpoint_model import NO_VERIFY_HELP, load_checkpoint_model
+from torchtitan_lite.export.from_hf import load_hf_model
 from torchtitan_lite.models.llama3.model import KVCache
 
 

@@ -263,17 +263,23 @@ def training_rows(
     config_path: str, overrides: Sequence[str], rows: int, dp: int = 1
 ) -> tuple[torch.Tensor, int, str]:
     """The first ``rows`` rows data-parallel rank 0 (of ``dp``) trains on under this config,
-    built by the training code itself (``load_config`` → ``load_tokenizer`` →
+    built by the training code itself (``load_config`` → ``tokenizer_from_config`` →
     ``build_dataloader``); returns them, the tokenizer's eos id and the config's mask type."""
     from torchtitan_lite.config import load_config
     from torchtitan_lite.data import build_dataloader
-    from torchtitan_lite.tokenizer import load_tokenizer
+    from torchtitan_lite.tokenizer import tokenizer_from_config
 
     config = load_config(config_path, list(overrides))
-    tk, tc = config.tokenizer, config.training
-    tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
+    tc = config.training
+    tokenizer = tokenizer_from_config(config.tokenizer)
     loader = build_dataloader(
-        config.data, tokenizer, tc.seq_len, tc.local_batch_size, 0, dp, config.validation
+        config.data,
+        tokenizer,
+        seq_len=tc.seq_len,
+        batch_size=tc.local_batch_size,
+        dp_rank=0,
+        dp_world_size=dp,
+        validation=config.validation,
     )
     taken: list[torch.Tensor] = []
     for batch in loader:

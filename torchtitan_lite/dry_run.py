@@ -21,7 +21,6 @@ AdamW creates its state lazily, and from then on holds it through forward and ba
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -31,13 +30,65 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_lite.components.memory import USABLE_MEMORY
-from torchtitan_lite.components.metrics import GPUS, FlopCounter, attention_pairs
+from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX
 from torchtitan_lite.distributed.utils import clip_grad_norm_
-from torchtitan_lite.logging import logger
+from torchtitan_lite.gpus import GPUS
+from torchtitan_lite.logging import init_logger, logger
+from torchtitan_lite.run_mode import RunMode
 
 _GIB = 2**30
+
+
+class DryRunMode(RunMode):
+    """The dry run's build: the trainer's sequence at the fake process group's world size,
+    with the model and optimizer as fake tensors on the CPU; nothing written (but
+    ``dry_run.json``), nothing loaded, no weights initialized. Its fake step runs the sdpa
+    path causally: the same shapes, no S×S tensor either way, one fake kernel call per layer
+    (the FLOPs are counted from the real mask). The start is still resolved, so the model
+    has the RoPE settings of the weights a real run would load."""
+
+    writes = False
+    builds_masks = False
+
+    def __init__(self, fake_mode) -> None:
+        self.fake_mode = fake_mode
+
+    def device(self, choice: str) -> torch.device:
+        return torch.device("cpu")
+
+    def host_memory(self, device: torch.device, reuse_freed: bool) -> str:
+        return "left as it is (a dry run allocates no real tensors)"
+
+    def param_dtype(self, choice: str, device: torch.device) -> tuple[str, str]:
+        """A dry run simulates GPUs, all of which compute in bf16."""
+        if choice == "auto":
+            return "bfloat16", "auto: the simulated GPU has bf16 tensor cores"
+        return super().param_dtype(choice, device)
+
+    def run_folder(self, config: JobConfig, rank: int) -> Path:
+        init_logger(None)
+        return Path(config.job.dump_folder)
+
+    def check_step_fits(self, model_args, device: torch.device, **step) -> None:
+        """The dry run measures the step instead of bounding it."""
+
+    def attn_backend(self, choice: str, device: torch.device) -> str:
+        return "sdpa"
+
+    def tensors(self):
+        return self.fake_mode
+
+    def materialize(self, model, parallelize, device: torch.device):
+        """Fake shards, no memory; no initialization."""
+        model = parallelize(model)
+        with self.fake_mode:
+            model.to_empty(device=device)
+        return model
+
+    def load_start(self, trainer) -> None:
+        """A dry run measures; it starts from no weights."""
 
 
 def local_bytes(tensors) -> int:
@@ -51,7 +102,7 @@ def local_bytes(tensors) -> int:
 
 def _tracker(model, optimizer):
     """torch's ``FSDPMemTracker``, keeping only the overall peak: its per-module peaks walk
-    every tracked module on every op (measured: 15 of 26 s of an 8B dry run). Where the hook
+    every tracked module on every op (most of a large model's dry run). Where the hook
     is not there (another torch version), the tracker is used as it is."""
     from torch.distributed._tools import mem_tracker
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -101,7 +152,7 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
         trainer.forward_backward_step(batch, 1 / targets, mask)
         clip_grad_norm_(params, trainer.config.training.max_norm)
 
-    with trainer.fake_mode or contextlib.nullcontext():
+    with trainer.mode.tensors():
         tracker = _tracker(trainer.model, trainer.optimizer)
         with tracker:
             with torch.no_grad():  # the optimizer's state, from a step on zero gradients
@@ -125,7 +176,7 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     )
     figures["activations"] = backward.get("ACT", 0)
     figures["backward_peak"] = backward["Total"]
-    if trainer.fake_mode is None:
+    if trainer.mode.fake_mode is None:
         figures["peak"] = whole["Total"]
     else:  # the optimizer step: what is live (state included) and its kernels' temporaries
         kind = optimizer_kind or trainer.config.optimizer.implementation
@@ -308,7 +359,8 @@ def dry_run(config: JobConfig, config_path: str | None) -> int:
     sim.data.num_workers = 0
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=config.dry_run.world_size)
     try:
-        trainer = Trainer(sim, config_path, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+        mode = DryRunMode(FakeTensorMode(allow_non_fake_inputs=True))
+        trainer = Trainer(sim, config_path, mode=mode)
         figures = measure_step(trainer, config.optimizer.implementation)
         report = estimate(trainer, figures, config.dry_run.gpu)
     finally:

@@ -16,3 +16,7 @@ class ConfigError(UserError):
 
 class TokenizerError(UserError):
     """A tokenizer file that is missing, unreadable or of an unknown format."""
+
+
+class ExportError(UserError):
+    """A checkpoint or Hugging Face folder that cannot be converted or read."""

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.models.llama3.args import ModelArgs
+from torchtitan_lite.tokenizer import EOT
 
 if TYPE_CHECKING:
     from torchtitan_lite.tokenizer import Tokenizer
 
-EOT_TOKEN = "<|eot_id|>"
 #: The ids a checkpoint records and a resumed run must share. The first three are baked into
 #: the weights; a run that only starts from them may choose another pad (it is never trained).
 MANIFEST_ID_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id")
@@ -109,17 +109,17 @@ def check_tokenizer_ids(tokenizer: Tokenizer, allow_eot_boundary: bool = False) 
             "different token (e.g. a reserved special token) or leave it empty."
         )
     warnings = []
-    if t.token_id(EOT_TOKEN) == t.eos_id:
+    if t.token_id(EOT) == t.eos_id:
         if not allow_eot_boundary:
             raise IdMismatchError(
-                f"The document boundary is {EOT_TOKEN} (id {t.eos_id}) in {_describe(t)}. "
-                f"{EOT_TOKEN} closes chat turns, not documents: with it as eos, every turn of a "
+                f"The document boundary is {EOT} (id {t.eos_id}) in {_describe(t)}. "
+                f"{EOT} closes chat turns, not documents: with it as eos, every turn of a "
                 "conversation becomes its own document. Fix: use <|end_of_text|> (leave "
                 "tokenizer.eos_token empty), or set tokenizer.allow_eot_boundary = true if the "
                 "data really ends each document with it."
             )
         warnings.append(
-            f"Document boundary is {EOT_TOKEN} (id {t.eos_id}), allowed by "
+            f"Document boundary is {EOT} (id {t.eos_id}), allowed by "
             "tokenizer.allow_eot_boundary: each chat turn is its own document."
         )
     return warnings

@@ -331,6 +331,19 @@ def _parse_ranks(path: Path, data: bytes) -> dict[bytes, int] | None:
     return ranks
 
 
+#: Where ``scripts/fetch_llama3_tokenizer.py`` puts the official Llama 3 tokenizer, and where
+#: the shipped Llama 3 configs look for it.
+LLAMA3_TOKENIZER_PATH = "assets/tokenizer/llama3/tokenizer.model"
+
+
+def tokenizer_from_config(section, path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a config's ``[tokenizer]`` section describes (``path`` instead of its
+    ``tokenizer.path`` when given): the one way a run, an export and the tools build it."""
+    return load_tokenizer(
+        path or section.path, section.eos_token, section.pad_token, section.extra_stop_tokens
+    )
+
+
 def load_tokenizer(
     path: str | Path, eos_token: str = "", pad_token: str = "", stop_tokens: Sequence[str] = ()
 ) -> Tokenizer:
@@ -340,6 +353,13 @@ def load_tokenizer(
     ``</s>``); ``pad_token`` an optional pad token; ``stop_tokens`` more generation stops.
     """
     path = Path(path)
+    if not path.is_file() and path.as_posix().endswith(LLAMA3_TOKENIZER_PATH):
+        raise TokenizerError(
+            f"Tokenizer file {path} does not exist: it is the official Llama 3 tokenizer, "
+            "which is not shipped with the repository. Fix: run `python "
+            f"scripts/fetch_llama3_tokenizer.py` (it writes {LLAMA3_TOKENIZER_PATH}) from "
+            "the repository root, or point tokenizer.path at your copy."
+        )
     if not path.is_file():
         hint = " (it is a folder; name the tokenizer file inside it)" if path.is_dir() else ""
         raise TokenizerError(

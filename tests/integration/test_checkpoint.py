@@ -7,26 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, run_main
-from tests.integration.test_train import metrics, torchrun
-
-BASE = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.seq_len",
-    "128",
-    "--training.local_batch_size",
-    "2",
-    "--training.mixed_precision_param",
-    "float32",
-    "--metrics.enable_tensorboard",
-    "false",
-    "--optimizer.lr",
-    "2e-3",
-    "--checkpoint.enable",
-    "--training.steps",
-    "8",
-]
+from tests.helpers import BASE, metrics, run_main, torchrun
 
 
 def ok(proc):

@@ -19,11 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, TIKTOKEN_2K, run_main
-from tests.integration.test_checkpoint import BASE
-from tests.integration.test_export import debug_shaped_config
-from tests.integration.test_startup import assert_clean_error
-from tests.integration.test_train import metrics
+from tests.helpers import (
+    BASE,
+    DEBUG_CONFIG,
+    TIKTOKEN_2K,
+    assert_clean_error,
+    debug_shaped_config,
+    metrics,
+    run_main,
+)
 from torchtitan_lite.components.integrity import describe_files, read_json_object, seal
 
 RUN = [*BASE, "--training.steps", "4", "--checkpoint.interval", "2"]
@@ -301,7 +305,8 @@ def test_pruning_keeps_what_it_cannot_vouch_for(base, tmp_path):
 )
 def test_exporting_twice_into_one_folder_gives_the_second(base, tmp_path, first_sharded):
     transformers = pytest.importorskip("transformers")
-    from torchtitan_lite.export.hf import load_checkpoint_model, to_hf_state_dict
+    from torchtitan_lite.export.checkpoint_model import load_checkpoint_model
+    from torchtitan_lite.models.llama3.hf_weights import to_hf_state_dict
 
     out = tmp_path / "hf"
     small = ["--max-shard-gb", "0.004"]
@@ -394,8 +399,8 @@ def test_a_run_never_overwrites_a_config_toml_it_did_not_write(tmp_path):
 
 
 def test_what_counts_as_a_run_config(tmp_path):
+    from torchtitan_lite.components.run_folder import RUN_CONFIG_MARK, is_run_config
     from torchtitan_lite.config import load_config, to_toml
-    from torchtitan_lite.trainer import RUN_CONFIG_MARK, _is_run_config
 
     path = tmp_path / "config.toml"
     resolved = to_toml(load_config(DEBUG_CONFIG))
@@ -407,7 +412,7 @@ def test_what_counts_as_a_run_config(tmp_path):
         ("not = [toml", False),
     ):
         path.write_text(text)
-        assert _is_run_config(path) is verdict, text[:80]
+        assert is_run_config(path) is verdict, text[:80]
 
 
 def test_an_initial_load_that_fails_prints_one_paragraph(base, tmp_path):

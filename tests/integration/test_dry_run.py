@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     DEBUG_CONFIG,
     REPO,
     TIKTOKEN_2K,
@@ -308,11 +308,16 @@ def test_tensor_parallel_communication_and_compute_per_rank(tmp_path):
 
 
 def test_the_gpu_choices_are_the_metrics_table():
-    from torchtitan_lite.components.metrics import GPUS, PEAK_BF16_TFLOPS
-    from torchtitan_lite.config.job_config import DRY_RUN_GPUS
+    from torchtitan_lite.components import metrics
+    from torchtitan_lite.config.fields import choices, field_types
+    from torchtitan_lite.config.systems import DryRun
+    from torchtitan_lite.gpus import GPUS, PEAK_BF16_TFLOPS
 
-    assert set(DRY_RUN_GPUS) == set(GPUS)
+    # the keys dry_run.gpu accepts (read from its type) are the catalogue's, and every GPU
+    # there has the peak MFU is computed with
+    assert choices(field_types(DryRun)["gpu"]) == tuple(GPUS)
     assert all(gpu.name in PEAK_BF16_TFLOPS for gpu in GPUS.values())
+    assert metrics.PEAK_BF16_TFLOPS is PEAK_BF16_TFLOPS
 
 
 @pytest.mark.slow

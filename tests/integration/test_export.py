@@ -9,14 +9,11 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import DEBUG_CONFIG, TIKTOKEN_2K, run_main
-from torchtitan_lite.export.hf import (
-    ExportError,
-    export_to_hf,
-    import_from_hf,
-    load_checkpoint_model,
-    load_hf_model,
-)
+from tests.helpers import DEBUG_CONFIG, REPO, TIKTOKEN_2K, debug_shaped_config, run_main
+from torchtitan_lite.errors import ExportError
+from torchtitan_lite.export.checkpoint_model import load_checkpoint_model
+from torchtitan_lite.export.from_hf import import_from_hf, load_hf_model
+from torchtitan_lite.export.to_hf import export_to_hf
 from torchtitan_lite.models.attention import build_attention_mask
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import llama3_special_tokens
@@ -139,24 +136,6 @@ def test_import_refuses_a_disagreeing_eos(exported, tmp_path):
         import_from_hf(
             bad, tmp_path / "out", tokenizer_path=str(exported / "original" / "tokenizer.model")
         )
-
-
-def debug_shaped_config(transformers, **settings):
-    """A ``transformers.LlamaConfig`` in the debug model's shapes, with the embedded
-    tokenizer's vocabulary and bos/eos."""
-    return transformers.LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        intermediate_size=768,
-        vocab_size=2304,
-        rms_norm_eps=1e-5,
-        bos_token_id=2048,
-        eos_token_id=2049,
-        tie_word_embeddings=False,
-        **settings,
-    )
 
 
 LLAMA31_ROPE = {
@@ -310,8 +289,6 @@ def test_kv_cache_decoding_equals_full_recompute(checkpoint):
 def test_generate_cli(checkpoint):
     import subprocess
     import sys
-
-    from tests.conftest import REPO
 
     proc = subprocess.run(
         [

@@ -5,28 +5,37 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import DEBUG_CONFIG, REPO, TIKTOKEN_2K, run_main
+from tests.helpers import (
+    CHAT_SAMPLE,
+    DEBUG_CONFIG,
+    REPO,
+    TIKTOKEN_2K,
+    full,
+    metrics,
+    run_main,
+    torchrun,
+)
 from torchtitan_lite.chat_template import ChatTemplate
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import Data, Validation
 from torchtitan_lite.data import build_dataloader, build_validation_loader
 from torchtitan_lite.data.sources import DocumentSource, Split
 from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.hf import export_to_hf, load_checkpoint_model, load_hf_model
+from torchtitan_lite.export.checkpoint_model import load_checkpoint_model
+from torchtitan_lite.export.from_hf import load_hf_model
+from torchtitan_lite.export.to_hf import export_to_hf
 from torchtitan_lite.models.attention import build_attention_mask
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
 from torchtitan_lite.trainer import Trainer
 
 SFT_CONFIG = REPO / "train_configs" / "debug_sft.toml"
-CHAT_SAMPLE = REPO / "assets" / "shakespeare_chat.jsonl.gz"
 TOK = load_tokenizer(TIKTOKEN_2K)
 EOS, EOT = 2049, 2057
 SMALL = (
@@ -58,10 +67,6 @@ def sft_trainer(dump: Path, *overrides: str) -> Trainer:
     return Trainer(config)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def weights(model) -> dict[str, torch.Tensor]:
     return {k: full(v).detach().clone() for k, v in model.state_dict().items()}
 
@@ -74,7 +79,7 @@ def test_validation_loss_equals_each_held_out_conversation_evaluated_alone(tmp_p
         tmp_path / "v", "--validation.steps", "-1", "--checkpoint.enable", "false"
     )
     try:
-        result = trainer.validate()
+        result = trainer.evaluate()
         reference = Transformer(trainer.model_args).eval()
         reference.load_state_dict(weights(trainer.model))
     finally:
@@ -112,8 +117,8 @@ def test_training_never_sees_the_held_out_documents(tmp_path):
             TOK.decode([t for t in b["input"].flatten().tolist() if t < 2048]) for b in loader
         )
 
-    train = decoded(build_dataloader(data, TOK, 64, 1, validation=validation))
-    held = decoded(build_validation_loader(data, validation, TOK, 64, 1))
+    train = decoded(build_dataloader(data, TOK, seq_len=64, batch_size=1, validation=validation))
+    held = decoded(build_validation_loader(data, validation, TOK, seq_len=64, batch_size=1))
     held_out = [i for i in range(12) if Split(0.25, validation=True)(i)]
     assert len(held_out) == 3
     for i in range(len(texts)):
@@ -142,7 +147,7 @@ def test_pretraining_validation_is_logged_to_jsonl_and_tensorboard(tmp_path):
         "3",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(tmp_path)
     evals = [r for r in records if "validation_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
@@ -415,8 +420,6 @@ def test_two_process_sft_with_validation_matches_one_process(hf_base, tmp_path):
     """2 ranks (the HF weights read on rank 0 and broadcast, each rank validating its share
     of the held-out conversations) against 1 process with 2 loader workers reading the same
     two shards: the same loss trace and the same validation loss."""
-    from tests.conftest import train_command
-
     common = [
         "--config",
         str(SFT_CONFIG),
@@ -436,16 +439,11 @@ def test_two_process_sft_with_validation_matches_one_process(hf_base, tmp_path):
         "--validation.steps",
         "-1",
     ]
-    cmd, env = train_command(*common, "--job.dump_folder", str(tmp_path / "two"), nproc=2)
-    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    two = torchrun(2, *common, "--job.dump_folder", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_main(*common, "--job.dump_folder", str(tmp_path / "one"), "--data.num_workers", "2")
     assert one.returncode == 0, one.stderr[-3000:]
-
-    def records(folder):
-        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = records(tmp_path / "two"), records(tmp_path / "one")
+    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4]
     for x, y in zip(a, b, strict=True):
         key = "validation_loss" if "validation_loss" in x else "loss"

@@ -7,28 +7,17 @@ import sys
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, SPM_2K, TIKTOKEN_2K, run_main, run_train
+from tests.helpers import (
+    DEBUG_CONFIG,
+    FAST,
+    REPO,
+    SPM_2K,
+    TIKTOKEN_2K,
+    assert_clean_error,
+    run_main,
+    run_train,
+)
 from torchtitan_lite.config import load_config
-
-
-def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit 2, one paragraph on stderr naming what is wrong, no Python traceback."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    message = proc.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
-FAST = [
-    "--training.steps",
-    "2",
-    "--training.seq_len",
-    "64",
-    "--metrics.enable_tensorboard",
-    "false",
-]
 
 
 def test_startup_banner_and_resolved_config(tmp_path, monkeypatch):
@@ -82,8 +71,47 @@ def test_missing_config_file(tmp_path):
 def test_help_lists_keys():
     proc = run_main("--help")
     assert proc.returncode == 0
-    assert "--training.seq_len (integer, default 2048)" in proc.stdout
-    assert "--model.attn_mask_type (string" in proc.stdout
+    assert "--training.seq_len (integer, at least 1; default 2048)" in proc.stdout
+    assert '--model.attn_mask_type (one of: causal, block_causal; default "block_causal")' in (
+        proc.stdout
+    )
+
+
+def test_a_one_step_smoke_run_is_not_refused(tmp_path):
+    """The debug config warms up over 2 steps; a 1-step run ends during warmup, with a
+    warning, as torchtitan allows."""
+    proc = run_main(
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        *FAST,
+        "--training.steps",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING - lr_scheduler.warmup_steps (2) exceeds training.steps (1)" in proc.stdout
+    assert "step:    1  loss:" in proc.stdout
+
+
+def test_the_official_tokenizer_missing_names_the_command_that_fetches_it(tmp_path):
+    """A shipped Llama 3 config's first run on a fresh clone: the fix is a command."""
+    missing = tmp_path / "assets" / "tokenizer" / "llama3" / "tokenizer.model"
+    proc = run_main(
+        "--config",
+        str(DEBUG_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path / "run"),
+        "--tokenizer.path",
+        str(missing),
+        *FAST,
+    )
+    assert_clean_error(
+        proc,
+        f"Tokenizer file {missing} does not exist",
+        "official Llama 3 tokenizer",
+        "run `python scripts/fetch_llama3_tokenizer.py`",
+    )
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ group reads one shard), so every layout must give the same fp32 loss trace.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -17,9 +16,17 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command
-from tests.integration.test_train import GLOBAL_BATCH_OF_4
-from tests.unit.test_compile import EOS
+from tests.helpers import (
+    DEBUG_CONFIG,
+    EOS,
+    GLOBAL_BATCH_OF_4,
+    REPO,
+    VOCAB,
+    metrics,
+    run_main,
+    torchrun,
+    train_command,
+)
 from torchtitan_lite.models.attention import build_attention_mask
 
 STEPS = 10
@@ -51,11 +58,9 @@ LAYOUTS = {
 def launch(layout: str, dump: Path, *extra: str) -> list[dict]:
     """Run ``train.py`` in a layout; returns its metrics records."""
     nproc, args = LAYOUTS[layout]
-    cmd, env = train_command(*COMMON, *args, *extra, "--job.dump_folder", str(dump), nproc=nproc)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = torchrun(nproc, *COMMON, *args, *extra, "--job.dump_folder", str(dump), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = (dump / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in metrics(dump) if "loss" in r]
 
 
 def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -165,7 +170,7 @@ def test_loss_parallel_and_compiled_tp_layout_equal_the_plain_model(tmp_path):
     from torchtitan_lite.models.llama3.args import model_args_for
     from torchtitan_lite.models.llama3.model import Transformer
 
-    args = model_args_for("debugmodel", n_layers=2, max_seq_len=SEQ, vocab_size=2304, eos_id=EOS)
+    args = model_args_for("debugmodel", n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, eos_id=EOS)
     torch.manual_seed(0)
     plain = Transformer(args)
     plain.init_weights()

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, run_main, train_command
-
-SMALL = ["--training.seq_len", "128", "--metrics.enable_tensorboard", "false"]
-
-
-def metrics(folder: Path) -> list[dict]:
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd, env = train_command(*args, nproc=nproc)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from tests.helpers import DEBUG_CONFIG, GLOBAL_BATCH_OF_4, SHORT_ROWS, metrics, run_main, torchrun
 
 
 @pytest.mark.slow
@@ -38,7 +23,7 @@ def test_one_process_debug_run_learns(tmp_path):
         "4",
         "--optimizer.lr",
         "2e-3",
-        *SMALL,
+        *SHORT_ROWS,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(out)
@@ -51,21 +36,8 @@ def test_one_process_debug_run_learns(tmp_path):
     assert (out / "config.toml").is_file() and (out / "train.log").is_file()
 
 
-#: One global batch of 4 rows per step in every layout, in fp32 so that layouts agree to
-#: rounding: 2 data-parallel ranks × 2 rows read document shards 0 and 1; 1 process with 2
-#: loader workers reads the same two shards (worker w = shard w) in 2 accumulation steps of
-#: 2 rows. Shared with the tensor-parallel tests.
-GLOBAL_BATCH_OF_4 = [
-    "--config",
-    str(DEBUG_CONFIG),
-    "--training.global_batch_size",
-    "4",
-    "--training.mixed_precision_param",
-    "float32",
-    "--optimizer.lr",
-    "2e-3",
-    *SMALL,
-]
+#: 6 steps of the global batch of 4: 2 rows per data-parallel rank, or per accumulation step
+#: in one process.
 DATA_PARALLEL = [*GLOBAL_BATCH_OF_4, "--training.steps", "6", "--training.local_batch_size", "2"]
 
 

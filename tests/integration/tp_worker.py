@@ -21,11 +21,9 @@ import sys
 import torch
 import torch._dynamo
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from tests.conftest import DEBUG_CONFIG
-from tests.unit.test_compile import EOS, VOCAB, packed_batch
+from tests.helpers import DEBUG_CONFIG, EOS, VOCAB, full, packed_batch
 from torchtitan_lite.config import load_config
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
 from torchtitan_lite.distributed.parallelize import apply_tp, parallelize
@@ -35,10 +33,6 @@ from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.models.loss import cross_entropy_sum
 
 SEQ = 256
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def loss_and_grads(model, tokens, labels, context) -> dict:
@@ -71,7 +65,7 @@ def main() -> None:
     labels[:, -1] = -100
     results = {"reference": loss_and_grads(reference, tokens, labels, contextlib.nullcontext())}
 
-    tp_only = ParallelDims(1, 1, 2, tp=2).build_mesh("cpu")["tp"]
+    tp_only = ParallelDims(dp_replicate=1, dp_shard=1, world_size=2, tp=2).build_mesh("cpu")["tp"]
     for name, lp in (("loss_parallel", True), ("gathered", False)):
         model = Transformer(args)
         model.load_state_dict(weights)
@@ -80,7 +74,7 @@ def main() -> None:
         results[name] = loss_and_grads(model, tokens, labels, context)
 
     # The training layout, compiled: TP → compile → FSDP2 on the (dp_shard=1, tp=2) mesh.
-    mesh = ParallelDims(1, 1, 2, tp=2).build_mesh("cpu")
+    mesh = ParallelDims(dp_replicate=1, dp_shard=1, world_size=2, tp=2).build_mesh("cpu")
     for backend in ("flex", "sdpa"):
         torch._dynamo.reset()
         config = load_config(DEBUG_CONFIG, ["--compile.enable", "--compile.backend", "aot_eager"])

@@ -15,6 +15,7 @@ from torchtitan_lite.models.attention import (
     build_attention_mask,
     build_block_mask,
     document_ids,
+    document_positions,
     document_segments,
     mask_mod_for,
     reference_mask,
@@ -257,6 +258,35 @@ def test_document_segments_cover_each_row_and_respect_boundaries():
             if s > 0:  # segments start at document starts
                 assert ids[b, s] != ids[b, s - 1]
     assert len(segs.rows[0]) == 1  # no EOS: one segment
+
+
+@pytest.mark.parametrize("seq_len", [1, 129, 300, 2048])
+@pytest.mark.parametrize("mask_type", MASK_TYPES)
+def test_mask_and_positions_from_precomputed_document_ids(seq_len, mask_type):
+    """The train step computes a batch's document ids once and hands them to the mask
+    builders and the positions: each then equals what it computes from the tokens alone,
+    and the block mask still equals ``create_block_mask``'s, strides included."""
+    tokens = batch_of_layouts(seq_len, seed=seq_len + 1)
+    docs = document_ids(tokens, EOS)
+    given = build_block_mask(tokens, EOS, mask_type, docs=docs)
+    assert_same_block_mask(given, torch_block_mask(tokens, mask_type))
+    assert torch.equal(document_positions(tokens, EOS, docs=docs), document_positions(tokens, EOS))
+    # the oracle of positions: the distance from the document's first token
+    firsts: list[dict[int, int]] = [{} for _ in range(tokens.shape[0])]
+    expected = [
+        [i - firsts[b].setdefault(doc, i) for i, doc in enumerate(row)]
+        for b, row in enumerate(docs.tolist())
+    ]
+    assert document_positions(tokens, EOS, docs=docs).tolist() == expected
+    segments = build_attention_mask(tokens, EOS, mask_type, "sdpa", docs=docs)
+    plain = build_attention_mask(tokens, EOS, mask_type, "sdpa")
+    if mask_type == "causal":
+        assert segments is None and plain is None
+        return
+    for ours, theirs in zip(segments.rows, plain.rows, strict=True):
+        assert [(s, e) for s, e, _ in ours] == [(s, e) for s, e, _ in theirs]
+        for (_, _, m1), (_, _, m2) in zip(ours, theirs, strict=True):
+            assert (m1 is None and m2 is None) or torch.equal(m1, m2)
 
 
 def sdpa_reference(q, k, v, tokens, mask_type):

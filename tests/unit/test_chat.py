@@ -13,20 +13,17 @@ import torch
 import torch.nn.functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from tests.conftest import SPM_2K, TIKTOKEN_2K
-from tests.unit import test_model
+from tests.helpers import CHAT_SAMPLE, SPM_2K, TIKTOKEN_2K, tiny_model
 from torchtitan_lite.chat_template import ChatTemplate, ChatTemplateError
 from torchtitan_lite.data import IGNORE_INDEX, ConversationDataset, DataError, DocumentSource
 from torchtitan_lite.data.chat import pack_best_fit
 from torchtitan_lite.data.sources import Split
 from torchtitan_lite.ids import IdMismatchError
 from torchtitan_lite.models.attention import build_attention_mask
-from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.tokenizer import load_tokenizer
 
 TOK = load_tokenizer(TIKTOKEN_2K)
 BOS, EOS, START, END, EOT = 2048, 2049, 2054, 2055, 2057  # the 2k tokenizer's specials
-CHAT_SAMPLE = TIKTOKEN_2K.parents[1] / "shakespeare_chat.jsonl.gz"
 
 THREE_TURNS = [
     {"role": "system", "content": "Answer briefly."},
@@ -370,10 +367,6 @@ def test_validation_split_is_deterministic_disjoint_and_the_right_size():
 # ---------------------------------------------------------------------------- the model
 
 
-def tiny_model() -> Transformer:
-    return test_model.tiny_model(vocab_size=TOK.vocab_size, eos_id=EOS, max_seq_len=512)
-
-
 def token_losses(model, rows: list[dict]) -> dict[tuple, torch.Tensor]:
     """Per-token losses of every conversation in the rows, keyed by its tokens."""
     out = {}
@@ -391,7 +384,7 @@ def token_losses(model, rows: list[dict]) -> dict[tuple, torch.Tensor]:
 
 def test_per_token_losses_are_the_same_packed_and_padded(tmp_path):
     path = write_chat(tmp_path / "c.jsonl", make_conversations(24, seed=3))
-    model = tiny_model()
+    model = tiny_model(vocab_size=TOK.vocab_size, eos_id=EOS, max_seq_len=512)
     packed = token_losses(model, list(dataset(path, 512, pack_buffer=24)))
     padded = token_losses(model, list(dataset(path, 512, packing=False)))
     assert len(packed) == len(padded) == 24 and packed.keys() == padded.keys()
@@ -403,7 +396,7 @@ def test_per_token_losses_are_the_same_packed_and_padded(tmp_path):
 def test_no_gradient_crosses_conversations_in_a_packed_row(tmp_path):
     path = write_chat(tmp_path / "c.jsonl", make_conversations(6, seed=1))
     (row,) = list(dataset(path, 512, pack_buffer=6))[:1]
-    model = tiny_model().train()
+    model = tiny_model(vocab_size=TOK.vocab_size, eos_id=EOS, max_seq_len=512).train()
     inputs, labels = row["input"][None], row["labels"]
     spans = [(s, e) for s, e, _ in conversation_spans(row)]
     assert len(spans) >= 3

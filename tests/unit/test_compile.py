@@ -22,7 +22,7 @@ import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.conftest import DEBUG_CONFIG
+from tests.helpers import DEBUG_CONFIG, EOS, VOCAB, packed_batch
 from torchtitan_lite.config import load_config
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
 from torchtitan_lite.distributed.parallelize import parallelize
@@ -35,26 +35,6 @@ from torchtitan_lite.models.attention import (
 )
 from torchtitan_lite.models.llama3.args import model_args_for
 from torchtitan_lite.models.llama3.model import Transformer
-
-EOS = 0
-VOCAB = 2304
-
-
-def packed_batch(seed: int, seq_len: int, batch: int = 2) -> torch.Tensor:
-    """Rows with a layout that changes with the seed: no EOS, long and short documents,
-    EOS at block edges, runs of EOS."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, VOCAB, (batch, seq_len), generator=gen)
-    kind = seed % 5
-    if kind == 1:
-        tokens[torch.rand(batch, seq_len, generator=gen) < 1 / 100] = EOS
-    elif kind == 2:
-        tokens[torch.rand(batch, seq_len, generator=gen) < 1 / 5] = EOS
-    elif kind == 3:
-        tokens[:, 127::128] = EOS
-    elif kind == 4:
-        tokens[:, seq_len // 3 : seq_len // 2] = EOS
-    return tokens
 
 
 @pytest.fixture
@@ -94,7 +74,12 @@ def test_compiled_blocks_never_recompile_and_equal_the_eager_sdpa_path(
         model.init_weights()
     eager = Transformer(args)  # the same weights, uncompiled, unsharded, on the sdpa path
     eager.load_state_dict(model.state_dict())
-    model = parallelize(model, ParallelDims(1, -1, 1).build_mesh("cpu"), config, backend)
+    model = parallelize(
+        model,
+        ParallelDims(dp_replicate=1, dp_shard=-1, world_size=1).build_mesh("cpu"),
+        config,
+        backend,
+    )
     compiled = torch._dynamo.eval_frame.OptimizedModule
     assert all(isinstance(b, compiled) for b in model.layers.values())
     model.eval()

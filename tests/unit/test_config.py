@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO
+from tests.helpers import DEBUG_CONFIG, REPO
 from torchtitan_lite.config import JobConfig, help_text, load_config, parse_args, to_toml
+from torchtitan_lite.config.fields import choices, field_types
+from torchtitan_lite.config.job_config import Data
 from torchtitan_lite.config.loader import all_keys, field_docs
 from torchtitan_lite.errors import ConfigError
 
@@ -149,13 +151,12 @@ def test_bad_overrides(args, pattern):
     [
         (["--model.attn_mask_type", "document"], r"'model.attn_mask_type' is 'document'.*'causal'"),
         (["--training.steps", "0"], r"'training.steps' must be at least 1"),
-        (["--lr_scheduler.warmup_steps", "50", "--training.steps", "10"], r"warmup_steps"),
         (["--training.global_batch_size", "12"], r"not a multiple of 'training.local_batch_size'"),
         (["--checkpoint.folder", "../elsewhere"], r"'checkpoint.folder'.*inside job.dump_folder"),
         (["--checkpoint.folder", "/abs/path"], r"'checkpoint.folder'.*inside job.dump_folder"),
         (["--model.eos_id", "-5"], r"'model.eos_id' must be -1"),
         (["--lr_scheduler.lr_min", "2"], r"lr_min"),
-        (["--optimizer.lr", "0"], r"'optimizer.lr' must be positive"),
+        (["--optimizer.lr", "0"], r"'optimizer.lr' must be above 0, got 0.0"),
         (
             ["--activation_checkpoint.selective_ac_option", "0"],
             r"'activation_checkpoint.selective_ac_option' is '0'.*\"op\".*positive whole number",
@@ -169,6 +170,141 @@ def test_bad_overrides(args, pattern):
 def test_validate_rejects_bad_values(args, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(DEBUG_CONFIG, args)
+
+
+ALLOWED_MASKS = "'causal', 'block_causal'"
+
+
+def test_a_choice_outside_the_literal_names_the_file_key_value_and_near_miss(tmp_path):
+    path = write(tmp_path / "bad.toml", '[model]\nattn_mask_type = "block_casual"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"Config key 'model.attn_mask_type' is 'block_casual' in {path}, which is not one of "
+        f"{ALLOWED_MASKS}. Did you mean 'block_causal'? Fix: set model.attn_mask_type to one "
+        "of them."
+    )
+
+
+def test_a_choice_outside_the_literal_on_the_command_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEBUG_CONFIG, ["--model.attn_mask_type", "block_casual"])
+    assert str(e.value) == (
+        "Config key 'model.attn_mask_type' is 'block_casual' on the command line, which is not "
+        f"one of {ALLOWED_MASKS}. Did you mean 'block_causal'? Fix: set "
+        "model.attn_mask_type to one of them."
+    )
+    # far from every choice: no guess, the whole list (the flavors come from models/)
+    with pytest.raises(ConfigError) as e:
+        load_config(DEBUG_CONFIG, ["--model.flavor", "9B"])
+    assert str(e.value) == (
+        "Config key 'model.flavor' is '9B' on the command line, which is not one of "
+        "'debugmodel', '8B', '70B', '405B'. Fix: set model.flavor to one of them."
+    )
+
+
+def test_a_choice_of_the_wrong_type_gets_the_type_error_with_a_valid_example(tmp_path):
+    path = write(tmp_path / "bad.toml", "[model]\nattn_mask_type = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"Config key 'model.attn_mask_type' in {path} expects a string but got 3 (int). "
+        'Fix: write a string, e.g. "causal".'
+    )
+
+
+def test_a_range_error_names_the_file(tmp_path):
+    path = write(tmp_path / "bad.toml", "[training]\nsteps = 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"Config key 'training.steps' must be at least 1, got 0 in {path}. "
+        "Fix: set training.steps to a value ≥ 1."
+    )
+
+
+def test_the_final_value_is_checked_so_the_command_line_can_fix_a_file(tmp_path):
+    path = write(tmp_path / "bad.toml", '[model]\nattn_mask_type = "document"\n')
+    c = load_config(path, ["--model.attn_mask_type", "causal"])
+    assert c.model.attn_mask_type == "causal"
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        (
+            "model",
+            "attn_mask_type",
+            "document",
+            f"Config key 'model.attn_mask_type' is 'document', which is not one of "
+            f"{ALLOWED_MASKS}. Fix: set model.attn_mask_type to one of them.",
+        ),
+        (
+            "dry_run",
+            "gpu",
+            "h1000",
+            "Config key 'dry_run.gpu' is 'h1000', which is not one of 'h100', 'h200', 'a100', "
+            "'b200', 'l40s', 'mi300x'. Did you mean 'h100'? Fix: set dry_run.gpu to one of them.",
+        ),
+        (
+            "validation",
+            "split_fraction",
+            1.0,
+            "Config key 'validation.split_fraction' must be in [0, 1), got 1.0. "
+            "Fix: set validation.split_fraction to a value in [0, 1).",
+        ),
+        (
+            "model",
+            "eos_id",
+            0,
+            "Config key 'model.eos_id' must be -1 (automatic) or at least 1, got 0. "
+            "Fix: set model.eos_id to -1 or a value ≥ 1.",
+        ),
+        (
+            "training",
+            "steps",
+            "5",
+            "Config key 'training.steps' expects an integer but got '5' (str). "
+            "Fix: write an integer, e.g. 8.",
+        ),
+    ],
+)
+def test_validate_checks_a_config_built_in_code(section, key, value, message):
+    config = JobConfig()
+    setattr(getattr(config, section), key, value)
+    with pytest.raises(ConfigError) as e:
+        config.validate()
+    assert str(e.value) == message
+
+
+def test_help_prints_the_choices_and_ranges_from_the_types():
+    text = help_text()
+    assert '--model.attn_mask_type (one of: causal, block_causal; default "block_causal")' in text
+    assert "--training.steps (integer, at least 1; default 10)" in text
+    assert "--model.vocab_size (integer, -1 (automatic) or at least 1; default -1)" in text
+    assert '--dry_run.gpu (one of: h100, h200, a100, b200, l40s, mi300x; default "h100")' in text
+    for section, cls in field_types(JobConfig).items():
+        for key, tp in field_types(cls).items():
+            if choices(tp):
+                assert f"--{section}.{key} (one of: {', '.join(choices(tp))};" in text
+
+
+def test_warmup_longer_than_the_run_is_a_warning():
+    config = load_config(DEBUG_CONFIG, ["--training.steps", "1"])
+    assert (config.training.steps, config.lr_scheduler.warmup_steps) == (1, 2)
+    assert config.warnings() == [
+        "lr_scheduler.warmup_steps (2) exceeds training.steps (1): the run ends during "
+        "warmup, before the learning rate reaches optimizer.lr."
+    ]
+    config.validate(data_parallel=1)  # the Trainer's pass accepts it too
+    assert load_config(DEBUG_CONFIG, ["--training.steps", "2"]).warnings() == []  # at the peak
+
+
+@pytest.mark.parametrize(
+    "fmt, is_chat", [("auto", False), ("hf", False), ("chat", True), ("chat_hf", True)]
+)
+def test_data_is_chat(fmt, is_chat):
+    assert Data(format=fmt).is_chat is is_chat
 
 
 def test_global_batch_is_checked_against_the_data_parallel_degree():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CORPUS, TIKTOKEN_2K
+from tests.helpers import CORPUS, TIKTOKEN_2K
 from torchtitan_lite.config.job_config import Data
 from torchtitan_lite.data import (
     IGNORE_INDEX,
@@ -163,15 +163,17 @@ def test_resume_with_another_worker_count_restarts_the_epoch(tmp_path, saved, re
     workers): the loader state's structure differs, so the epoch restarts — the batches are
     those of a fresh loader in that epoch — with a warning instead of torchdata's assertion."""
     path = write_jsonl(tmp_path / "d.jsonl", make_texts(25))
-    loader = build_dataloader(Data(path=str(path), num_workers=saved), TOK, 24, 3)
+    loader = build_dataloader(
+        Data(path=str(path), num_workers=saved), TOK, seq_len=24, batch_size=3
+    )
     it = iter(loader)
     for _ in range(5):
         next(it)
     cfg = Data(path=str(path), num_workers=resumed)
-    resumed_loader = build_dataloader(cfg, TOK, 24, 3)
+    resumed_loader = build_dataloader(cfg, TOK, seq_len=24, batch_size=3)
     load_loader_state(resumed_loader, loader.state_dict())
     assert f"written with {saved} loader workers per rank, this run has {resumed}" in caplog.text
-    fresh = batches(build_dataloader(cfg, TOK, 24, 3), 4)
+    fresh = batches(build_dataloader(cfg, TOK, seq_len=24, batch_size=3), 4)
     for e, g in zip(fresh, batches(resumed_loader, 4), strict=True):
         assert torch.equal(e["input"], g["input"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SPM_2K, TIKTOKEN_2K
+from tests.helpers import SPM_2K, TIKTOKEN_2K
 from torchtitan_lite.ids import (
     IdMismatchError,
     args_from_tokenizer,

@@ -5,42 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import SPM_2K, TIKTOKEN_2K
+from tests.helpers import SPM_2K, TIKTOKEN_2K, tiny_model
 from torchtitan_lite.ids import args_from_tokenizer
 from torchtitan_lite.models.attention import build_attention_mask
-from torchtitan_lite.models.llama3.args import ModelArgs, model_args_for
+from torchtitan_lite.models.llama3.args import model_args_for
 from torchtitan_lite.models.llama3.model import Transformer, _llama31_scale
 from torchtitan_lite.tokenizer import load_tokenizer
 
+#: The ids of packed_row's rows and of the tiny model that reads them.
 EOS = 3
-
-
-def tiny_model(
-    n_kv_heads: int = 2, seed: int = 0, vocab_size: int = 50, eos_id: int = EOS, max_seq_len=128
-) -> Transformer:
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=n_kv_heads,
-        multiple_of=32,
-        max_seq_len=max_seq_len,
-        rope_theta=10000.0,
-        vocab_size=vocab_size,
-        eos_id=eos_id,
-    )
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model.eval()
+VOCAB = 50
 
 
 def packed_row() -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """One row holding three documents, each ended by EOS, and a trailing partial one."""
     gen = torch.Generator().manual_seed(1)
-    docs = [torch.randint(4, 50, (n,), generator=gen) for n in (9, 1, 14, 6)]
+    docs = [torch.randint(4, VOCAB, (n,), generator=gen) for n in (9, 1, 14, 6)]
     parts, spans, start = [], [], 0
     for i, doc in enumerate(docs):
         part = torch.cat([doc, torch.tensor([EOS])]) if i < 3 else doc
@@ -52,7 +32,7 @@ def packed_row() -> tuple[torch.Tensor, list[tuple[int, int]]]:
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_packed_logits_equal_each_document_alone(backend):
-    model = tiny_model()
+    model = tiny_model(vocab_size=VOCAB, eos_id=EOS)
     tokens, spans = packed_row()
     with torch.no_grad():
         packed = model(tokens, build_attention_mask(tokens, EOS, "block_causal", backend))
@@ -84,7 +64,7 @@ def embedding_grads(model: Transformer, tokens: torch.Tensor, mask_type: str, po
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_no_gradient_flows_between_documents(n_kv_heads):
-    model = tiny_model(n_kv_heads).train()
+    model = tiny_model(vocab_size=VOCAB, eos_id=EOS, n_kv_heads=n_kv_heads).train()
     tokens, spans = packed_row()
     for k, (s, e) in enumerate(spans):
         for position in (s, e - 1):
@@ -118,7 +98,7 @@ def test_model_refuses_args_without_tokenizer_ids():
 
 
 def test_meta_init_gives_finite_weights_and_depth_scaled_std():
-    model = tiny_model()
+    model = tiny_model(vocab_size=VOCAB, eos_id=EOS)
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
     assert torch.equal(model.norm.weight, torch.ones(64))
@@ -151,7 +131,7 @@ def test_llama31_rope_scaling():
 
 
 def test_positions_restart_rope():
-    model = tiny_model()
+    model = tiny_model(vocab_size=VOCAB, eos_id=EOS)
     with torch.no_grad():  # sharpen attention so positions matter visibly
         for layer in model.layers.values():
             layer.attention.wq.weight.mul_(20)

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from torchtitan_lite import hardware
 from torchtitan_lite.components import metrics
-from torchtitan_lite.distributed import utils
-from torchtitan_lite.distributed.utils import resolve_param_dtype
+from torchtitan_lite.hardware import resolve_param_dtype
 
 CPU = torch.device("cpu")
 
@@ -19,8 +19,8 @@ CPU = torch.device("cpu")
 def fake_cpu(monkeypatch, *, avx512_bf16: bool, amx: bool, onednn: bool = True, arch="x86_64"):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(utils, "_onednn_bf16", lambda: onednn)
-    monkeypatch.setattr(utils.platform, "machine", lambda: arch)
+    monkeypatch.setattr(hardware, "_onednn_bf16", lambda: onednn)
+    monkeypatch.setattr(hardware.platform, "machine", lambda: arch)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
 
 
@@ -83,7 +83,7 @@ def test_a_real_onednn_cap_turns_bf16_off_on_any_cpu():
     """Not mocked: a process whose oneDNN is capped at AVX2 (what an AVX2-only CPU gives)
     resolves ``auto`` to fp32, whatever this machine has."""
     code = (
-        "import torch; from torchtitan_lite.distributed.utils import resolve_param_dtype; "
+        "import torch; from torchtitan_lite.hardware import resolve_param_dtype; "
         "print(resolve_param_dtype('auto', torch.device('cpu'))[0])"
     )
     out = subprocess.run(
@@ -125,7 +125,7 @@ def test_a_configured_peak_wins_and_cpus_have_none():
 _MALLINFO = """
 import ctypes, sys
 import torch
-from torchtitan_lite.distributed.utils import keep_freed_host_memory
+from torchtitan_lite.hardware import keep_freed_host_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CORPUS, SPM_2K, TIKTOKEN_2K
+from tests.helpers import CORPUS, SPM_2K, TIKTOKEN_2K, write_ranks_file
 from torchtitan_lite.errors import TokenizerError
 from torchtitan_lite.tokenizer import (
     SentencePieceTokenizer,
@@ -150,8 +150,6 @@ def test_folder_instead_of_file(tmp_path):
 
 def test_ranks_file_changed_in_place_is_reread(tmp_path):
     """No stale cache keyed by path (tiktoken's load_tiktoken_bpe would keep the old ranks)."""
-    from tests.conftest import write_ranks_file
-
     path = write_ranks_file(tmp_path / "t.model", 300)
     assert load_tokenizer(path).vocab_size == 556
     write_ranks_file(path, 400)

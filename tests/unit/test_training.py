@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import DEBUG_CONFIG
+from tests.helpers import DEBUG_CONFIG, full, metrics
 from torchtitan_lite import trainer as trainer_module
 from torchtitan_lite.components import gc_control
 from torchtitan_lite.components.device_reads import DeviceReads
@@ -18,7 +18,7 @@ from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.components.optimizer import lr_factor
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import LRScheduler
-from torchtitan_lite.data import build_dataloader
+from torchtitan_lite.data import batches, build_dataloader
 from torchtitan_lite.distributed.parallel_dims import ParallelDims, check_tensor_parallel
 from torchtitan_lite.distributed.parallelize import apply_ac
 from torchtitan_lite.errors import ConfigError
@@ -59,30 +59,33 @@ def test_lr_decay_shapes(kind):
 
 
 def test_parallel_dims():
-    assert ParallelDims(1, -1, 8).dp_shard == 8
-    dims = ParallelDims(2, -1, 8)
+    assert ParallelDims(dp_replicate=1, dp_shard=-1, world_size=8).dp_shard == 8
+    dims = ParallelDims(dp_replicate=2, dp_shard=-1, world_size=8)
     assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (2, 4, 8)
-    dims = ParallelDims(2, -1, 16, tp=4)
+    dims = ParallelDims(dp_replicate=2, dp_shard=-1, world_size=16, tp=4)
     assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (2, 2, 4, 4)
     assert dims.dim_names == ("dp_replicate", "dp_shard", "tp")
-    assert ParallelDims(1, -1, 2, tp=2).dim_names == ("dp_shard", "tp")
-    assert ParallelDims(1, -1, 4).dim_names == ("dp_shard",)
+    assert ParallelDims(dp_replicate=1, dp_shard=-1, world_size=2, tp=2).dim_names == (
+        "dp_shard",
+        "tp",
+    )
+    assert ParallelDims(dp_replicate=1, dp_shard=-1, world_size=4).dim_names == ("dp_shard",)
     with pytest.raises(
         ConfigError,
         match=r"replicate_degree = 3.*shard_degree = -1.*tensor_parallel_degree = 1.*world "
         r"size = 8",
     ):
-        ParallelDims(3, -1, 8)
+        ParallelDims(dp_replicate=3, dp_shard=-1, world_size=8)
     with pytest.raises(ConfigError, match=r"2 × 3 × 1 = 6 processes do not match.*world size = 8"):
-        ParallelDims(2, 3, 8)
+        ParallelDims(dp_replicate=2, dp_shard=3, world_size=8)
     with pytest.raises(ConfigError, match=r"1 × 2 × 2 = 4 processes do not match.*world size = 8"):
-        ParallelDims(1, 2, 8, tp=2)
+        ParallelDims(dp_replicate=1, dp_shard=2, world_size=8, tp=2)
     with pytest.raises(ConfigError, match=r"replicate × tensor parallel = 1 × 3 = 3"):
-        ParallelDims(1, -1, 8, tp=3)
+        ParallelDims(dp_replicate=1, dp_shard=-1, world_size=8, tp=3)
     with pytest.raises(ConfigError, match="replicate degree must be at least 1"):
-        ParallelDims(0, -1, 8)
+        ParallelDims(dp_replicate=0, dp_shard=-1, world_size=8)
     with pytest.raises(ConfigError, match="tensor parallel degree must be at least 1"):
-        ParallelDims(1, -1, 8, tp=0)
+        ParallelDims(dp_replicate=1, dp_shard=-1, world_size=8, tp=0)
 
 
 def test_tensor_parallel_must_divide_what_it_splits():
@@ -139,7 +142,9 @@ def test_tokens_per_second_is_per_device_under_tensor_parallelism(monkeypatch):
     clock = iter([100.0, 102.0, 102.0])
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     args = model_args_for("debugmodel", vocab_size=2304, eos_id=2049)
-    logger_ = metrics.MetricsLogger(args, torch.device("cpu"), 1.0, None, devices_per_batch=2)
+    logger_ = metrics.MetricsLogger(
+        args, torch.device("cpu"), peak=1.0, tb_folder=None, devices_per_batch=2
+    )
     tokens = torch.zeros(4, 128, dtype=torch.long)
     logger_.add_batch(tokens, pairs=4 * 128 * 129 // 2, data_seconds=0.5)
     record = logger_.log(1, 1.0, 1.0, 1e-3, 0)
@@ -183,10 +188,6 @@ def make_trainer(tmp_path, name: str, *overrides: str) -> Trainer:
         ],
     )
     return Trainer(config)
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def capture_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -472,6 +473,41 @@ def test_one_device_read_per_optimizer_step(tmp_path):
     assert reads.calls == ["trainer.py:train_step tolist"] * 3
 
 
+def test_document_ids_are_computed_once_per_micro_batch(tmp_path, monkeypatch):
+    """A batch's boundaries are scanned once, when it is read: the metrics' attention pairs,
+    the mask and the per-document positions all take those ids. (Every module that could
+    compute them is watched, so a second scan anywhere is counted.)"""
+    from torchtitan_lite.components import metrics as metrics_module
+    from torchtitan_lite.models import attention as attention_module
+
+    scanned = []
+    original = attention_module.document_ids
+
+    def counting(tokens, eos_id):
+        scanned.append(tuple(tokens.shape))
+        return original(tokens, eos_id)
+
+    for module in (attention_module, metrics_module, trainer_module):
+        monkeypatch.setattr(module, "document_ids", counting)
+    trainer = make_trainer(
+        tmp_path,
+        "scans",
+        "--training.local_batch_size",
+        "2",
+        "--training.global_batch_size",
+        "4",  # 2 micro-batches per step
+        "--training.steps",
+        "2",
+        "--data.reset_position_ids",
+    )
+    try:
+        losses = trainer.train()
+    finally:
+        trainer.close()
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert scanned == [(2, 64)] * 4
+
+
 def test_garbage_collection_runs_on_schedule_and_is_restored(tmp_path, monkeypatch):
     collected: list[tuple] = []
     enabled_during_steps: list[bool] = []
@@ -570,10 +606,10 @@ def test_the_logged_epoch_comes_from_the_loader_workers(tmp_path):
         trainer.train()
     finally:
         trainer.close()
-    rows = [json.loads(line) for line in (tmp_path / "epochs" / "metrics.jsonl").open()]
+    rows = metrics(tmp_path / "epochs")
     logged = [r["epoch"] for r in rows]
     # The reference: the same loader, read directly, batch by batch (workers alternate).
-    loader = build_dataloader(trainer.config.data, trainer.tokenizer, 64, 1)
+    loader = build_dataloader(trainer.config.data, trainer.tokenizer, seq_len=64, batch_size=1)
     expected = [int(b["epoch"]) for b, _ in zip(loader, range(12), strict=False)]
     assert logged == expected and max(logged) >= 2, (logged, expected)
     assert trainer.dataloader.dataset.state_dict()["epoch"] == 0  # the main process's copy
@@ -584,7 +620,7 @@ def test_a_short_last_batch_is_padded_without_changing_the_loss(tmp_path):
     try:
         batch = next(iter(trainer.dataloader))
         short = {k: v[:3] for k, v in batch.items() if k != "epoch"}
-        padded = trainer_module._pad_rows(short, 4, trainer.dataloader.dataset.pad_id)
+        padded = batches.pad_rows(short, 4, trainer.dataloader.dataset.pad_id)
         assert padded["input"].shape == batch["input"].shape
         assert (padded["labels"][3] == -100).all() and torch.equal(
             padded["input"][:3], short["input"]

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import DEBUG_CONFIG, REPO
 from torchtitan_lite.config import load_config
 from torchtitan_lite.data import build_dataloader
 from torchtitan_lite.models.attention import block_tables, reference_mask
 from torchtitan_lite.tokenizer import load_tokenizer
 
 pytest.importorskip("matplotlib", reason="the visualizer draws with matplotlib (the viz extra)")
-
-REPO = Path(__file__).resolve().parents[2]
-DEBUG_CONFIG = REPO / "train_configs" / "debug_model.toml"
 
 
 def _load_script():
@@ -120,7 +117,17 @@ def test_rows_are_the_training_loaders_rows():
     config = load_config(DEBUG_CONFIG, overrides)
     tk = config.tokenizer
     tokenizer = load_tokenizer(tk.path, tk.eos_token, tk.pad_token, tk.extra_stop_tokens)
-    loader = iter(build_dataloader(config.data, tokenizer, 128, 2, 0, 2, config.validation))
+    loader = iter(
+        build_dataloader(
+            config.data,
+            tokenizer,
+            seq_len=128,
+            batch_size=2,
+            dp_rank=0,
+            dp_world_size=2,
+            validation=config.validation,
+        )
+    )
     expected = torch.cat([next(loader)["input"], next(loader)["input"]])[:3]
     assert torch.equal(tokens, expected)
     assert eos_id == tokenizer.eos_id and (tokens == eos_id).sum() == 1  # row 2 has a boundary

@@ -6,7 +6,7 @@ from torchtitan_lite.config import to_toml
 from torchtitan_lite.logging import logger
 
 
-def log_banner(trainer, config_path: str | None, global_batch: int) -> None:
+def log_banner(trainer, config_path: str | None) -> None:
     """The startup banner: the config, the world and its layout, the precision, the
     tokenizer's ids, the model, the mask and its kernel, the data — what a reader of the log
     needs to trust (or question) the run before its first step.
@@ -17,7 +17,7 @@ def log_banner(trainer, config_path: str | None, global_batch: int) -> None:
     logger.info(f"torchtitan_lite: {c.job.description}")
     written = (
         "dry run: nothing written but dry_run.json"
-        if trainer.fake_mode is not None
+        if not trainer.mode.writes
         else f"resolved {trainer.dump_folder / 'config.toml'}"
     )
     logger.info(f"config {config_path or '(defaults)'} -> {written}")
@@ -64,7 +64,7 @@ def log_banner(trainer, config_path: str | None, global_batch: int) -> None:
         if a.rope_scaling_factor > 0
         else "no scaling"
     )
-    logger.info(f"RoPE: theta {a.rope_theta:g}, {scaling} ({trainer.rope_source})")
+    logger.info(f"RoPE: theta {a.rope_theta:g}, {scaling} ({trainer.start.describe()})")
     logger.info(
         f"attention mask {a.attn_mask_type} (document boundary: eos id {a.eos_id}),"
         f" kernel {kernel} on {trainer.device}"
@@ -72,7 +72,7 @@ def log_banner(trainer, config_path: str | None, global_batch: int) -> None:
     logger.info(f"MFU peak: {trainer.peak_source}")
     logger.info(
         f"data {c.data.path}: seq_len {c.training.seq_len}, local batch "
-        f"{c.training.local_batch_size}, global batch {global_batch} (gradient "
+        f"{c.training.local_batch_size}, global batch {trainer.global_batch} (gradient "
         f"accumulation {trainer.grad_accum_steps}), {c.data.num_workers} loader workers"
     )
     if trainer.chat_template is not None:

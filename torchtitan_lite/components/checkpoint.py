@@ -20,8 +20,6 @@ neither (the debug run) does not pay for the import at start-up.
 
 from __future__ import annotations
 
-import io
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,17 +32,27 @@ from torch.distributed.device_mesh import DeviceMesh
 from torchtitan_lite.components.dcp_format import (
     MANIFEST,
     UNSEALED,
+    CheckpointError,
     is_complete,
+    list_checkpoints,
     read_manifest,
     seal_step_folder,
+    step_folders,
     verify_step_folder,
 )
+from torchtitan_lite.components.hf_base import read_hf_base, verify_export
 from torchtitan_lite.components.integrity import IntegrityError
 from torchtitan_lite.components.optimizer import load_lr_scheduler
+from torchtitan_lite.components.run_start import Candidate, Start, unusable_initial
+from torchtitan_lite.components.train_state import (
+    ModelWrapper,
+    OptimizerWrapper,
+    from_bytes,
+    to_bytes,
+)
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.data import load_loader_state
 from torchtitan_lite.distributed.parallel_dims import dp_rank
-from torchtitan_lite.errors import UserError
 from torchtitan_lite.ids import (
     MANIFEST_ID_KEYS,
     WEIGHT_ID_KEYS,
@@ -52,77 +60,6 @@ from torchtitan_lite.ids import (
     check_special_ids,
 )
 from torchtitan_lite.logging import logger
-
-_STEP = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, incomplete or corrupt."""
-
-
-class ModelWrapper:
-    """The model's full state dict (sharded DTensors stay sharded) as a DCP ``Stateful``
-    (a protocol: DCP checks for ``state_dict`` and ``load_state_dict``)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
-
-        set_model_state_dict(self.model, state, options=StateDictOptions(strict=True))
-
-
-class OptimizerWrapper:
-    """The optimizer's state keyed by parameter names, as a DCP ``Stateful``."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
-def _to_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _from_bytes(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def _step_folders(folder: Path) -> dict[int, Path]:
-    """Every ``step-N`` folder in ``folder``, complete or not, by step."""
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for child in folder.iterdir():
-        match = _STEP.match(child.name)
-        if match and child.is_dir():
-            found[int(match.group(1))] = child
-    return found
-
-
-def list_checkpoints(folder: Path) -> list[int]:
-    """Steps of the complete checkpoints in ``folder``, oldest first."""
-    return sorted(step for step, path in _step_folders(folder).items() if is_complete(path))
 
 
 def _move_aside(path: Path, why: str) -> Path:
@@ -138,6 +75,7 @@ def _move_aside(path: Path, why: str) -> Path:
 class CheckpointManager:
     def __init__(
         self,
+        *,
         config: JobConfig,
         dump_folder: Path,
         model: torch.nn.Module,
@@ -186,11 +124,11 @@ class CheckpointManager:
         if model_only:
             return state
         state["optimizer"] = OptimizerWrapper(self.model, self.optimizer)
-        state["lr_scheduler"] = _to_bytes(self.lr_scheduler.state_dict())
-        state["train_state"] = _to_bytes(
+        state["lr_scheduler"] = to_bytes(self.lr_scheduler.state_dict())
+        state["train_state"] = to_bytes(
             {"step": step, "tokens_seen": tokens_seen, "rng": torch.get_rng_state()}
         )
-        state[f"dataloader.dp_rank_{self.dp_rank}"] = _to_bytes(self.dataloader.state_dict())
+        state[f"dataloader.dp_rank_{self.dp_rank}"] = to_bytes(self.dataloader.state_dict())
         return state
 
     def should_save(self, step: int, last_step: int) -> bool:
@@ -298,7 +236,7 @@ class CheckpointManager:
                     f"checkpoint: removed {tmp}, an unfinished save of an earlier "
                     "run (it was never complete)"
                 )
-            for step, path in sorted(_step_folders(self.folder).items()):
+            for step, path in sorted(step_folders(self.folder).items()):
                 if not is_complete(path):
                     logger.warning(
                         f"checkpoint: {path} is not a complete checkpoint (no .metadata or "
@@ -307,39 +245,28 @@ class CheckpointManager:
                     )
         self._barrier()
 
-    def load(self, tokenizer, allow_id_change: bool = False) -> dict[str, Any] | None:
-        """Load the chosen (or newest complete) checkpoint; returns its train state or None.
+    def load(self, start: Start, tokenizer) -> tuple[dict[str, Any], Candidate]:
+        """Load the run's own checkpoint that ``start`` names (:func:`resolve_start`: the
+        newest complete one, or ``checkpoint.load_step``); returns its train state and the
+        candidate that loaded.
 
         A checkpoint whose manifest does not read, whose files differ from their recorded
         sizes and checksums, that holds anything the safe unpickler refuses, or that fails to
         load is reported with its path and the next older one is used (unless
         ``checkpoint.load_step`` chose it). Every rank takes the same decision."""
         self.remove_stale()
-        steps = list_checkpoints(self.folder)
-        if self.cc.load_step > 0:
-            if self.cc.load_step not in steps:
-                raise CheckpointError(
-                    f"Config key 'checkpoint.load_step' is {self.cc.load_step}, but "
-                    f"{self.folder} holds complete checkpoints for steps {steps or 'none'}. "
-                    "Fix: choose one of them, or -1 for the newest."
-                )
-            steps = [self.cc.load_step]
-        for step in reversed(steps):
-            path = self.folder / f"step-{step}"
-            try:
-                manifest = read_manifest(path, verify=self.cc.verify_checksums)
-                error = None
-            except IntegrityError as e:
-                manifest, error = None, str(e)
+        for candidate in start.candidates:
+            path, step, manifest = candidate.path, candidate.step, candidate.manifest
+            error = candidate.error
             if manifest is not None:
-                self._check_manifest(path, manifest, tokenizer, allow_id_change)
+                self._check_manifest(path, manifest, tokenizer, self.cc.allow_id_change)
                 error = self._verify(path, manifest)
             if error is None:
                 train_state, error = self._attempt(self._load, path, step)
             if error is None:
                 self._inherit(manifest, own=True)
-                return train_state
-            if self.cc.load_step > 0 or step == steps[0]:
+                return train_state, candidate
+            if self.cc.load_step > 0 or candidate is start.candidates[-1]:
                 raise CheckpointError(
                     f"Checkpoint {path} cannot be loaded ({error}). Fix: "
                     + (
@@ -355,7 +282,7 @@ class CheckpointManager:
                 f"checkpoint: {path} is corrupt or incomplete ({error}); it is kept, and an "
                 "older checkpoint is loaded"
             )
-        return None
+        raise AssertionError("unreachable: the oldest candidate loads or raises")
 
     def _verify(self, path: Path, manifest: dict) -> str | None:
         """A step folder's files against its manifest's sizes (and checksums, unless
@@ -394,37 +321,26 @@ class CheckpointManager:
         elif not own:
             self.lineage = lineage
 
-    def load_initial(self, tokenizer, model_args) -> None:
-        """Start from the weights of ``checkpoint.initial_load_path`` (a DCP step folder) or
-        ``checkpoint.initial_load_hf`` (a Hugging Face folder), as step 0."""
+    def load_initial(self, start: Start, tokenizer, model_args) -> None:
+        """Start from the weights ``start`` names (:func:`resolve_start`): the step folder of
+        ``checkpoint.initial_load_path`` or the Hugging Face folder of
+        ``checkpoint.initial_load_hf``, as step 0."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from torchtitan_lite.components import dcp_io
-        from torchtitan_lite.export.hf import read_hf_base, verify_export
 
-        if self.cc.initial_load_path:
-            path = Path(self.cc.initial_load_path)
-            if not is_complete(path):
-                raise CheckpointError(
-                    f"Config key 'checkpoint.initial_load_path' is {str(path)!r}, which is not a "
-                    f"complete checkpoint step folder (no .metadata or {MANIFEST}). Fix: point it "
-                    "at a step folder such as outputs/debug_model/checkpoint/step-10."
-                )
-            try:
-                manifest = read_manifest(path, verify=self.cc.verify_checksums)
-            except IntegrityError as e:
-                raise _unusable_initial(path, str(e)) from None
-            self._check_manifest(path, manifest, tokenizer, self.cc.allow_id_change, WEIGHT_ID_KEYS)
-            error = self._verify(path, manifest)
+        path = start.path
+        if start.kind == "checkpoint":
+            allow = self.cc.allow_id_change
+            self._check_manifest(path, start.manifest, tokenizer, allow, WEIGHT_ID_KEYS)
+            error = self._verify(path, start.manifest)
             if error is None:
                 weights = {"model": ModelWrapper(self.model)}
                 _, error = self._attempt(dcp_io.load, weights, path, None, self.pg)
             if error is not None:
-                raise _unusable_initial(path, error)
-            self._inherit(manifest, own=False)
-            self.stage["start"] = f"checkpoint {path}"
+                raise unusable_initial(path, error)
+            self._inherit(start.manifest, own=False)
         else:
-            path = Path(self.cc.initial_load_hf)
             # The ranks share checking an exported folder against its checksums; every rank
             # checks the rest of the folder (so all fail alike); only rank 0 reads the weights,
             # which are then broadcast and sharded: one copy of the model in host memory.
@@ -436,18 +352,14 @@ class CheckpointManager:
                     "restore it from a copy."
                 )
             broadcast = dist.is_initialized() and dist.get_world_size() > 1
-            weights, self.base = read_hf_base(
-                path,
-                tokenizer,
-                model_args,
-                load_weights=self.rank == 0 or not broadcast,
-                verify=False,  # the contents were just checked; sizes are checked again
-            )
+            load_weights = self.rank == 0 or not broadcast
+            weights = read_hf_base(path, start.hf_config, tokenizer, model_args, load_weights)
             options = StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=broadcast, strict=True
             )
             set_model_state_dict(self.model, weights, options=options)
-            self.stage["start"] = f"Hugging Face model {path}"
+            self.base = dict(start.base)
+        self.stage["start"] = start.describe()
         logger.info(f"checkpoint: starting from the weights of {path} (step 0)")
 
     def _check_manifest(
@@ -499,11 +411,11 @@ class CheckpointManager:
         )
         if model_only:
             return {"step": 0, "tokens_seen": 0}
-        load_lr_scheduler(self.lr_scheduler, _from_bytes(state["lr_scheduler"]))
-        train_state = _from_bytes(state["train_state"])
+        load_lr_scheduler(self.lr_scheduler, from_bytes(state["lr_scheduler"]))
+        train_state = from_bytes(state["train_state"])
         torch.set_rng_state(train_state.pop("rng"))
         if data_key in state:
-            load_loader_state(self.dataloader, _from_bytes(state[data_key]))
+            load_loader_state(self.dataloader, from_bytes(state[data_key]))
         else:
             logger.warning(
                 f"checkpoint: {path} holds no data-loader state for data-parallel rank "
@@ -511,12 +423,3 @@ class CheckpointManager:
                 "shard from the beginning. Model, optimizer and schedule are resumed exactly."
             )
         return train_state
-
-
-def _unusable_initial(path: Path, why: str) -> CheckpointError:
-    hint = " (or set checkpoint.verify_checksums = false if its storage is trusted)"
-    return CheckpointError(
-        f"Checkpoint {path} (checkpoint.initial_load_path) cannot be loaded into this model "
-        f"({why}). Fix: point checkpoint.initial_load_path at an intact step folder of a run "
-        f"with the same model.flavor and vocabulary{hint if UNSEALED in why else ''}."
-    )

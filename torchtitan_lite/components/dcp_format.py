@@ -12,6 +12,7 @@ place.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torchtitan_lite.components.integrity import (
@@ -24,6 +25,7 @@ from torchtitan_lite.components.integrity import (
     verify_files,
     write_json,
 )
+from torchtitan_lite.errors import UserError
 
 MANIFEST = "ids_manifest.json"
 METADATA = ".metadata"
@@ -31,10 +33,33 @@ METADATA = ".metadata"
 #: load failure that trusting the storage (``checkpoint.verify_checksums = false``) resolves.
 UNSEALED = "records no checksums"
 
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, incomplete or corrupt."""
+
 
 def is_complete(folder: Path) -> bool:
     """A step folder that a finished save renamed into place (DCP metadata + manifest)."""
     return (folder / METADATA).is_file() and (folder / MANIFEST).is_file()
+
+
+def step_folders(folder: Path) -> dict[int, Path]:
+    """Every ``step-N`` folder in ``folder``, complete or not, by step."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for child in folder.iterdir():
+        match = _STEP.match(child.name)
+        if match and child.is_dir():
+            found[int(match.group(1))] = child
+    return found
+
+
+def list_checkpoints(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``folder``, oldest first."""
+    return sorted(step for step, path in step_folders(folder).items() if is_complete(path))
 
 
 def seal_step_folder(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import json
 import math
@@ -24,6 +23,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from torchtitan_lite.config.fields import (
+    a_type_name,
+    base_type,
+    check_fields,
+    convert,
+    describe,
+    example,
+    field_types,
+    suggest,
+)
 from torchtitan_lite.config.job_config import JobConfig
 from torchtitan_lite.errors import ConfigError
 
@@ -33,33 +42,12 @@ _FALSE = ("false", "0", "no", "off")
 
 def _sections() -> dict[str, type]:
     """Section name → section dataclass, in declaration order."""
-    return _field_types(JobConfig)
-
-
-def _field_types(section_cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+    return field_types(JobConfig)
 
 
 def all_keys() -> list[str]:
     """Every valid dotted key, e.g. ``training.steps``."""
-    return [f"{s}.{k}" for s, cls in _sections().items() for k in _field_types(cls)]
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}s"
-    return {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]
-
-
-def _a(tp: Any) -> str:
-    name = _type_name(tp)
-    return ("an " if name[0] in "aeiou" else "a ") + name
-
-
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    return [f"{s}.{k}" for s, cls in _sections().items() for k in field_types(cls)]
 
 
 def _resolve_key(dotted: str, where: str) -> tuple[str, str, Any]:
@@ -67,7 +55,7 @@ def _resolve_key(dotted: str, where: str) -> tuple[str, str, Any]:
     sections = _sections()
     section, _, key = dotted.partition(".")
     if section not in sections:
-        hint = _suggest(section, list(sections))
+        hint = suggest(section, list(sections))
         if not hint and key:  # a known key in no section / the wrong section
             owners = [k for k in all_keys() if k.endswith("." + key)]
             hint = f" Did you mean '{owners[0]}'?" if owners else ""
@@ -75,10 +63,10 @@ def _resolve_key(dotted: str, where: str) -> tuple[str, str, Any]:
             f"Unknown config section '{section}' (key '{dotted}') in {where}.{hint} Fix: use one "
             f"of the sections {', '.join(sections)}; `python train.py --help` lists every key."
         )
-    types = _field_types(sections[section])
+    types = field_types(sections[section])
     if key not in types:
         owners = [k for k in all_keys() if k.endswith("." + key)]
-        hint = f" Did you mean '{owners[0]}'?" if owners else _suggest(dotted, all_keys())
+        hint = f" Did you mean '{owners[0]}'?" if owners else suggest(dotted, all_keys())
         raise ConfigError(
             f"Unknown config key '{dotted}' in {where}.{hint} Fix: correct or remove it; "
             f"`python train.py --help` lists every key of [{section}]."
@@ -86,50 +74,11 @@ def _resolve_key(dotted: str, where: str) -> tuple[str, str, Any]:
     return section, key, types[key]
 
 
-def _check_value(dotted: str, value: Any, tp: Any, where: str) -> Any:
-    """Check a TOML value against the field type (ints are accepted for floats)."""
-    ok: bool
-    if typing.get_origin(tp) is list:
-        (elem,) = typing.get_args(tp)
-        ok = isinstance(value, list)
-        if ok:
-            return [_check_value(f"{dotted}[{i}]", v, elem, where) for i, v in enumerate(value)]
-    elif tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
-            raise ConfigError(
-                f"Config key '{dotted}' in {where} expects a finite number but got {value!r}: "
-                "no setting here means anything at infinity or NaN. Fix: give a finite value, "
-                f"e.g. {_example(tp)}."
-            )
-        if ok:
-            return float(value)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        # a number for a text key (selective_ac_option = 2): suggest the same value, quoted
-        quoted = tp is str and isinstance(value, (int, float)) and not isinstance(value, bool)
-        example = f'"{value}"' if quoted else _example(tp)
-        raise ConfigError(
-            f"Config key '{dotted}' in {where} expects {_a(tp)} but got {value!r} "
-            f"({type(value).__name__}). Fix: write {_a(tp)}, e.g. {example}."
-        )
-    return value
-
-
-def _example(tp: Any) -> str:
-    if typing.get_origin(tp) is list:
-        return f"[{_example(typing.get_args(tp)[0])}]"
-    return {bool: "true", int: "8", float: "3e-4", str: '"text"'}[tp]
-
-
 def _parse_cli_value(dotted: str, text: str, tp: Any) -> Any:
-    """Convert a command-line string to the field type."""
+    """Convert a command-line string to the field's TOML type (its choices and range are
+    checked with the whole config, by :func:`check_fields`)."""
     where = "the command line"
+    tp = base_type(tp)
     try:
         if typing.get_origin(tp) is list:
             if text.strip().startswith("["):
@@ -137,7 +86,7 @@ def _parse_cli_value(dotted: str, text: str, tp: Any) -> Any:
             else:
                 (elem,) = typing.get_args(tp)
                 value = [_parse_cli_value(dotted, t.strip(), elem) for t in text.split(",") if t]
-            return _check_value(dotted, value, tp, where)
+            return convert(dotted, value, tp, where)
         if tp is bool:
             low = text.lower()
             if low in _TRUE:
@@ -148,14 +97,14 @@ def _parse_cli_value(dotted: str, text: str, tp: Any) -> Any:
         if tp is int:
             return int(text)
         if tp is float:
-            return _check_value(dotted, float(text), tp, where)
+            return convert(dotted, float(text), tp, where)
         return text
     except ConfigError:
         raise
     except (ValueError, tomllib.TOMLDecodeError):
         raise ConfigError(
-            f"Config key '{dotted}' on the command line expects {_a(tp)} but got "
-            f"{text!r}. Fix: pass {_a(tp)}, e.g. --{dotted} {_example(tp)}."
+            f"Config key '{dotted}' on the command line expects {a_type_name(tp)} but got "
+            f"{text!r}. Fix: pass {a_type_name(tp)}, e.g. --{dotted} {example(tp)}."
         ) from None
 
 
@@ -214,17 +163,22 @@ def _read_toml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, Pat
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Build a validated JobConfig from a TOML file (or defaults) and CLI overrides."""
     config = JobConfig()
+    origins: dict[str, str] = {}  # dotted key → where its value was set, for the errors
     if path is not None:
-        tables, origins = _read_toml(Path(path), ())
+        tables, files = _read_toml(Path(path), ())
         for section, table in tables.items():
             for key, value in table.items():
                 dotted = f"{section}.{key}"
-                where = str(origins[dotted])
+                origins[dotted] = where = str(files[dotted])
                 sec, name, tp = _resolve_key(dotted, where)
-                setattr(getattr(config, sec), name, _check_value(dotted, value, tp, where))
+                setattr(getattr(config, sec), name, convert(dotted, value, tp, where))
     for dotted, text in _split_overrides(overrides or []):
         sec, name, tp = _resolve_key(dotted, "the command line")
         setattr(getattr(config, sec), name, _parse_cli_value(dotted, text, tp))
+        origins[dotted] = "the command line"
+    # The choices and ranges of the final values (a file's value may be overridden), each
+    # error naming where its value came from; validate() repeats this check without places.
+    check_fields(config, origins)
     config.validate()
     return config
 
@@ -326,15 +280,15 @@ def field_docs(section_cls: type) -> dict[str, str]:
 
 
 def help_text() -> str:
-    """Every section and key with its type, default and docstring."""
+    """Every section and key with what it takes (type, choices, range), default and docstring."""
     defaults = JobConfig()
     lines = ["usage: train.py --config FILE [--section.key VALUE ...]", ""]
     for section, cls in _sections().items():
         lines.append(f"[{section}]")
         docs = field_docs(cls)
-        for key, tp in _field_types(cls).items():
+        for key, tp in field_types(cls).items():
             default = _toml_value(getattr(getattr(defaults, section), key))
-            lines.append(f"  --{section}.{key} ({_type_name(tp)}, default {default})")
+            lines.append(f"  --{section}.{key} ({describe(tp)}; default {default})")
             lines.append(f"      {docs.get(key, '')}")
         lines.append("")
     return "\n".join(lines)

@@ -38,17 +38,16 @@ def _dataset(
     select: Split | None,
     hf_split: str,
 ) -> PackedDataset | ConversationDataset:
-    chat = data.format in ("chat", "chat_hf")
     source = DocumentSource(
         path,
         fmt=data.format,
-        text_field=data.messages_field if chat else data.text_field,
+        text_field=data.messages_field if data.is_chat else data.text_field,
         separator=data.separator,
         hf_split=hf_split,
         select=select,
     )
     shard = {"rank": dp_rank, "world_size": dp_world_size, "infinite": infinite}
-    if chat:
+    if data.is_chat:
         return ConversationDataset(
             source,
             tokenizer,
@@ -70,6 +69,7 @@ def _dataset(
 def build_dataloader(
     data: Data,
     tokenizer: Tokenizer,
+    *,
     seq_len: int,
     batch_size: int,
     dp_rank: int = 0,
@@ -132,6 +132,7 @@ def build_validation_loader(
     data: Data,
     validation: Validation,
     tokenizer: Tokenizer,
+    *,
     seq_len: int,
     batch_size: int,
     dp_rank: int = 0,

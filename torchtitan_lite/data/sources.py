@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchtitan_lite.config.learning import is_chat_format
 from torchtitan_lite.errors import UserError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".parquet")
@@ -109,7 +110,7 @@ class DocumentSource:
     ) -> None:
         self.path, self.fmt, self.text_field = path, fmt, text_field
         self.separator, self.hf_split = separator, hf_split
-        self.chat = fmt in ("chat", "chat_hf")
+        self.chat = is_chat_format(fmt)
         self.hf = fmt in ("hf", "chat_hf")
         self.select = select
         self.field_key = "data.messages_field" if self.chat else "data.text_field"

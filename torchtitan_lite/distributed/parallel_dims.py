@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torchtitan_lite.errors import ConfigError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ParallelDims:
     """``dp_replicate × dp_shard × tp = world_size``; a shard degree of -1 takes the rest.
 

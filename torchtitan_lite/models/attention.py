@@ -62,13 +62,14 @@ def document_ids(tokens: Tensor, eos_id: int) -> Tensor:
     return torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos  # exclusive cumsum
 
 
-def document_positions(tokens: Tensor, eos_id: int) -> Tensor:
-    """``(B, S)`` int64 RoPE positions that restart at 0 at every document start."""
-    seq_len = tokens.shape[1]
-    idx = torch.arange(seq_len, device=tokens.device).expand_as(tokens)
-    starts = torch.zeros_like(tokens, dtype=torch.bool)
-    starts[:, 1:] = tokens[:, :-1] == eos_id  # the token after an EOS starts a document
-    starts[:, 0] = True
+def document_positions(tokens: Tensor, eos_id: int, docs: Tensor | None = None) -> Tensor:
+    """``(B, S)`` int64 RoPE positions that restart at 0 at every document start.
+    ``docs``: the batch's :func:`document_ids`, when already computed."""
+    docs = document_ids(tokens, eos_id) if docs is None else docs
+    seq_len = docs.shape[1]
+    idx = torch.arange(seq_len, device=docs.device).expand_as(docs)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]  # the token after an EOS starts a document
     start_of = torch.cummax(torch.where(starts, idx, 0), dim=1).values
     return idx - start_of
 
@@ -94,12 +95,13 @@ def block_causal_mask_mod(doc_ids: Tensor):
     return block_causal
 
 
-def mask_mod_for(tokens: Tensor, eos_id: int, mask_type: str):
-    """The FlexAttention ``mask_mod`` of a mask type for this batch."""
+def mask_mod_for(tokens: Tensor, eos_id: int, mask_type: str, docs: Tensor | None = None):
+    """The FlexAttention ``mask_mod`` of a mask type for this batch (``docs``: its
+    :func:`document_ids`, when already computed)."""
     _check_mask_type(mask_type)
     if mask_type == "causal":
         return causal_mask_mod()
-    return block_causal_mask_mod(document_ids(tokens, eos_id))
+    return block_causal_mask_mod(document_ids(tokens, eos_id) if docs is None else docs)
 
 
 def _check_mask_type(mask_type: str) -> None:
@@ -145,20 +147,28 @@ class DocumentSegments:
 
 
 def document_segments(
-    tokens: Tensor, eos_id: int, group_len: int = 128, device: torch.device | None = None
+    tokens: Tensor,
+    eos_id: int,
+    group_len: int = 128,
+    device: torch.device | None = None,
+    docs: Tensor | None = None,
 ) -> DocumentSegments:
     """Cut every row at its EOS tokens; runs of documents shorter than ``group_len`` share a
     segment of at most ``group_len`` tokens under a small dense mask, placed on ``device``
-    (default: the tokens' device).
+    (default: the tokens' device). ``docs``: the batch's host :func:`document_ids`, when
+    already computed (a document ends where the next one starts).
 
     The cutting is host work: pass host tokens (the data loader's batch) to keep the device
     queue free; device tokens are copied to the host first (a device→host sync).
     """
-    host = tokens.cpu().numpy()  # no copy for CPU tokens
-    batch, seq_len = host.shape
+    host = tokens.cpu().numpy() if docs is None else None  # no copy for CPU tokens
+    batch, seq_len = tokens.shape
     rows = []
     for b in range(batch):
-        ends = (np.flatnonzero(host[b] == eos_id) + 1).tolist()
+        if docs is None:
+            ends = (np.flatnonzero(host[b] == eos_id) + 1).tolist()
+        else:
+            ends = (np.flatnonzero(np.diff(docs[b].numpy())) + 1).tolist()
         if not ends or ends[-1] != seq_len:
             ends.append(seq_len)
         rows.append(_segment_row(ends, group_len, device or tokens.device))
@@ -225,7 +235,7 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def block_tables(
-    tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128
+    tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128, docs: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Partial and full ``(B, 1, NQ, NK)`` block masks from per-block document ranges.
 
@@ -246,7 +256,7 @@ def block_tables(
         full = below_complete.expand(batch, n, n)
         partial = causal & ~below_complete
         return partial.expand(batch, 1, n, n), full[:, None]
-    docs = document_ids(tokens, eos_id)  # (B, S)
+    docs = document_ids(tokens, eos_id) if docs is None else docs  # (B, S)
     first = docs[:, ::block_size]  # (B, N): document of each block's first token
     ends = torch.clamp((blk + 1) * block_size, max=seq_len) - 1
     last = docs[:, ends]  # (B, N): document of each block's last token
@@ -268,21 +278,24 @@ _DIRECT_BLOCK_MASK = _block_mask_takes_all_tables()
 
 
 def build_block_mask(
-    tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128
+    tokens: Tensor, eos_id: int, mask_type: str, block_size: int = 128, docs: Tensor | None = None
 ) -> BlockMask:
     """The FlexAttention ``BlockMask`` of a batch, equal to ``create_block_mask``'s.
 
     Built directly from per-block document ranges (see :func:`block_tables`) on the tokens'
     device, q-side tables included; the ``mask_mod`` refines the partial blocks. Every table
     has ``create_block_mask``'s values, dtype (int32), shape and strides (contiguous).
+    ``docs``: the batch's :func:`document_ids` on that device, when already computed.
     """
-    partial, full = block_tables(tokens, eos_id, mask_type, block_size)
+    if mask_type == "block_causal" and docs is None:
+        docs = document_ids(tokens, eos_id)
+    partial, full = block_tables(tokens, eos_id, mask_type, block_size, docs)
     # kv tables (rows = query blocks) and q tables (the transposes), in one batched pass
     counts, indices = _ordered(torch.stack([partial, full, partial.mT, full.mT]))
     seq_len = tokens.shape[1]
     tables = [t for pair in zip(counts, indices, strict=True) for t in pair]
     fields = dict(zip(BLOCK_MASK_FIELDS, tables, strict=True))  # the order of the stack
-    mask_mod = mask_mod_for(tokens, eos_id, mask_type)
+    mask_mod = mask_mod_for(tokens, eos_id, mask_type, docs)
     sizes = {"BLOCK_SIZE": (block_size, block_size), "seq_lengths": (seq_len, seq_len)}
     if _DIRECT_BLOCK_MASK:
         return BlockMask(mask_mod=mask_mod, **sizes, **fields)
@@ -302,19 +315,21 @@ def build_attention_mask(
     mask_type: str,
     backend: str,
     device: torch.device | None = None,
+    docs: Tensor | None = None,
 ) -> AttentionMask:
     """The mask for one batch, in the form the chosen kernel (``flex`` or ``sdpa``) takes.
 
     ``flex`` builds on the tokens' device (pass device tokens); ``sdpa`` cuts segments on the
     host (pass host tokens) and puts their masks on ``device`` (default: the tokens').
+    ``docs``: the batch's :func:`document_ids`, when already computed, beside the tokens.
     """
     if backend == "flex":
-        return build_block_mask(tokens, eos_id, mask_type)
+        return build_block_mask(tokens, eos_id, mask_type, docs=docs)
     if backend == "sdpa":
         _check_mask_type(mask_type)
         if mask_type == "causal":
             return None
-        return document_segments(tokens, eos_id, device=device)
+        return document_segments(tokens, eos_id, device=device, docs=docs)
     raise ValueError(f"unknown attention backend {backend!r}; expected 'flex' or 'sdpa'")
 
 

@@ -1,0 +1,278 @@
+"""What several test modules share: asset paths, the small runs' arguments, the ways of starting
+``train.py`` (in this process, in a subprocess, under ``torchrun``), reading a run's metrics, the
+clean-error check, and small models and batches. Test modules import from here, never from each
+other; fixtures stay in ``conftest.py``.
+
+torch and the package are imported inside the functions that need them, so that ``conftest.py``
+(and a run of ``tests/test_style.py`` alone) imports neither."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from torchtitan_lite.models.llama3.model import Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+TIKTOKEN_2K = REPO / "assets" / "tokenizer" / "tiktoken_2k.model"
+SPM_2K = REPO / "assets" / "tokenizer" / "spm_2k.model"
+CORPUS = REPO / "assets" / "shakespeare.jsonl.gz"
+CHAT_SAMPLE = REPO / "assets" / "shakespeare_chat.jsonl.gz"
+DEBUG_CONFIG = REPO / "train_configs" / "debug_model.toml"
+
+# ------------------------------------------------------------------ the small runs' arguments
+
+#: Two steps of 64-token rows, no TensorBoard: a run that only has to start and finish.
+FAST = [
+    "--training.steps",
+    "2",
+    "--training.seq_len",
+    "64",
+    "--metrics.enable_tensorboard",
+    "false",
+]
+
+#: 128-token rows, no TensorBoard.
+SHORT_ROWS = ["--training.seq_len", "128", "--metrics.enable_tensorboard", "false"]
+
+#: One global batch of 4 rows per step in every layout, in fp32 so that layouts agree to
+#: rounding: 2 data-parallel ranks × 2 rows read document shards 0 and 1; 1 process with 2
+#: loader workers reads the same two shards (worker w = shard w) in 2 accumulation steps of
+#: 2 rows. The data-parallel and the tensor-parallel runs start from it.
+GLOBAL_BATCH_OF_4 = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.global_batch_size",
+    "4",
+    "--training.mixed_precision_param",
+    "float32",
+    "--optimizer.lr",
+    "2e-3",
+    *SHORT_ROWS,
+]
+
+#: The checkpointing run: 8 fp32 steps of 2 rows, checkpoints on. The checkpoint, trust and
+#: reliability tests add the interval, the step count and the folder.
+BASE = [
+    "--config",
+    str(DEBUG_CONFIG),
+    "--training.seq_len",
+    "128",
+    "--training.local_batch_size",
+    "2",
+    "--training.mixed_precision_param",
+    "float32",
+    "--metrics.enable_tensorboard",
+    "false",
+    "--optimizer.lr",
+    "2e-3",
+    "--checkpoint.enable",
+    "--training.steps",
+    "8",
+]
+
+# ------------------------------------------------------------------ starting train.py
+
+
+def train_command(*args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The command (plain python, or torchrun for several processes) and its environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        return [sys.executable, str(REPO / "train.py"), *args], env
+    env["OMP_NUM_THREADS"] = "1"
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / "train.py"),
+        *args,
+    ], env
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``train.py ARGS`` in ``nproc`` processes (:func:`train_command`), run to the end."""
+    cmd, env = train_command(*args, nproc=nproc)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess of its own, as a user runs it: for what needs
+    a process (signals, kill -9, the exit status of a crash, start-up itself). One-process
+    runs that need none go through :func:`run_main` instead."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``train.main(args)`` in this process, from the repository root, its stdout and stderr
+    captured: the code path of ``python train.py ARGS`` after the imports, without a new
+    interpreter importing torch for every run.
+
+    Put back afterwards: the working directory, the RNG states (torch, numpy, random), torch's
+    deterministic-algorithms switch, the logger's handlers (the run's log file is closed) and,
+    after a crash, the process group. Left in place on purpose: glibc's malloc settings (a
+    CPU run keeps freed memory for reuse; the test process then stays at its high-water
+    mark), and what the run left on the heap (imported modules, torch's caches), frozen out
+    of later garbage collections: each Trainer collects fully at start and end, which would
+    otherwise walk this process's ever larger heap."""
+    import contextlib
+    import gc
+    import io
+    import random
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import train
+    from torchtitan_lite.logging import logger
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main(list(args))
+    finally:
+        os.chdir(cwd)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        if dist.is_initialized():  # a crash (a refused run already destroyed it)
+            dist.destroy_process_group()
+        gc.collect()
+        gc.freeze()
+    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+
+
+# ------------------------------------------------------------------ what a run leaves
+
+
+def metrics(folder: Path) -> list[dict]:
+    """The records of ``FOLDER/metrics.jsonl``, in order."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, one paragraph on stderr naming what is wrong, no Python traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# ------------------------------------------------------------------ files, models, batches
+
+
+def write_ranks_file(path: Path, num_ranks: int) -> Path:
+    """A valid tiktoken ranks file: the 256 bytes, then distinct multi-byte tokens."""
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    for rank in range(256, num_ranks):
+        token = f"t{rank}".encode()
+        lines.append(f"{base64.b64encode(token).decode()} {rank}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def debug_shaped_config(transformers, **settings):
+    """A ``transformers.LlamaConfig`` in the debug model's shapes, with the embedded
+    tokenizer's vocabulary and bos/eos."""
+    return transformers.LlamaConfig(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=768,
+        vocab_size=2304,
+        rms_norm_eps=1e-5,
+        bos_token_id=2048,
+        eos_token_id=2049,
+        tie_word_embeddings=False,
+        **settings,
+    )
+
+
+def tiny_model(
+    *, vocab_size: int, eos_id: int, n_kv_heads: int = 2, seed: int = 0, max_seq_len: int = 128
+) -> Transformer:
+    """A 2-layer, 64-wide model in eval mode, built on meta and initialized as training does."""
+    import torch
+
+    from torchtitan_lite.models.llama3.args import ModelArgs
+    from torchtitan_lite.models.llama3.model import Transformer
+
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        multiple_of=32,
+        max_seq_len=max_seq_len,
+        rope_theta=10000.0,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model.eval()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor shard (a plain tensor as it is)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+#: The ids of :func:`packed_batch`'s rows: eos 0 in a vocabulary of the debug model's size.
+EOS = 0
+VOCAB = 2304
+
+
+def packed_batch(seed: int, seq_len: int, batch: int = 2) -> torch.Tensor:
+    """Rows with a layout that changes with the seed: no EOS, long and short documents,
+    EOS at block edges, runs of EOS."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (batch, seq_len), generator=gen)
+    kind = seed % 5
+    if kind == 1:
+        tokens[torch.rand(batch, seq_len, generator=gen) < 1 / 100] = EOS
+    elif kind == 2:
+        tokens[torch.rand(batch, seq_len, generator=gen) < 1 / 5] = EOS
+    elif kind == 3:
+        tokens[:, 127::128] = EOS
+    elif kind == 4:
+        tokens[:, seq_len // 3 : seq_len // 2] = EOS
+    return tokens
