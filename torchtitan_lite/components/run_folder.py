@@ -3,6 +3,7 @@ run's own by the first line of the resolved config it holds."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -20,7 +21,8 @@ RUN_CONFIG_MARK = "# torchtitan_lite: the resolved config of the run in this fol
 def make_run_folder(config: JobConfig, rank: int) -> Path:
     """Create (or reuse) the run folder after checking that the run may write there: it is
     writable, and its ``config.toml``, if any, is a run's resolved config (every rank checks,
-    so all refuse alike); rank 0 then writes the resolved config."""
+    so all refuse alike); rank 0 then writes the resolved config, renamed into place so that
+    a rank still checking never reads it half written."""
     path = config.job.dump_folder
     folder = Path(path)
     try:
@@ -42,8 +44,10 @@ def make_run_folder(config: JobConfig, rank: int) -> Path:
             "own config file: the run would overwrite it with its resolved config. Fix: "
             "choose another job.dump_folder, or move that config.toml elsewhere."
         )
-    if rank == 0:
-        resolved.write_text(f"{RUN_CONFIG_MARK}\n{to_toml(config)}", encoding="utf-8")
+    if rank == 0:  # atomically: another rank may be checking it right now
+        tmp = folder / f".config.toml.tmp-{os.getpid()}"
+        tmp.write_text(f"{RUN_CONFIG_MARK}\n{to_toml(config)}", encoding="utf-8")
+        os.replace(tmp, resolved)
     return folder
 
 
