@@ -256,6 +256,8 @@ class CheckpointManager:
         ``checkpoint.load_step`` chose it). Every rank takes the same decision."""
         self.remove_stale()
         for candidate in start.candidates:
+            if not candidate.was_read:  # an older one, read only when falling back to it
+                candidate = candidate.read(self.cc.verify_checksums)
             path, step, manifest = candidate.path, candidate.step, candidate.manifest
             error = candidate.error
             if manifest is not None:
@@ -266,7 +268,7 @@ class CheckpointManager:
             if error is None:
                 self._inherit(manifest, own=True)
                 return train_state, candidate
-            if self.cc.load_step > 0 or candidate is start.candidates[-1]:
+            if self.cc.load_step > 0 or step == start.candidates[-1].step:
                 raise CheckpointError(
                     f"Checkpoint {path} cannot be loaded ({error}). Fix: "
                     + (

@@ -36,12 +36,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One of the run's own checkpoints, as its manifest read (``error`` when it did not)."""
+    """One of the run's own checkpoints and its manifest, read once: by the resolution up to
+    the first one that reads, by the checkpoint manager for an older one it falls back to
+    (``read``). ``error``: why the manifest did not read."""
 
     step: int
     path: Path
-    manifest: dict | None
+    manifest: dict | None = None
     error: str | None = None
+
+    @property
+    def was_read(self) -> bool:
+        return self.manifest is not None or self.error is not None
+
+    def read(self, verify: bool) -> Candidate:
+        """This candidate with its manifest read (checked against its own checksum, and,
+        with ``verify``, refused when it records none)."""
+        try:
+            return dataclasses.replace(self, manifest=read_manifest(self.path, verify=verify))
+        except IntegrityError as e:
+            return dataclasses.replace(self, error=str(e))
 
 
 @dataclass(frozen=True)
@@ -85,9 +99,10 @@ def resolve_start(config: JobConfig) -> Start:
     """Decide where the run starts; every manifest and config it needs is read here, once.
 
     The run's own checkpoints come first (resume); ``checkpoint.load_step`` names one, and
-    one that is not there is an error here, for training and the dry run alike. A manifest
+    one that is not there is an error here, for training and the dry run alike. Manifests
+    are read newest first up to the first that reads (its RoPE settings are the run's); one
     that does not read is kept as a candidate with its error: the manager reports it when it
-    loads and falls back to the one before it."""
+    loads, and falls back to the one before it."""
     cc = config.checkpoint
     own = Path(config.job.dump_folder) / cc.folder
     if cc.enable and not cc.create_seed_checkpoint:
@@ -137,13 +152,11 @@ def _own_candidates(folder: Path, load_step: int, verify: bool) -> tuple[Candida
                 "or -1 for the newest."
             )
         steps = [load_step]
-    candidates = []
-    for step in reversed(steps):
-        path = folder / f"step-{step}"
-        try:
-            candidates.append(Candidate(step, path, read_manifest(path, verify=verify)))
-        except IntegrityError as e:
-            candidates.append(Candidate(step, path, None, str(e)))
+    candidates = [Candidate(step, folder / f"step-{step}") for step in reversed(steps)]
+    for i, candidate in enumerate(candidates):  # newest first, up to one that reads
+        candidates[i] = candidate.read(verify)
+        if candidates[i].manifest is not None:
+            break
     return tuple(candidates)
 
 
