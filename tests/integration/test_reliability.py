@@ -263,7 +263,8 @@ def _bad_config_case(name: str, tmp_path: Path) -> list[str]:
         (tmp_path / "bad.toml").write_text("[training\nsteps = 1\n")
         return ["--config", str(tmp_path / "bad.toml")]
     if name == "tokenizer of the wrong format":
-        (tmp_path / "tok.model").write_bytes(os.urandom(2000))
+        # random bytes, seeded (a random file that happens to start with "{" reads as JSON)
+        (tmp_path / "tok.model").write_bytes(random.Random(0).randbytes(2000))
         return ["--tokenizer.path", str(tmp_path / "tok.model")]
     if name == "block_causal with no eos id":
         return ["--tokenizer.path", str(_tiny_spm_without_eos(tmp_path / "noeos.model"))]
