@@ -12,6 +12,7 @@ Each key's own rules (its type, its choices, its range) are written in its field
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torchtitan_lite.config.fields import check_fields
@@ -91,14 +92,17 @@ class JobConfig:
             )
         return found
 
-    def validate(self, data_parallel: int | None = None) -> None:
+    def validate(
+        self, data_parallel: int | None = None, origins: Mapping[str, str] | None = None
+    ) -> None:
         """Check every key against its type, then the rules that relate several keys; raises
         ConfigError naming the keys and the fix.
 
         ``data_parallel``: the run's data-parallel degree, known once the world is (the
         Trainer validates again with it); without it, the batch rule that depends on it is
-        checked only as far as the config alone allows."""
-        check_fields(self)
+        checked only as far as the config alone allows. ``origins``: where each key's value
+        came from (a file, "the command line"), for the errors."""
+        check_fields(self, origins)
         m = self.model
         if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
             raise ConfigError(

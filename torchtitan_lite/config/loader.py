@@ -26,7 +26,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from torchtitan_lite.config.fields import (
     a_type_name,
     base_type,
-    check_fields,
     convert,
     describe,
     example,
@@ -177,9 +176,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         setattr(getattr(config, sec), name, _parse_cli_value(dotted, text, tp))
         origins[dotted] = "the command line"
     # The choices and ranges of the final values (a file's value may be overridden), each
-    # error naming where its value came from; validate() repeats this check without places.
-    check_fields(config, origins)
-    config.validate()
+    # error naming where its value came from, then the rules that relate several keys.
+    config.validate(origins=origins)
     return config
 
 
