@@ -56,10 +56,11 @@ from torchtitan_lite.tokenizer import tokenizer_from_config
 
 
 class Trainer:
-    def __init__(self, config: JobConfig, config_path: str | None = None, mode=None) -> None:
-        """``mode``: what this build does for real (:class:`RunMode`, a training run, by
-        default; the dry run passes its own, which builds the same sequence with fake tensors
-        and writes and loads nothing)."""
+    def __init__(
+        self, config: JobConfig, config_path: str | None = None, mode: RunMode | None = None
+    ) -> None:
+        """``mode``: what this build does for real (default: a training run; the dry run
+        passes its own: the same sequence with fake tensors, nothing written or loaded)."""
         self.config, self.mode = config, mode or RunMode()
         tc, mc = config.training, config.model
 
@@ -197,9 +198,8 @@ class Trainer:
         )
 
     def load_start(self) -> None:
-        """Load the weights :attr:`start` names: resume the run's own checkpoint (train state
-        included), or take the weights of ``checkpoint.initial_load_path`` /
-        ``initial_load_hf`` as step 0."""
+        """Load what :attr:`start` names: the run's own checkpoint (train state included), or
+        the weights of ``initial_load_path`` / ``initial_load_hf`` as step 0."""
         if self.start.kind == "resume":
             state, loaded = self.checkpointer.load(self.start, self.tokenizer)
             self.start = self.start.loaded(loaded)
