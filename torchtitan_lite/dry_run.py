@@ -80,7 +80,7 @@ class DryRunMode(RunMode):
     def tensors(self):
         return self.fake_mode
 
-    def materialize(self, model, parallelize, device: torch.device):
+    def materialize(self, model, parallelize, device: torch.device, num_params: int):
         """Fake shards, no memory; no initialization."""
         model = parallelize(model)
         with self.fake_mode:

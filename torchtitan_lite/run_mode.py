@@ -82,11 +82,12 @@ class RunMode:
         model: torch.nn.Module,
         parallelize: Callable[[torch.nn.Module], torch.nn.Module],
         device: torch.device,
+        num_params: int,
     ) -> torch.nn.Module:
-        """A model on the meta device → parallelized, on ``device``, initialized. A small one
-        is initialized whole, then sharded: identical weights for any world size; a large
-        one shard by shard, on the device."""
-        whole = sum(p.numel() for p in model.parameters()) <= _INIT_WHOLE_MAX_PARAMS
+        """A model on the meta device (of ``num_params`` parameters) → parallelized, on
+        ``device``, initialized. A small one is initialized whole, then sharded: identical
+        weights for any world size; a large one shard by shard, on the device."""
+        whole = num_params <= _INIT_WHOLE_MAX_PARAMS
         if whole:
             _initialize(model, device)
         model = parallelize(model)

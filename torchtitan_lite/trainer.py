@@ -152,6 +152,7 @@ class Trainer:
             model,
             lambda m: parallelize(m, self.mesh, config, self.attn_backend, self.param_dtype),
             self.device,
+            self.num_params,
         )
         with self.mode.tensors():
             self.model.train()
@@ -254,9 +255,7 @@ class Trainer:
         document ids already there, when given); sdpa cuts its segments on the host (no
         device→host read), placing their small masks on the device.
 
-        A dry run's fake step attends causally (None): no S×S either way, as with
-        FlexAttention on the GPU; the dry run counts the FLOPs from the real mask; and one
-        fake kernel call per layer replaces one per document."""
+        A dry run's fake step attends causally (None; ``DryRunMode`` says why)."""
         if not self.mode.builds_masks:
             return None
         a = self.model_args

@@ -21,7 +21,13 @@ from torchtitan_lite.components.integrity import (
 )
 from torchtitan_lite.errors import ExportError
 from torchtitan_lite.ids import IdMismatchError
-from torchtitan_lite.models.llama3.args import FLAVORS, ModelArgs, ffn_hidden_dim, rope_settings
+from torchtitan_lite.models.llama3.args import (
+    FLAVORS,
+    ModelArgs,
+    ffn_hidden_dim,
+    model_args_for,
+    rope_settings,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -261,10 +267,12 @@ def read_hf_base(
         "model.vocab_size": model_args.vocab_size,
         **{f"model.{k}": v for k, v in rope_settings(model_args).items()},
     }
+    flavor = matching_flavor(cfg)
+    theirs_args = model_args_for(flavor, **hf_rope(cfg, hf_dir / "config.json"))
     theirs = {
-        "model.flavor": matching_flavor(cfg),
+        "model.flavor": flavor,
         "model.vocab_size": cfg["vocab_size"],
-        **{f"model.{k}": v for k, v in _rope_keys(hf_rope(cfg, hf_dir / "config.json")).items()},
+        **{f"model.{k}": v for k, v in rope_settings(theirs_args).items()},
     }
     differ = [k for k in ours if ours[k] != theirs.get(k)]
     if differ:
@@ -278,9 +286,3 @@ def read_hf_base(
     check_representable(cfg, model_args, hf_dir / "config.json")
     check_hf_eos(cfg, hf_dir, tokenizer)
     return read_hf_weights(hf_dir, model_args) if load_weights else {}
-
-
-def _rope_keys(rope: dict[str, float]) -> dict[str, float]:
-    """An HF config's RoPE settings as :func:`rope_settings` names them: the scaling band
-    only when the factor is on."""
-    return rope if rope["rope_scaling_factor"] > 0 else {k: rope[k] for k in list(rope)[:2]}

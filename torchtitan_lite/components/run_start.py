@@ -130,16 +130,21 @@ def resolve_start(config: JobConfig) -> Start:
             raise unusable_initial(path, str(e)) from None
         return Start(kind="checkpoint", path=path, manifest=manifest, rope=manifest.get("rope", {}))
     if cc.initial_load_hf:
-        path = Path(cc.initial_load_hf)
-        hf_config = read_hf_config(path, key="checkpoint.initial_load_hf")
-        return Start(
-            kind="hf",
-            path=path,
-            rope=hf_rope(hf_config, path / "config.json"),
-            hf_config=hf_config,
-            base=base_record(path, hf_config),
-        )
+        return hf_start(Path(cc.initial_load_hf), key="checkpoint.initial_load_hf")
     return Start(kind="fresh")
+
+
+def hf_start(path: Path, key: str = "") -> Start:
+    """A Hugging Face folder as a start: its ``config.json`` (read once), RoPE settings and
+    base record. ``key``: the config key that named the folder, for the error."""
+    hf_config = read_hf_config(path, key=key)
+    return Start(
+        kind="hf",
+        path=path,
+        rope=hf_rope(hf_config, path / "config.json"),
+        hf_config=hf_config,
+        base=base_record(path, hf_config),
+    )
 
 
 def _own_candidates(folder: Path, load_step: int, verify: bool) -> tuple[Candidate, ...]:

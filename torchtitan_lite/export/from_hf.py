@@ -12,17 +12,14 @@ import torch
 
 from torchtitan_lite.components.dcp_format import seal_step_folder
 from torchtitan_lite.components.hf_base import (
-    base_record,
     check_hf_eos,
     check_representable,
-    hf_rope,
     hf_tokenizer_file,
     matching_flavor,
-    read_hf_config,
     read_hf_weights,
     verify_export,
 )
-from torchtitan_lite.components.run_start import Start, build_model_args
+from torchtitan_lite.components.run_start import Start, build_model_args, hf_start
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.errors import ExportError
 from torchtitan_lite.ids import ids_manifest
@@ -46,16 +43,10 @@ def read_hf_folder(
             f"{hf_dir} is not what was exported: {'; '.join(problems)}. Fix: export it again "
             "(scripts/convert_to_hf.py --overwrite) or restore it from a copy."
         )
-    cfg = read_hf_config(hf_dir)
+    start = hf_start(hf_dir)
+    cfg = start.hf_config
     tokenizer = load_tokenizer(hf_tokenizer_file(hf_dir, tokenizer_path))
     check_hf_eos(cfg, hf_dir, tokenizer)
-    start = Start(
-        kind="hf",
-        path=hf_dir,
-        rope=hf_rope(cfg, hf_dir / "config.json"),
-        hf_config=cfg,
-        base=base_record(hf_dir, cfg),
-    )
     config = JobConfig()
     config.model.flavor = matching_flavor(cfg)
     config.model.vocab_size = cfg["vocab_size"]
