@@ -1,7 +1,8 @@
 """Benchmark the data pipeline: tokens/s of read + tokenize + pack, per process.
 
 Measures, on the embedded corpus (or ``--path``), for the tiktoken and sentencepiece debug
-tokenizers: the packed dataset iterated directly, and through the StatefulDataLoader that
+tokenizers and for the tiktoken ranks converted by ``transformers`` into a Hugging Face
+``tokenizer.json`` (the same ids): the packed dataset iterated directly, and through the StatefulDataLoader that
 training uses (batch 8 × 2048), plus the time spent in tokenization alone. Then chat data
 (``--chat-path``, the embedded conversations): render + label + pack (best-fit) or pad,
 through the loader, in row positions per second and in trained targets per second.
@@ -15,12 +16,35 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from itertools import islice
+from pathlib import Path
 
 from torchtitan_lite.config.job_config import Data
 from torchtitan_lite.data import IGNORE_INDEX, DocumentSource, PackedDataset, build_dataloader
 from torchtitan_lite.tokenizer import load_tokenizer
+
+
+def tokenizer_json(folder: Path) -> Path:
+    """The embedded tiktoken ranks as a tokenizer.json, converted by transformers."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from torchtitan_lite.tokenizer import LLAMA3_PATTERN, llama3_special_tokens
+
+    specials = llama3_special_tokens()
+    backend = TikTokenConverter(
+        vocab_file="assets/tokenizer/tiktoken_2k.model",
+        pattern=LLAMA3_PATTERN,
+        extra_special_tokens=specials,
+    ).converted()
+    backend.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=specials[0], eos_token=specials[1]
+    )
+    fast.save_pretrained(str(folder))
+    return folder / "tokenizer.json"
 
 
 def main() -> None:
@@ -33,7 +57,9 @@ def main() -> None:
     args = p.parse_args()
     print("| tokenizer | path | tokens | seconds | tokens/s |")
     print("|---|---|---|---|---|")
-    for tok_path in ("assets/tokenizer/tiktoken_2k.model", "assets/tokenizer/spm_2k.model"):
+    tmp = tempfile.TemporaryDirectory()
+    paths = ("assets/tokenizer/tiktoken_2k.model", "assets/tokenizer/spm_2k.model")
+    for tok_path in (*paths, tokenizer_json(Path(tmp.name))):
         tok = load_tokenizer(tok_path)
         source = DocumentSource(args.path)
         docs = [d.text for d in source]

@@ -1,9 +1,11 @@
 """Import a Hugging Face Llama folder as a step-0 checkpoint to start training from.
 
-Reads ``config.json`` + ``*.safetensors`` and the tokenizer (``original/tokenizer.model`` or
-``tokenizer.model``, or ``--tokenizer``), refuses a config whose eos disagrees with the
-tokenizer, and writes ``OUTPUT/checkpoint/step-0`` with its ids manifest (OUTPUT must not hold
-checkpoints yet). A folder exported here is checked against its ``checksums.json`` first. Then::
+Any Llama-architecture folder: the model's shapes, vocabulary, RoPE and tying come from its
+``config.json``. Reads ``*.safetensors`` and the tokenizer (``tokenizer.json``,
+``original/tokenizer.model`` or ``tokenizer.model``, or ``--tokenizer``), refuses a config
+whose eos disagrees with the tokenizer, and writes ``OUTPUT/checkpoint/step-0`` with its ids
+manifest (OUTPUT must not hold checkpoints yet). A folder exported here is checked against its
+``checksums.json`` first. Then::
 
     python train.py --config CONFIG --job.dump_folder OUTPUT --checkpoint.enable \\
         --tokenizer.path <the same tokenizer>

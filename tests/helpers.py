@@ -276,3 +276,31 @@ def packed_batch(seed: int, seq_len: int, batch: int = 2) -> torch.Tensor:
     elif kind == 4:
         tokens[:, seq_len // 3 : seq_len // 2] = EOS
     return tokens
+
+
+def write_hf_tokenizer(
+    folder: Path, ranks: Path = TIKTOKEN_2K, eos_token: str = "<|eot_id|>", pad_token=None
+) -> Path:
+    """A ``tokenizer.json`` + ``tokenizer_config.json`` for a tiktoken ranks file in the Llama 3
+    layout, made by ``transformers`` itself (its tiktoken converter and ``save_pretrained``),
+    with the bos/eos/pad names given: by default as a Llama 3 instruct model ships them
+    (eos ``<|eot_id|>``, no pad)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from torchtitan_lite.tokenizer import LLAMA3_PATTERN, llama3_special_tokens
+
+    specials = llama3_special_tokens()
+    backend = TikTokenConverter(
+        vocab_file=str(ranks), pattern=LLAMA3_PATTERN, extra_special_tokens=specials
+    ).converted()
+    backend.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token=eos_token,
+        pad_token=pad_token,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(folder))
+    return folder / "tokenizer.json"

@@ -108,7 +108,7 @@ def check_tokenizer_ids(tokenizer: Tokenizer, allow_eot_boundary: bool = False) 
             "targets, so the model never learns to stop). Fix: set tokenizer.pad_token to a "
             "different token (e.g. a reserved special token) or leave it empty."
         )
-    warnings = []
+    warnings = list(t.notes)  # what loading repaired in the tokenizer's own files
     if t.token_id(EOT) == t.eos_id:
         if not allow_eot_boundary:
             raise IdMismatchError(

@@ -1,10 +1,12 @@
 """Tokenizers: the single source of truth for the special ids.
 
-Two formats, told apart by the file's contents (not its name):
+Three formats, told apart by the file's contents (not its name):
 
 * a **tiktoken ranks file** (one ``base64(token) rank`` pair per line, Llama 3's
   ``tokenizer.model``), to which the 256 Llama 3 special tokens are appended after the ranks;
-* a **sentencepiece** ``.model`` protobuf, with its own bos/eos/pad pieces.
+* a **sentencepiece** ``.model`` protobuf, with its own bos/eos/pad pieces;
+* a Hugging Face **tokenizer.json** (:mod:`torchtitan_lite.tokenizer_json`), with the
+  bos/eos/pad its ``tokenizer_config.json`` names.
 
 Every tokenizer exposes ``bos_id``, ``eos_id`` (the document boundary), ``pad_id`` (or None),
 ``vocab_size``, ``stop_ids`` (ids that end generation), ``encode(text, bos=, eos=)`` and
@@ -37,7 +39,7 @@ START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 # Llama 3 ships no pad token; its reserved specials are never produced by encoding text, and
 # Llama 3.1 names one of them <|finetune_right_pad_id|> for exactly this use.
-RESERVED_PAD = "<|reserved_special_token_0|>"
+RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")
 # tiktoken's regex engine can overflow its stack on very long inputs; encode in chunks.
 _MAX_ENCODE_CHARS = 400_000
 
@@ -73,6 +75,8 @@ class Tokenizer(ABC):
     pad_id: int | None
     vocab_size: int
     special_tokens: dict[str, int]
+    #: What loading repaired in the tokenizer's own files (logged by the run before step 1).
+    notes: Sequence[str] = ()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self._encode_ordinary(text)
@@ -149,8 +153,8 @@ class Tokenizer(ABC):
         teach fine-tuning tools to mask eos out of the loss (a model that never stops)."""
         if self.pad_id is not None:
             return self.pad_id
-        reserved = self.special_tokens.get(RESERVED_PAD)
-        return reserved if reserved is not None and reserved not in self.stop_ids else None
+        reserved = (self.special_tokens.get(name) for name in RESERVED_PADS)
+        return next((r for r in reserved if r is not None and r not in self.stop_ids), None)
 
     @functools.cached_property
     def file_sha256(self) -> str:
@@ -175,6 +179,23 @@ class Tokenizer(ABC):
             f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
             f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
         )
+
+
+def tiktoken_encode(encoding, text: str) -> list[int]:
+    """``text`` as ordinary text (special tokens spelled in it are text) by a tiktoken
+    ``Encoding``, in chunks its regex engine can take."""
+    if len(text) <= _MAX_ENCODE_CHARS:
+        return encoding.encode_ordinary(text)
+    ids: list[int] = []
+    for start in range(0, len(text), _MAX_ENCODE_CHARS):
+        ids.extend(encoding.encode_ordinary(text[start : start + _MAX_ENCODE_CHARS]))
+    return ids
+
+
+def tiktoken_encode_batch(encoding, texts: list[str]) -> list[list[int]]:
+    if max(map(len, texts), default=0) > _MAX_ENCODE_CHARS:
+        return [tiktoken_encode(encoding, t) for t in texts]
+    return encoding.encode_ordinary_batch(texts)
 
 
 class TikTokenizer(Tokenizer):
@@ -213,17 +234,10 @@ class TikTokenizer(Tokenizer):
         )
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        if len(text) <= _MAX_ENCODE_CHARS:
-            return self._model.encode_ordinary(text)
-        ids: list[int] = []
-        for start in range(0, len(text), _MAX_ENCODE_CHARS):
-            ids.extend(self._model.encode_ordinary(text[start : start + _MAX_ENCODE_CHARS]))
-        return ids
+        return tiktoken_encode(self._model, text)
 
     def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
-        if max(map(len, texts), default=0) > _MAX_ENCODE_CHARS:
-            return [self._encode_ordinary(t) for t in texts]
-        return self._model.encode_ordinary_batch(texts)
+        return tiktoken_encode_batch(self._model, texts)
 
     def decode(self, ids: list[int]) -> str:
         return self._model.decode(list(ids), errors="replace")
@@ -334,25 +348,49 @@ def _parse_ranks(path: Path, data: bytes) -> dict[bytes, int] | None:
 #: Where ``scripts/fetch_llama3_tokenizer.py`` puts the official Llama 3 tokenizer, and where
 #: the shipped Llama 3 configs look for it.
 LLAMA3_TOKENIZER_PATH = "assets/tokenizer/llama3/tokenizer.model"
+#: The embedded tokenizer: ``tokenizer.path`` when neither it nor an HF start names one.
+EMBEDDED_TOKENIZER_PATH = "assets/tokenizer/tiktoken_2k.model"
+#: A model folder's tokenizer, in the order looked for (Hugging Face's, then Meta's original).
+FOLDER_TOKENIZER_FILES = ("tokenizer.json", "original/tokenizer.model", "tokenizer.model")
 
 
-def tokenizer_from_config(section, path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer a config's ``[tokenizer]`` section describes (``path`` instead of its
-    ``tokenizer.path`` when given): the one way a run, an export and the tools build it."""
-    return load_tokenizer(
-        path or section.path, section.eos_token, section.pad_token, section.extra_stop_tokens
-    )
+def tokenizer_from_config(
+    section, path: str | Path | None = None, hf_folder: str | Path = ""
+) -> Tokenizer:
+    """The tokenizer a config's ``[tokenizer]`` section describes: the one way a run, an export
+    and the tools build it. Its file is ``path`` when given, else ``tokenizer.path``, else the
+    tokenizer of ``hf_folder`` (the run's ``checkpoint.initial_load_hf``), else the embedded
+    one."""
+    path = path or section.path or hf_folder or EMBEDDED_TOKENIZER_PATH
+    return load_tokenizer(path, section.eos_token, section.pad_token, section.extra_stop_tokens)
+
+
+def folder_tokenizer_file(folder: Path) -> Path:
+    """The tokenizer file of a model folder (:data:`FOLDER_TOKENIZER_FILES`)."""
+    found = next((folder / n for n in FOLDER_TOKENIZER_FILES if (folder / n).is_file()), None)
+    if found is None:
+        raise TokenizerError(
+            f"Tokenizer folder {folder} holds none of {', '.join(FOLDER_TOKENIZER_FILES)}. "
+            "Fix: point tokenizer.path at the tokenizer file itself, or at the model folder "
+            "it came with."
+        )
+    return found
 
 
 def load_tokenizer(
     path: str | Path, eos_token: str = "", pad_token: str = "", stop_tokens: Sequence[str] = ()
 ) -> Tokenizer:
-    """Load a tiktoken ranks file or a sentencepiece model, detected from the file's contents.
+    """Load a Hugging Face tokenizer.json, a tiktoken ranks file or a sentencepiece model,
+    detected from the file's contents; a folder stands for its tokenizer file
+    (:func:`folder_tokenizer_file`).
 
     ``eos_token`` names the document-boundary token (default ``<|end_of_text|>`` / the model's
-    ``</s>``); ``pad_token`` an optional pad token; ``stop_tokens`` more generation stops.
+    ``</s>`` / tokenizer_config.json's eos); ``pad_token`` an optional pad token;
+    ``stop_tokens`` more generation stops.
     """
     path = Path(path)
+    if path.is_dir():
+        path = folder_tokenizer_file(path)
     if not path.is_file() and path.as_posix().endswith(LLAMA3_TOKENIZER_PATH):
         raise TokenizerError(
             f"Tokenizer file {path} does not exist: it is the official Llama 3 tokenizer, "
@@ -361,11 +399,10 @@ def load_tokenizer(
             "the repository root, or point tokenizer.path at your copy."
         )
     if not path.is_file():
-        hint = " (it is a folder; name the tokenizer file inside it)" if path.is_dir() else ""
         raise TokenizerError(
-            f"Tokenizer file {path} does not exist{hint}. Fix: set tokenizer.path to a tiktoken "
-            "ranks file or a sentencepiece .model (the default is "
-            "assets/tokenizer/tiktoken_2k.model, run from the repository root)."
+            f"Tokenizer file {path} does not exist. Fix: set tokenizer.path to a tokenizer.json, "
+            "a tiktoken ranks file, a sentencepiece .model or a model folder holding one (the "
+            f"default is {EMBEDDED_TOKENIZER_PATH}, run from the repository root)."
         )
     data = path.read_bytes()
     if not data.strip():
@@ -374,16 +411,14 @@ def load_tokenizer(
     if ranks is not None:
         return TikTokenizer(path, ranks, eos_token, pad_token, stop_tokens)
     if data.lstrip()[:1] == b"{":
-        raise TokenizerError(
-            f"Tokenizer file {path} is JSON (a Hugging Face tokenizer.json?), which is not a "
-            "supported format. Fix: point tokenizer.path at the tiktoken ranks file or "
-            "sentencepiece tokenizer.model of the same model."
-        )
+        from torchtitan_lite.tokenizer_json import JsonTokenizer
+
+        return JsonTokenizer(path, eos_token, pad_token, stop_tokens)
     try:
         return SentencePieceTokenizer(path, data, eos_token, pad_token, stop_tokens)
     except RuntimeError as e:  # sentencepiece's parse error
         raise TokenizerError(
-            f"Tokenizer file {path} is neither a tiktoken ranks file ('base64-token rank' lines) "
-            f"nor a sentencepiece model ({str(e).strip()[:120]}). Fix: set tokenizer.path to a "
-            "tiktoken or sentencepiece tokenizer file."
+            f"Tokenizer file {path} is neither a Hugging Face tokenizer.json, a tiktoken ranks "
+            f"file ('base64-token rank' lines) nor a sentencepiece model ({str(e).strip()[:120]})"
+            ". Fix: set tokenizer.path to a tokenizer file of one of these formats."
         ) from None

@@ -18,7 +18,11 @@ from torchtitan_lite.components.gc_control import GarbageCollection
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.components.profiling import maybe_profile
-from torchtitan_lite.components.run_start import build_model_args, resolve_start
+from torchtitan_lite.components.run_start import (
+    build_model_args,
+    resolve_start,
+    weights_manifest,
+)
 from torchtitan_lite.components.stop_signals import stop_signals
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader
@@ -41,14 +45,13 @@ from torchtitan_lite.distributed.utils import (
 )
 from torchtitan_lite.errors import ConfigError, UserError
 from torchtitan_lite.evaluation import evaluate
-from torchtitan_lite.ids import check_special_ids, ids_manifest
+from torchtitan_lite.ids import check_special_ids
 from torchtitan_lite.logging import logger
 from torchtitan_lite.models.attention import (
     build_attention_mask,
     document_ids,
     document_positions,
 )
-from torchtitan_lite.models.llama3.args import ffn_hidden_dim, rope_settings
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.models.loss import cross_entropy_sum
 from torchtitan_lite.run_mode import RunMode
@@ -93,7 +96,9 @@ class Trainer:
         set_seed(tc.seed, tc.deterministic)
 
         # 4. The tokenizer first: its special ids are the single source of truth.
-        self.tokenizer = tokenizer_from_config(config.tokenizer)
+        self.tokenizer = tokenizer_from_config(
+            config.tokenizer, hf_folder=config.checkpoint.initial_load_hf
+        )
 
         # 5. Data: this rank's shard of the packed stream, with gradient accumulation.
         rows = tc.local_batch_size * self.parallel_dims.dp  # one step without accumulation
@@ -121,8 +126,9 @@ class Trainer:
             a.n_heads,
             a.n_kv_heads or a.n_heads,
             a.vocab_size,
-            ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier),
+            a.hidden_dim,
             tc.seq_len,
+            tied=a.tie_word_embeddings,
         )
         self.mode.check_step_fits(
             a,
@@ -171,7 +177,7 @@ class Trainer:
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             dataloader=self.dataloader,
-            manifest={**ids_manifest(self.tokenizer, mc.attn_mask_type), "rope": rope_settings(a)},
+            manifest=weights_manifest(self.tokenizer, a, self.start),
             mesh=self.mesh,
         )
         self.mode.load_start(self)

@@ -132,7 +132,7 @@ def test_import_refuses_a_disagreeing_eos(exported, tmp_path):
         if f.is_file() and f.name != "checksums.json":
             (bad / f.name).write_bytes(f.read_bytes())
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(IdMismatchError, match=r"eos_token_id 2.*eos 2049"):
+    with pytest.raises(IdMismatchError, match=r"stop ids \[2\], which are not special.*eos 2049"):
         import_from_hf(
             bad, tmp_path / "out", tokenizer_path=str(exported / "original" / "tokenizer.model")
         )
@@ -233,8 +233,10 @@ def test_training_from_an_import_refuses_other_rope_settings(llama31_style, tmp_
             {"rope_parameters": None, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
             "'yarn'.*only Llama 3.1's 'llama3' scaling",
         ),
-        ({"rms_norm_eps": 1e-6}, r"rms_norm_eps = 1e-06.*rms_norm_eps = 1e-05"),
-        ({"tie_word_embeddings": True}, "tie_word_embeddings = True.*would silently change"),
+        ({"attention_bias": True}, "attention_bias = True.*would silently change"),
+        ({"hidden_act": "gelu"}, "hidden_act = 'gelu'.*hidden_act = 'silu'"),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type = 'qwen2'"),
+        ({"head_dim": 7}, "head_dim = 7.*head_dim = "),
     ],
 )
 def test_import_refuses_what_it_cannot_represent(llama31_style, tmp_path, change, message):

@@ -352,11 +352,11 @@ def test_sft_from_a_hugging_face_model_keeps_its_weights_and_stop_ids(hf_base, t
     assert f"| base model | Hugging Face model {hf_base} |" in (out / "README.md").read_text()
 
 
-def test_a_hugging_face_model_of_another_shape_names_the_keys_to_set(hf_base, tmp_path):
+def test_a_config_that_overrides_the_hf_models_settings_names_the_keys(hf_base, tmp_path):
     with pytest.raises(
         UserError,
-        match=r"model.rope_theta is 500000.0 there, 10000.0 here.*Fix: set "
-        r"model.rope_theta = 500000.0",
+        match=r"model.rope_theta is 500000.0 there, 10000.0 here.*Fix: remove "
+        r"model.rope_theta from the config",
     ):
         sft_trainer(
             tmp_path / "x",

@@ -40,7 +40,9 @@ def test_startup_banner_and_resolved_config(tmp_path, monkeypatch):
         "stop ids [2049, 2057]"
     ) in log
     assert "attention mask block_causal (document boundary: eos id 2049), kernel sdpa" in log
-    assert "6 layers, dim 256, 16 heads (16 kv), vocab 2304, eos 2049, 6.3M parameters" in log
+    assert (
+        "6 layers, dim 256, 16 heads (16 kv), FFN 768, vocab 2304, eos 2049, 6.3M parameters" in log
+    )
     assert "startup id check passed" in log
     resolved = load_config(out / "config.toml")
     assert resolved == load_config(DEBUG_CONFIG, ["--job.dump_folder", str(out), *FAST])

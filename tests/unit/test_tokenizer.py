@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CORPUS, SPM_2K, TIKTOKEN_2K, write_ranks_file
+from tests.helpers import CORPUS, SPM_2K, TIKTOKEN_2K, write_hf_tokenizer, write_ranks_file
 from torchtitan_lite.errors import TokenizerError
 from torchtitan_lite.tokenizer import (
     SentencePieceTokenizer,
@@ -127,8 +127,11 @@ def test_format_is_read_from_contents_not_name(tmp_path):
     [
         (None, r"does not exist"),
         (b"", r"is empty"),
-        (b'{"model": {"type": "BPE"}}', r"is JSON"),
-        (b"\x00\x01garbage\xff" * 20, r"neither a tiktoken ranks file.*nor a sentencepiece model"),
+        (b'{"model": {"type": "BPE"}}', r"is JSON but not a Hugging Face tokenizer.json"),
+        (
+            b"\x00\x01garbage\xff" * 20,
+            r"neither a Hugging Face tokenizer.json.*nor a sentencepiece",
+        ),
         (b"IQ== 0\nIg== 1\nnot-base64!! 2\n", r"line 3: expected 'base64-token rank'"),
         (b"IQ== 0\nIg== 5\n", r"ranks are not exactly 0..1"),
         (b"IQ== 0\nIQ== 1\n", r"line 2: token b'!' appears twice"),
@@ -143,8 +146,8 @@ def test_bad_tokenizer_files_name_the_file(tmp_path, content, pattern):
     assert str(path) in str(e.value) and "Fix" in str(e.value)
 
 
-def test_folder_instead_of_file(tmp_path):
-    with pytest.raises(TokenizerError, match="it is a folder"):
+def test_a_folder_without_a_tokenizer_names_what_it_looked_for(tmp_path):
+    with pytest.raises(TokenizerError, match="holds none of tokenizer.json, original/tokenizer"):
         load_tokenizer(tmp_path)
 
 
@@ -184,6 +187,15 @@ def test_official_llama3_tokenizer(tmp_path_factory):
     assert tok.stop_ids == [128_001, 128_009]
     assert tok.encode("Hello world!", bos=True) == [128_000, 9906, 1917, 0]
     assert tok.decode(tok.encode("<|eot_id|> is text here")) == "<|eot_id|> is text here"
+    # The same ranks converted by transformers into a tokenizer.json: the same ids.
+    pytest.importorskip("transformers")
+    folder = dest / "hf"
+    hf = load_tokenizer(write_hf_tokenizer(folder, ranks=path))
+    assert (hf.kind, hf.vocab_size, hf.bos_id, hf.eos_id) == ("hf", 128_256, 128_000, 128_001)
+    assert hf.engine == "tiktoken"
+    assert hf.stop_ids == tok.stop_ids and hf.padding_id == tok.padding_id == 128_002
+    texts = [*corpus_texts(300), "<|eot_id|> is text here", "naïve café 東京 🎉 1234567"]
+    assert hf.encode_batch(texts, bos=True, eos=True) == tok.encode_batch(texts, bos=True, eos=True)
 
 
 @pytest.mark.network
@@ -202,3 +214,108 @@ def test_third_party_sentencepiece_model(tmp_path_factory):
     assert tok.vocab_size == 32_000
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, None)
     assert tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizer.json
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+    """The embedded ranks as a base model's tokenizer.json, made by transformers."""
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf_tok")
+    write_hf_tokenizer(folder, eos_token="<|end_of_text|>")
+    return folder
+
+
+def test_tokenizer_json_gives_the_tiktoken_ids_and_keeps_documents_ordinary_text(
+    hf_tokenizer_dir,
+):
+    tiktoken, hf = load_tokenizer(TIKTOKEN_2K), load_tokenizer(hf_tokenizer_dir / "tokenizer.json")
+    assert load_tokenizer(hf_tokenizer_dir).path == hf.path  # the folder stands for its file
+    assert (hf.kind, hf.vocab_size, hf.bos_id, hf.eos_id, hf.pad_id) == (
+        "hf",
+        2304,
+        2048,
+        2049,
+        None,
+    )
+    assert hf.stop_ids == tiktoken.stop_ids == [2049, 2057] and hf.notes == []
+    assert hf.special_tokens == tiktoken.special_tokens
+    texts = corpus_texts(400)
+    assert hf.encode_batch(texts, bos=True, eos=True) == tiktoken.encode_batch(
+        texts, bos=True, eos=True
+    )
+    # The fast path (tiktoken's engine) against the tokenizers library reading the same file.
+    from tokenizers import Tokenizer as Library
+
+    library = Library.from_file(str(hf.path))
+    library.encode_special_tokens = True
+    assert hf.engine == "tiktoken"
+    assert hf.encode_batch(texts) == [
+        e.ids for e in library.encode_batch(texts, add_special_tokens=False)
+    ]
+    spelled = "a line that spells <|eot_id|> and <|end_of_text|>"
+    assert (
+        hf.encode(spelled)
+        == tiktoken.encode(spelled)
+        == library.encode(spelled, add_special_tokens=False).ids
+    )
+    assert 2057 not in hf.encode(spelled) and hf.decode(hf.encode(spelled)) == spelled
+    assert hf.token_id("<|eot_id|>") == 2057 and hf.id_to_token(2057) == "<|eot_id|>"
+
+
+@pytest.mark.parametrize(
+    "eos_token, pad_token, ids, note",
+    [
+        # an instruct model's eos: the boundary becomes <|end_of_text|>, eot stays a stop id
+        ("<|eot_id|>", None, (2049, None, 2050), "as its eos_token, as instruct models do"),
+        # pad missing: padding uses a reserved special token, never a stop id
+        ("<|end_of_text|>", None, (2049, None, 2050), None),
+        # pad = eos (tokenizer.pad_token = tokenizer.eos_token): dropped, with the reason
+        ("<|end_of_text|>", "<|end_of_text|>", (2049, None, 2050), "never stops"),
+        # a real pad token is kept
+        ("<|end_of_text|>", "<|reserved_special_token_3|>", (2049, 2053, 2053), None),
+    ],
+)
+def test_tokenizer_config_traps_are_repaired_with_a_note(tmp_path, eos_token, pad_token, ids, note):
+    tok = load_tokenizer(write_hf_tokenizer(tmp_path, eos_token=eos_token, pad_token=pad_token))
+    assert (tok.eos_id, tok.pad_id, tok.padding_id) == ids
+    assert tok.padding_id not in tok.stop_ids and 2057 in tok.stop_ids
+    from torchtitan_lite.ids import check_tokenizer_ids
+
+    warnings = check_tokenizer_ids(tok)  # what the run logs before step 1
+    assert (note is None and warnings == []) or any(note in w for w in warnings), warnings
+
+
+def test_a_tokenizer_json_the_fast_path_cannot_prove_equal_uses_the_library(
+    hf_tokenizer_dir, tmp_path
+):
+    data = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text())
+    data["model"]["ignore_merges"] = False  # merges then apply even to whole vocabulary words
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "tokenizer_config.json").write_bytes(
+        (hf_tokenizer_dir / "tokenizer_config.json").read_bytes()
+    )
+    tok = load_tokenizer(tmp_path)
+    assert tok.engine == "tokenizers"
+    text = "ROMEO: spells <|eot_id|> here"
+    assert 2057 not in tok.encode(text) and tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_config_eos_equal_to_bos_is_refused(tmp_path):
+    from torchtitan_lite.ids import IdMismatchError, check_tokenizer_ids
+
+    tok = load_tokenizer(write_hf_tokenizer(tmp_path, eos_token="<|begin_of_text|>"))
+    with pytest.raises(IdMismatchError, match="eos id == bos id == 2048.*Fix"):
+        check_tokenizer_ids(tok)
+
+
+def test_tokenizer_config_naming_a_missing_token_names_both_files(hf_tokenizer_dir, tmp_path):
+    for f in hf_tokenizer_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_end|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"names '<\|im_end\|>' as its eos_token.*Fix"):
+        load_tokenizer(tmp_path)

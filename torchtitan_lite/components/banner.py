@@ -47,10 +47,14 @@ def log_banner(trainer, config_path: str | None) -> None:
         f"bos {t.bos_id} {t.id_to_token(t.bos_id)!r}, eos {t.eos_id} {t.eos_token!r}, "
         f"pad {pad}, stop ids {t.stop_ids}"
     )
+    shape_source = (
+        f"shaped by {trainer.start.describe()}" if trainer.start.shape else c.model.flavor
+    )
     logger.info(
-        f"model {c.model.name} {c.model.flavor}: {a.n_layers} layers, dim {a.dim}, "
-        f"{a.n_heads} heads ({a.n_kv_heads or a.n_heads} kv), vocab {a.vocab_size}, "
-        f"eos {a.eos_id}, {trainer.num_params / 1e6:,.1f}M parameters"
+        f"model {c.model.name} {shape_source}: {a.n_layers} layers, dim {a.dim}, "
+        f"{a.n_heads} heads ({a.n_kv_heads or a.n_heads} kv), FFN {a.hidden_dim}, vocab "
+        f"{a.vocab_size}, eos {a.eos_id}, {trainer.num_params / 1e6:,.1f}M parameters"
+        + (", tied embeddings" if a.tie_word_embeddings else "")
     )
     kernel = trainer.attn_backend
     if kernel == "flex" and trainer.device.type == "cuda":

@@ -355,7 +355,9 @@ class CheckpointManager:
                 )
             broadcast = dist.is_initialized() and dist.get_world_size() > 1
             load_weights = self.rank == 0 or not broadcast
-            weights = read_hf_base(path, start.hf_config, tokenizer, model_args, load_weights)
+            weights = read_hf_base(
+                path, start.hf_config, start.base, tokenizer, model_args, load_weights
+            )
             options = StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=broadcast, strict=True
             )

@@ -22,10 +22,9 @@ from torchtitan_lite.components.integrity import (
 from torchtitan_lite.errors import ExportError
 from torchtitan_lite.ids import IdMismatchError
 from torchtitan_lite.models.llama3.args import (
-    FLAVORS,
+    SHAPE_KEYS,
     ModelArgs,
-    ffn_hidden_dim,
-    model_args_for,
+    model_shape,
     rope_settings,
 )
 
@@ -127,60 +126,56 @@ def hf_rope(cfg: dict, path: Path) -> dict[str, float]:
     }
 
 
-def check_representable(cfg: dict, args: ModelArgs, path: Path) -> None:
-    """Refuse what the flavor cannot express: importing it anyway would change the model."""
+def hf_model_shape(cfg: dict, path: Path) -> dict:
+    """The model shape an HF Llama ``config.json`` states (dims, heads, kv heads, FFN width,
+    norm eps, tying, vocabulary), as ModelArgs fields: any Llama-architecture folder loads,
+    not only the named flavors' shapes. What the model code here cannot express (another
+    architecture, biases, another activation, a head size other than hidden / heads) is
+    refused with the key that differs: importing it anyway would change what it computes."""
     expected = {
-        "rms_norm_eps": args.norm_eps,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
     }
-    defaults = {"rms_norm_eps": 1e-6, "hidden_act": "silu"}  # transformers' own defaults
-    found = {key: cfg.get(key, defaults.get(key, False)) for key in expected}
+    found = {
+        "model_type": cfg.get("model_type", "llama"),
+        "architectures": cfg.get("architectures") or ["LlamaForCausalLM"],
+        "hidden_act": cfg.get("hidden_act", "silu"),  # transformers' own defaults
+        "attention_bias": cfg.get("attention_bias", False),
+        "mlp_bias": cfg.get("mlp_bias", False),
+    }
+    heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or dim // heads
+    if dim % heads == 0 and heads % kv_heads == 0:
+        expected["head_dim"] = dim // heads
+        found["head_dim"] = head_dim
+    else:
+        expected["num_key_value_heads"] = "a divisor of num_attention_heads"
+        expected["num_attention_heads"] = "a divisor of hidden_size"
+        found.update(num_key_value_heads=kv_heads, num_attention_heads=heads)
     differ = {key: value for key, value in found.items() if value != expected[key]}
     if differ:
-        wanted = ", ".join(f"{k} = {expected[k]!r}" for k in differ)
-        found = ", ".join(f"{k} = {v!r}" for k, v in differ.items())
         raise ExportError(
-            f"{path} has {found}, but the Llama 3 flavors here have {wanted}; importing it "
-            "would silently change what the model computes. Fix: import a Llama 3 model, or "
-            "add a flavor with these settings to torchtitan_lite/models/llama3/args.py."
+            f"{path} has "
+            + ", ".join(f"{k} = {v!r}" for k, v in differ.items())
+            + ", but the Llama model here has "
+            + ", ".join(f"{k} = {expected[k]!r}" for k in differ)
+            + "; importing it would silently change what the model computes. Fix: start from "
+            "a Llama-architecture model (Llama 3, 3.1, 3.2, 3.3 or one shaped like them)."
         )
-
-
-def matching_flavor(cfg: dict) -> str:
-    """The flavor whose shapes an HF config has."""
-    for name, fa in FLAVORS.items():
-        if (fa.dim, fa.n_layers, fa.n_heads, fa.n_kv_heads or fa.n_heads) == (
-            cfg["hidden_size"],
-            cfg["num_hidden_layers"],
-            cfg["num_attention_heads"],
-            cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        ) and ffn_hidden_dim(fa.dim, fa.multiple_of, fa.ffn_dim_multiplier) == cfg[
-            "intermediate_size"
-        ]:
-            return name
-    raise ExportError(
-        f"The HF model (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
-        f"{cfg['num_attention_heads']} heads) matches no flavor ({', '.join(FLAVORS)}). Fix: "
-        "add a flavor with these shapes to torchtitan_lite/models/llama3/args.py."
-    )
-
-
-def _flavor_of(args: ModelArgs) -> str:
-    """The flavor whose shapes model args have."""
-    return matching_flavor(
-        {
-            "hidden_size": args.dim,
-            "num_hidden_layers": args.n_layers,
-            "num_attention_heads": args.n_heads,
-            "num_key_value_heads": args.n_kv_heads or args.n_heads,
-            "intermediate_size": ffn_hidden_dim(
-                args.dim, args.multiple_of, args.ffn_dim_multiplier
-            ),
-        }
-    )
+    return {
+        "dim": dim,
+        "n_layers": cfg["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "ffn_dim": cfg["intermediate_size"],
+        "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "vocab_size": cfg["vocab_size"],
+    }
 
 
 def union(*id_lists: list[int]) -> list[int]:
@@ -204,26 +199,34 @@ def base_record(hf_dir: Path, cfg: dict) -> dict:
     return {"base_stop_ids": stops, "base_context_length": cfg["max_position_embeddings"]}
 
 
-def hf_tokenizer_file(hf_dir: Path, tokenizer_path: str | None = None) -> str:
-    """``tokenizer_path``, else the folder's ``original/tokenizer.model`` or ``tokenizer.model``."""
-    candidates = (hf_dir / "original" / "tokenizer.model", hf_dir / "tokenizer.model")
-    found = tokenizer_path or next((str(p) for p in candidates if p.is_file()), None)
-    if found is None:
-        raise ExportError(
-            f"{hf_dir} has no tokenizer.model (tiktoken or sentencepiece). Fix: "
-            "pass --tokenizer PATH."
-        )
-    return found
-
-
-def check_hf_eos(cfg: dict, hf_dir: Path, tokenizer: Tokenizer) -> None:
-    """A config whose eos disagrees with the tokenizer's is refused."""
-    eos = cfg.get("eos_token_id")
-    if tokenizer.eos_id not in (eos if isinstance(eos, list) else [eos]):
+def check_hf_ids(hf_dir: Path, cfg: dict, base_stop_ids: list[int], tokenizer: Tokenizer) -> None:
+    """The ids of an HF folder's ``config.json`` and ``generation_config.json`` (its stop ids,
+    ``base_stop_ids``) against the tokenizer's: the document boundary must be one of the
+    model's stop ids, every stop id a special token of the tokenizer (an ordinary token, or
+    none at all, means another tokenizer), and the bos the tokenizer's."""
+    where = f"{hf_dir / 'config.json'} and generation_config.json"
+    specials = set(tokenizer.special_tokens.values())
+    outside = [i for i in base_stop_ids if i not in specials]
+    if outside:
         raise IdMismatchError(
-            f"Special-id mismatch: {hf_dir / 'config.json'} has eos_token_id {eos}, but the "
-            f"tokenizer {tokenizer.path} says eos {tokenizer.eos_id}. Fix: use the model's own "
-            "tokenizer."
+            f"Special-id mismatch: {where} list stop ids {outside}, which are not special "
+            f"tokens of the tokenizer {tokenizer.path} ({tokenizer.kind}, {tokenizer.vocab_size}"
+            f" ids, eos {tokenizer.eos_id}): generation would stop at the wrong token, or "
+            "never. Fix: use the model's own tokenizer, or correct eos_token_id in those files."
+        )
+    if tokenizer.eos_id not in base_stop_ids:
+        raise IdMismatchError(
+            f"Special-id mismatch: {where} have eos_token_id {base_stop_ids}, but the "
+            f"tokenizer {tokenizer.path} says eos {tokenizer.eos_id} "
+            f"({tokenizer.eos_token!r}). Fix: use the model's own tokenizer, or name one of "
+            "the model's stop tokens in tokenizer.eos_token."
+        )
+    bos = cfg.get("bos_token_id")
+    if isinstance(bos, int) and bos != tokenizer.bos_id:
+        raise IdMismatchError(
+            f"Special-id mismatch: {hf_dir / 'config.json'} has bos_token_id {bos}, but the "
+            f"tokenizer {tokenizer.path} says bos {tokenizer.bos_id}. Fix: use the model's "
+            "own tokenizer."
         )
 
 
@@ -249,40 +252,39 @@ def read_hf_weights(hf_dir: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
             raise ExportError(
                 f"{file} cannot be read ({e}). Fix: download or export the model again."
             ) from None
-    return {k: v.float() for k, v in from_hf_state_dict(weights, args).items()}
+    return {k: v.float() for k, v in from_hf_state_dict(weights, args, hf_dir).items()}
+
+
+def _described(args: ModelArgs) -> dict:
+    """Shapes, vocabulary and RoPE settings under their config keys."""
+    values = {**model_shape(args, (*SHAPE_KEYS, "vocab_size")), **rope_settings(args)}
+    return {f"model.{k}": v for k, v in values.items()}
 
 
 def read_hf_base(
     hf_dir: Path,
     cfg: dict,
+    base: dict,
     tokenizer: Tokenizer,
     model_args: ModelArgs,
     load_weights: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The weights of the HF folder a run starts from (``checkpoint.initial_load_hf``; only
     with ``load_weights``, else an empty dict), after proving they fit this run's model:
-    the flavor's shapes, the vocabulary, the RoPE settings, the eos id."""
-    ours = {
-        "model.flavor": _flavor_of(model_args),
-        "model.vocab_size": model_args.vocab_size,
-        **{f"model.{k}": v for k, v in rope_settings(model_args).items()},
-    }
-    flavor = matching_flavor(cfg)
-    theirs_args = model_args_for(flavor, **hf_rope(cfg, hf_dir / "config.json"))
-    theirs = {
-        "model.flavor": flavor,
-        "model.vocab_size": cfg["vocab_size"],
-        **{f"model.{k}": v for k, v in rope_settings(theirs_args).items()},
-    }
+    the shapes, the vocabulary, the RoPE settings, the special ids. ``cfg``: its
+    ``config.json``; ``base``: its :func:`base_record`."""
+    path = hf_dir / "config.json"
+    theirs_args = ModelArgs(**hf_model_shape(cfg, path), **hf_rope(cfg, path))
+    ours, theirs = _described(model_args), _described(theirs_args)
     differ = [k for k in ours if ours[k] != theirs.get(k)]
     if differ:
         raise ExportError(
             f"The model in {hf_dir} (checkpoint.initial_load_hf) does not fit this run's model: "
             + ", ".join(f"{k} is {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
-            + ". Fix: set "
-            + ", ".join(f"{k} = {theirs.get(k)!r}" for k in differ)
-            + " (the flavor's shapes and the RoPE settings must be the model's own)."
+            + ". Fix: remove "
+            + ", ".join(k for k in differ)
+            + " from the config (or set -1): a run from a Hugging Face folder takes its shapes, "
+            "vocabulary and RoPE settings from the folder's config.json."
         )
-    check_representable(cfg, model_args, hf_dir / "config.json")
-    check_hf_eos(cfg, hf_dir, tokenizer)
+    check_hf_ids(hf_dir, cfg, base["base_stop_ids"], tokenizer)
     return read_hf_weights(hf_dir, model_args) if load_weights else {}

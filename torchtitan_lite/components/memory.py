@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from torchtitan_lite.errors import ConfigError
-from torchtitan_lite.models.llama3.args import ModelArgs, ffn_hidden_dim
+from torchtitan_lite.models.llama3.args import ModelArgs
 
 #: Share of a GPU's memory a job may plan for: the rest is the CUDA context, the NCCL buffers
 #: and allocator fragmentation.
@@ -45,7 +45,7 @@ def step_lower_bound(
 ) -> tuple[int, int]:
     """(bytes a rank certainly holds during a step, of which activations) for one
     micro-batch of ``tokens`` tokens, the model sharded ``shards`` × ``tp`` ways."""
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    hidden = args.hidden_dim
     kv_dim = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
     per_token_layer = args.dim if checkpointing else 4 * args.dim + 2 * kv_dim + 2 * hidden
     activations = tokens * args.n_layers * per_token_layer * activation_bytes // tp

@@ -24,10 +24,22 @@ from torchtitan_lite.components.dcp_format import (
     list_checkpoints,
     read_manifest,
 )
-from torchtitan_lite.components.hf_base import base_record, hf_rope, read_hf_config
+from torchtitan_lite.components.hf_base import (
+    base_record,
+    hf_model_shape,
+    hf_rope,
+    read_hf_config,
+)
 from torchtitan_lite.components.integrity import IntegrityError
-from torchtitan_lite.ids import args_from_tokenizer
-from torchtitan_lite.models.llama3.args import ROPE_KEYS, ModelArgs, model_args_for
+from torchtitan_lite.ids import args_from_tokenizer, ids_manifest
+from torchtitan_lite.models.llama3.args import (
+    ROPE_KEYS,
+    SHAPE_KEYS,
+    ModelArgs,
+    model_args_for,
+    model_shape,
+    rope_settings,
+)
 
 if TYPE_CHECKING:
     from torchtitan_lite.config import JobConfig
@@ -66,13 +78,16 @@ class Start:
     taken when one fails to load), ``checkpoint`` (``initial_load_path``), ``hf``
     (``initial_load_hf``) or ``fresh``. ``manifest``: the step folder's (``checkpoint``).
     ``rope``: the RoPE settings the weights were trained with (empty: the flavor's).
-    ``hf_config``: an HF base's ``config.json``; ``base``: what an export keeps of an HF base
-    (its stop ids and context length)."""
+    ``shape``: the weights' shapes and vocabulary when an HF ``config.json`` gave them (read
+    from it, or recorded in the manifest of a checkpoint trained from it; empty: the
+    flavor's). ``hf_config``: an HF base's ``config.json``; ``base``: what an export keeps
+    of an HF base (its stop ids and context length)."""
 
     kind: Literal["resume", "checkpoint", "hf", "fresh"]
     path: Path | None = None
     manifest: dict = field(default_factory=dict)
     rope: dict = field(default_factory=dict)
+    shape: dict = field(default_factory=dict)
     hf_config: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)
     candidates: tuple[Candidate, ...] = ()
@@ -87,12 +102,22 @@ class Start:
 
     def loaded(self, candidate: Candidate) -> Start:
         """This resume start, narrowed to the candidate that loaded."""
-        return dataclasses.replace(
-            self,
-            path=candidate.path,
-            manifest=candidate.manifest or {},
-            rope=(candidate.manifest or {}).get("rope", {}),
-        )
+        return dataclasses.replace(self, **_recorded(candidate.path, candidate.manifest or {}))
+
+    @classmethod
+    def of_checkpoint(cls, path: Path, manifest: dict) -> Start:
+        """A step folder as a start (``initial_load_path``, or a folder being exported)."""
+        return cls(kind="checkpoint", **_recorded(path, manifest))
+
+
+def _recorded(path: Path, manifest: dict) -> dict:
+    """What a step folder's manifest says of its weights, as Start fields."""
+    return {
+        "path": path,
+        "manifest": manifest,
+        "rope": manifest.get("rope", {}),
+        "shape": manifest.get("shape", {}),
+    }
 
 
 def resolve_start(config: JobConfig) -> Start:
@@ -108,12 +133,10 @@ def resolve_start(config: JobConfig) -> Start:
     if cc.enable and not cc.create_seed_checkpoint:
         candidates = _own_candidates(own, cc.load_step, cc.verify_checksums)
         if candidates:
-            readable = next((c for c in candidates if c.manifest is not None), None)
+            readable = next((c for c in candidates if c.manifest is not None), candidates[0])
             return Start(
                 kind="resume",
-                path=candidates[0].path,
-                manifest=readable.manifest if readable else {},
-                rope=readable.manifest.get("rope", {}) if readable else {},
+                **{**_recorded(readable.path, readable.manifest or {}), "path": candidates[0].path},
                 candidates=candidates,
             )
     if cc.initial_load_path:
@@ -128,7 +151,7 @@ def resolve_start(config: JobConfig) -> Start:
             manifest = read_manifest(path, verify=cc.verify_checksums)
         except IntegrityError as e:
             raise unusable_initial(path, str(e)) from None
-        return Start(kind="checkpoint", path=path, manifest=manifest, rope=manifest.get("rope", {}))
+        return Start.of_checkpoint(path, manifest)
     if cc.initial_load_hf:
         return hf_start(Path(cc.initial_load_hf), key="checkpoint.initial_load_hf")
     return Start(kind="fresh")
@@ -142,6 +165,7 @@ def hf_start(path: Path, key: str = "") -> Start:
         kind="hf",
         path=path,
         rope=hf_rope(hf_config, path / "config.json"),
+        shape=hf_model_shape(hf_config, path / "config.json"),
         hf_config=hf_config,
         base=base_record(path, hf_config),
     )
@@ -177,9 +201,11 @@ def unusable_initial(path: Path, why: str) -> CheckpointError:
 def build_model_args(
     config: JobConfig, tokenizer: Tokenizer, start: Start, max_seq_len: int | None = None
 ) -> ModelArgs:
-    """The model's args: the flavor's shapes, the config's settings, the tokenizer's vocab
-    and eos (the single source of truth), and RoPE from the config, where a key left unset
-    (-1) takes the start's (so a Llama 3.1 base keeps its scaling), else the flavor's.
+    """The model's args: the shapes of the start's HF config.json where it has one (any
+    Llama-architecture model), else the flavor's; the config's settings; the tokenizer's eos
+    (the single source of truth) and vocab (an HF model's own size, which must cover it);
+    and RoPE from the config, where a key left unset (-1) takes the start's (so a Llama 3.1
+    base keeps its scaling), else the flavor's.
 
     ``max_seq_len``: the context the RoPE tables cover; default ``training.seq_len``."""
     mc = config.model
@@ -188,17 +214,31 @@ def build_model_args(
         rope["rope_theta"] = start.rope["rope_theta"]
     if mc.rope_scaling_factor == -1:  # the factor and, with it, its band
         rope.update({k: v for k, v in start.rope.items() if k != "rope_theta"})
+    shape = dict(start.shape)
+    own_vocab = shape.pop("vocab_size", -1)
+    vocab_size = own_vocab if mc.vocab_size == -1 else mc.vocab_size
     args = model_args_for(
         mc.flavor,
         max_seq_len=max_seq_len or config.training.seq_len,
         attn_mask_type=mc.attn_mask_type,
         flex_compile_mode=config.compile.flex_mode,
+        **shape,
         **rope,
     )
     return args_from_tokenizer(
         args,
         tokenizer,
-        vocab_size=mc.vocab_size,
+        vocab_size=vocab_size,
         vocab_size_multiple_of=mc.vocab_size_multiple_of,
         eos_id=mc.eos_id,
     )
+
+
+def weights_manifest(tokenizer: Tokenizer, args: ModelArgs, start: Start) -> dict:
+    """What a checkpoint records of its weights: the ids, the RoPE settings, and the shapes
+    and vocabulary when an HF config.json gave them, so that a resume, a later stage or the
+    export builds the same model whatever the config's flavor says."""
+    manifest = {**ids_manifest(tokenizer, args.attn_mask_type), "rope": rope_settings(args)}
+    if start.shape:
+        manifest["shape"] = model_shape(args, (*SHAPE_KEYS, "vocab_size"))
+    return manifest

@@ -17,11 +17,15 @@ class ModelWrapper:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        # a tied output projection is the embedding table: stored once, under the owner's name
+        args = getattr(model, "args", None)
+        self.aliases = args.tied_aliases if args is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model)
+        state = get_model_state_dict(self.model)
+        return {k: v for k, v in state.items() if k not in self.aliases}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -29,6 +33,7 @@ class ModelWrapper:
             set_model_state_dict,
         )
 
+        state = {**state, **{alias: state[owner] for alias, owner in self.aliases.items()}}
         set_model_state_dict(self.model, state, options=StateDictOptions(strict=True))
 
 

@@ -7,17 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from torchtitan_lite.config.fields import Range, Rule
+from torchtitan_lite.config.fields import Range
 from torchtitan_lite.models import MASK_TYPES
 from torchtitan_lite.models.llama3.args import FLAVORS
-
-TOKENIZER_FILE = Rule(
-    ok=bool,
-    problem=": it names no tokenizer file. Fix: point it at a tiktoken ranks file or a "
-    "sentencepiece .model file.",
-    summary="not empty",
-)
-
 
 #: ``data.format`` values whose rows are conversations.
 CHAT_FORMATS = ("chat", "chat_hf")
@@ -81,13 +73,17 @@ class Model:
 
 @dataclass
 class Tokenizer:
-    path: Annotated[str, TOKENIZER_FILE] = "assets/tokenizer/tiktoken_2k.model"
-    """Tokenizer file: a tiktoken ranks file (Llama 3 layout) or a sentencepiece ``.model``; the
-    format is read from the file's contents. Relative paths are taken from the current folder."""
+    path: str = ""
+    """Tokenizer: a Hugging Face ``tokenizer.json``, a tiktoken ranks file (Llama 3 layout), a
+    sentencepiece ``.model``, or a model folder holding one; the format is read from the file's
+    contents. Empty: the tokenizer of ``checkpoint.initial_load_hf``'s folder when the run
+    starts from one, else the embedded ``assets/tokenizer/tiktoken_2k.model``. Relative paths
+    are taken from the current folder."""
 
     eos_token: str = ""
     """The token that ends a document (the document-mask boundary). Empty: ``<|end_of_text|>``
-    for tiktoken, the model's own eos (``</s>``) for sentencepiece."""
+    for tiktoken, the model's own eos (``</s>``) for sentencepiece, ``tokenizer_config.json``'s
+    eos for a tokenizer.json (``<|end_of_text|>`` where that names ``<|eot_id|>``)."""
 
     pad_token: str = ""
     """Optional pad token (must not be the eos token). Empty: the tokenizer's own pad, if any."""

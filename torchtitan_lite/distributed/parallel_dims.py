@@ -94,12 +94,29 @@ def dp_rank(mesh: DeviceMesh) -> int:
 
 
 def check_tensor_parallel(
-    tp: int, n_heads: int, n_kv_heads: int, vocab_size: int, hidden_dim: int, seq_len: int
+    tp: int,
+    n_heads: int,
+    n_kv_heads: int,
+    vocab_size: int,
+    hidden_dim: int,
+    seq_len: int,
+    tied: bool = False,
 ) -> None:
     """TP splits heads, kv heads, the feed-forward width and the vocabulary evenly over its
-    ranks, and sequence parallelism the sequence: each must be a multiple of ``tp``."""
+    ranks, and sequence parallelism the sequence: each must be a multiple of ``tp``. A tied
+    embedding (``tied``) is refused: its one matrix would get two TP plans."""
     if tp == 1:
         return
+    if tied:
+        raise ConfigError(
+            f"Parallel layout: parallelism.tensor_parallel_degree = {tp}, but this model's "
+            "output projection is tied to its embedding table (the 1B / 3B flavors, or "
+            "tie_word_embeddings in the Hugging Face config.json it starts from): tensor "
+            "parallelism would split that one matrix twice, once as the embedding and once as "
+            "the output. Fix: set parallelism.tensor_parallel_degree = 1 and let FSDP "
+            "(parallelism.data_parallel_shard_degree) shard the model; tied models are small "
+            "enough for it."
+        )
     parts = {
         "attention heads (model flavor)": n_heads,
         "kv heads (model flavor)": n_kv_heads,

@@ -18,6 +18,7 @@ from torchtitan_lite.components.dcp_format import (
 )
 from torchtitan_lite.components.integrity import IntegrityError
 from torchtitan_lite.components.run_start import Start, build_model_args
+from torchtitan_lite.components.train_state import ModelWrapper
 from torchtitan_lite.config import JobConfig, load_config
 from torchtitan_lite.errors import ConfigError, ExportError
 from torchtitan_lite.ids import check_special_ids
@@ -74,14 +75,13 @@ def load_checkpoint(checkpoint_dir: Path, tokenizer_path: str | None, verify: bo
     )
     for warning in check_special_ids(tokenizer, manifest=manifest):
         print(f"warning: {warning}")
-    start = Start(
-        kind="checkpoint", path=checkpoint_dir, manifest=manifest, rope=manifest.get("rope", {})
-    )
+    start = Start.of_checkpoint(checkpoint_dir, manifest)
     # the longest context the weights have seen: this run's, or a base model's (Llama 3.1)
     context = max(config.training.seq_len, manifest.get("base_context_length", 0))
     args = build_model_args(config, tokenizer, start, max_seq_len=context)
     model = Transformer(args)
-    state = {"model": model.state_dict()}
+    weights = ModelWrapper(model)  # a tied matrix is stored once
+    state = {"model": weights.state_dict()}
     try:
         dcp_io.load(state, checkpoint_dir)
     except dcp_io.LOAD_ERRORS as e:
@@ -89,5 +89,5 @@ def load_checkpoint(checkpoint_dir: Path, tokenizer_path: str | None, verify: bo
             f"Checkpoint {checkpoint_dir} cannot be loaded ({dcp_io.failure_reason(e)}). Fix: "
             "use an intact step folder written by train.py, e.g. the one before it."
         ) from None
-    model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    weights.load_state_dict({k: v.float() for k, v in state["model"].items()})
     return config, manifest, model.eval(), args, tokenizer

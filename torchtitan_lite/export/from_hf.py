@@ -12,17 +12,18 @@ import torch
 
 from torchtitan_lite.components.dcp_format import seal_step_folder
 from torchtitan_lite.components.hf_base import (
-    check_hf_eos,
-    check_representable,
-    hf_tokenizer_file,
-    matching_flavor,
+    check_hf_ids,
     read_hf_weights,
     verify_export,
 )
-from torchtitan_lite.components.run_start import Start, build_model_args, hf_start
+from torchtitan_lite.components.run_start import (
+    Start,
+    build_model_args,
+    hf_start,
+    weights_manifest,
+)
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.errors import ExportError
-from torchtitan_lite.ids import ids_manifest
 from torchtitan_lite.models.llama3.args import ModelArgs, rope_settings
 from torchtitan_lite.tokenizer import Tokenizer, load_tokenizer
 
@@ -34,9 +35,9 @@ def read_hf_folder(
     model args, our fp32 weights).
 
     A folder this project exported is first checked against its ``checksums.json`` (sizes,
-    and contents with ``verify``). The tokenizer is ``tokenizer_path``, else
-    ``original/tokenizer.model`` or ``tokenizer.model`` in the folder; a config whose eos
-    disagrees with it is refused."""
+    and contents with ``verify``). The tokenizer is ``tokenizer_path``, else the folder's own
+    (``tokenizer.json``, ``original/tokenizer.model`` or ``tokenizer.model``); a config whose
+    eos disagrees with it is refused."""
     problems = verify_export(hf_dir, checksums=verify)
     if problems:
         raise ExportError(
@@ -45,15 +46,12 @@ def read_hf_folder(
         )
     start = hf_start(hf_dir)
     cfg = start.hf_config
-    tokenizer = load_tokenizer(hf_tokenizer_file(hf_dir, tokenizer_path))
-    check_hf_eos(cfg, hf_dir, tokenizer)
-    config = JobConfig()
-    config.model.flavor = matching_flavor(cfg)
-    config.model.vocab_size = cfg["vocab_size"]
+    tokenizer = load_tokenizer(tokenizer_path or hf_dir)
+    check_hf_ids(hf_dir, cfg, start.base["base_stop_ids"], tokenizer)
+    config = JobConfig()  # the shapes and vocabulary are the start's (config.json)
     config.training.seq_len = cfg["max_position_embeddings"]  # its context, kept on export
     config.tokenizer.path = str(tokenizer.path)
     args = build_model_args(config, tokenizer, start)
-    check_representable(cfg, args, hf_dir / "config.json")
     return config, start, tokenizer, args, read_hf_weights(hf_dir, args)
 
 
@@ -77,12 +75,12 @@ def import_from_hf(
     folder, tmp = checkpoints / "step-0", checkpoints / "step-0.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writer, _ = dcp_io.save({"model": state}, tmp)
+    stored = {k: v for k, v in state.items() if k not in args.tied_aliases}  # tied: once
+    writer, _ = dcp_io.save({"model": stored}, tmp)
     for key, value in rope_settings(args).items():  # the model's RoPE, kept exactly
         setattr(config.model, key, value)
     manifest = {
-        **ids_manifest(tokenizer, "block_causal"),
-        "rope": rope_settings(args),
+        **weights_manifest(tokenizer, args, start),
         # A run resuming this step 0 starts from the HF model, and its export keeps its stops.
         "lineage": [{"start": start.describe(), "data": "", "format": "", "steps": 0}],
         **start.base,

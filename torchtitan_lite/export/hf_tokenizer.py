@@ -17,6 +17,7 @@ from torchtitan_lite.tokenizer import (
     TikTokenizer,
     Tokenizer,
 )
+from torchtitan_lite.tokenizer_json import JsonTokenizer
 
 
 def pad_id(tokenizer: Tokenizer, stops: list[int]) -> int | None:
@@ -60,7 +61,11 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path, stops: list[int] | None = No
             )
         )
         return
-    else:  # pragma: no cover - only two formats exist
+    elif isinstance(tokenizer, JsonTokenizer):
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_file(str(tokenizer.path))  # special tokens parse in chat text
+    else:  # pragma: no cover - only three formats exist
         raise ExportError(f"cannot export a {type(tokenizer).__name__}")
     for token, token_id in tokenizer.special_tokens.items():
         if backend.token_to_id(token) != token_id:

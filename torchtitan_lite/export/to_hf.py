@@ -29,7 +29,7 @@ from torchtitan_lite.config.learning import is_chat_format
 from torchtitan_lite.errors import ExportError
 from torchtitan_lite.export.checkpoint_model import load_checkpoint
 from torchtitan_lite.export.hf_tokenizer import pad_id, save_tokenizer
-from torchtitan_lite.models.llama3.args import ModelArgs, ffn_hidden_dim
+from torchtitan_lite.models.llama3.args import ModelArgs
 from torchtitan_lite.models.llama3.hf_weights import to_hf_state_dict
 from torchtitan_lite.tokenizer import Tokenizer
 
@@ -43,7 +43,7 @@ def hf_config(
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
-        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads or args.n_heads,
@@ -55,7 +55,7 @@ def hf_config(
         "vocab_size": args.vocab_size,
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "use_cache": True,
@@ -149,8 +149,9 @@ def export_to_hf(
         gen = generation_config(tokenizer, stops)
         (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
         save_tokenizer(tokenizer, folder, stops)
-        (folder / "original").mkdir(exist_ok=True)  # the project's own tokenizer, as Meta ships
-        shutil.copy(tokenizer.path, folder / "original" / "tokenizer.model")
+        if tokenizer.kind != "hf":  # the tokenizer file itself, as Meta ships it
+            (folder / "original").mkdir(exist_ok=True)
+            shutil.copy(tokenizer.path, folder / "original" / "tokenizer.model")
         card = _model_card(config, manifest, args, tokenizer, stops, checkpoint_dir)
         (folder / "README.md").write_text(card)
         names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -273,7 +274,9 @@ def _model_card(
     )
     return (
         f"# {config.job.description}\n\n"
-        f"A Llama 3 model ({m.flavor}, {args.num_params() / 1e6:,.1f}M parameters) trained "
+        f"A Llama 3 model ({'shaped as its base' if 'shape' in manifest else m.flavor}, "
+        f"{args.num_params() / 1e6:,.1f}M parameters"
+        f"{', tied embeddings' if args.tie_word_embeddings else ''}) trained "
         f"with torchtitan_lite and exported from `{source}`.\n\n| | |\n|---|---|\n{table}\n\n"
         "Load it with `transformers.AutoModelForCausalLM.from_pretrained(folder)`; generation "
         f"stops at the stop ids listed in `generation_config.json` ({stops}).{chat}\n"

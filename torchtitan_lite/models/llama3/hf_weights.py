@@ -3,12 +3,18 @@
 Our RoPE rotates adjacent pairs (Meta's layout, complex multiply); Hugging Face Llama rotates
 the two halves of each head (``rotate_half``). The q and k projections are therefore permuted
 on export (and back on import) so both compute the same logits.
+
+A tied model (``tie_word_embeddings``) has no ``lm_head.weight`` on either side: its output
+projection is the embedding table, as ``transformers`` saves and loads it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from torchtitan_lite.errors import ExportError
 from torchtitan_lite.models.llama3.args import ModelArgs
 
 
@@ -45,10 +51,22 @@ _TOP_NAMES = {
 }
 
 
+def _hf_names(args: ModelArgs) -> dict[str, str]:
+    """Every weight's name here → its Hugging Face name."""
+    layers = {
+        f"layers.{i}.{ours}": f"model.layers.{i}.{hf}"
+        for i in range(args.n_layers)
+        for ours, hf in _LAYER_NAMES.items()
+    }
+    return {**_TOP_NAMES, **layers}
+
+
 def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     n_kv = args.n_kv_heads or args.n_heads
     out = {}
     for name, tensor in sd.items():
+        if name == "output.weight" and args.tie_word_embeddings:
+            continue  # the embedding table
         if name in _TOP_NAMES:
             out[_TOP_NAMES[name]] = tensor
             continue
@@ -61,7 +79,12 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
     return out
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    sd: dict[str, torch.Tensor], args: ModelArgs, source: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Our names for an HF state dict; every weight the model has must be there (a tied
+    model's output projection is its embedding table: an ``lm_head.weight`` beside it is
+    ignored, as ``transformers`` ignores it). ``source``: the folder, for the error."""
     n_kv = args.n_kv_heads or args.n_heads
     top = {v: k for k, v in _TOP_NAMES.items()}
     layer_names = {v: k for k, v in _LAYER_NAMES.items()}
@@ -79,4 +102,16 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         elif ours == "attention.wk.weight":
             tensor = _unpermute(tensor, n_kv)
         out[f"layers.{layer}.{ours}"] = tensor
+    if args.tie_word_embeddings and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    missing = [hf for ours, hf in _hf_names(args).items() if ours not in out]
+    if missing:
+        untied = (
+            " (config.json says tie_word_embeddings = false)" if "lm_head.weight" in missing else ""
+        )
+        raise ExportError(
+            f"The weights in {source or 'the Hugging Face folder'} lack {len(missing)} of the "
+            f"model's tensors, e.g. {', '.join(missing[:3])}{untied}. Fix: use the model's "
+            "complete safetensors files (and its own config.json)."
+        )
     return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchtitan_lite.models.attention import AttentionMask, attention
-from torchtitan_lite.models.llama3.args import ModelArgs, ffn_hidden_dim
+from torchtitan_lite.models.llama3.args import ModelArgs
 from torchtitan_lite.models.loss import linear_cross_entropy_sum
 
 
@@ -138,8 +138,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args, layer_id)
-        hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-        self.feed_forward = FeedForward(args.dim, hidden)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         # Deeper layers start with smaller output projections (as torchtitan's depth_init).
@@ -175,7 +174,15 @@ class Transformer(nn.Module):
         )
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
         self.register_buffer("freqs_cis", self._freqs_cis(), persistent=False)
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, make the output projection's weight the embedding
+        table itself: one parameter, one gradient (the sum of both uses), one optimizer state.
+        Called again after ``to_empty``, which gives each module a parameter of its own."""
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def _freqs_cis(self) -> Tensor:
         # Twice the training length, so evaluation and generation can run a little longer.
@@ -185,10 +192,14 @@ class Transformer(nn.Module):
         """Fill every parameter and buffer (after ``to_empty`` from the meta device)."""
         with torch.device(buffer_device or self.freqs_cis.device):
             self.freqs_cis = self._freqs_cis()
-        nn.init.normal_(self.tok_embeddings.weight)
+        self.tie_weights()
         for layer in self.layers.values():
             layer.init_weights()
         self.norm.reset_parameters()
+        # A tied matrix gets the output projection's scale: it sets the first logits, while
+        # the embedding's scale is normalized away by the first block's RMSNorm.
+        if not self.args.tie_word_embeddings:
+            nn.init.normal_(self.tok_embeddings.weight)
         final_std = self.args.dim**-0.5
         nn.init.trunc_normal_(
             self.output.weight, mean=0.0, std=final_std, a=-3 * final_std, b=3 * final_std
