@@ -4,8 +4,9 @@ Measures, on the embedded corpus (or ``--path``), for the tiktoken and sentencep
 tokenizers and for the tiktoken ranks converted by ``transformers`` into a Hugging Face
 ``tokenizer.json`` (the same ids): the packed dataset iterated directly, and through the
 StatefulDataLoader that training uses (batch 8 × 2048), plus the time spent in tokenization
-alone. Then chat data (``--chat-path``, the embedded conversations): render + label + pack (best-fit) or pad,
-through the loader, in row positions per second and in trained targets per second.
+alone. Then chat data (``--chat-path``, the embedded conversations): render + label + pack
+(best-fit) or pad, through the loader, in row positions per second and in trained targets
+per second.
 
 Usage::
 
