@@ -56,7 +56,9 @@ def scene_conversations(doc: dict, rng: random.Random) -> list[dict]:
                     "role": "user",
                     "content": f"Continue this passage from {title}:\n\n{who}: {said}",
                 },
-                {"role": "assistant", "content": f"{nxt}: {reply}"},
+                # the next speaker and the first line of their speech: an answer short
+                # enough for the debug model to learn where it ends
+                {"role": "assistant", "content": f"{nxt}: {reply.splitlines()[0]}"},
             ]
         else:
             messages = [

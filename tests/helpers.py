@@ -304,3 +304,54 @@ def write_hf_tokenizer(
     )
     fast.save_pretrained(str(folder))
     return folder / "tokenizer.json"
+
+
+#: Llama 3.1 / 3.2's RoPE scaling as their config.json states it (factor 8 for 3.1, 32 for 3.2).
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def published_llama_config(transformers, name: str, **overrides):
+    """A ``transformers.LlamaConfig`` with the values of the published config.json of Llama 3.2
+    1B / 3B or Llama 3.1 8B (the independent reference for the flavors and the configs)."""
+    shapes = {
+        "1B": dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            intermediate_size=8192,
+            tie_word_embeddings=True,
+        ),
+        "3B": dict(
+            hidden_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            intermediate_size=8192,
+            tie_word_embeddings=True,
+        ),
+        "8B": dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            intermediate_size=14336,
+            tie_word_embeddings=False,
+        ),
+    }
+    factor = 8.0 if name == "8B" else 32.0
+    settings = dict(
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rms_norm_eps=1e-5,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={**LLAMA3_ROPE_SCALING, "factor": factor},
+        **shapes[name],
+    )
+    return transformers.LlamaConfig(**{**settings, **overrides})

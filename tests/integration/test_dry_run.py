@@ -14,6 +14,7 @@ from tests.helpers import (
     DEBUG_CONFIG,
     REPO,
     TIKTOKEN_2K,
+    published_llama_config,
     run_main,
     train_command,
     write_ranks_file,
@@ -338,3 +339,42 @@ def test_405b_on_one_node_does_not_fit_and_asks_for_whole_nodes(tmp_path, llama3
     states = sum(report["bytes"][k] for k in ("parameters", "gradients", "optimizer"))
     params = model_args_for("405B", vocab_size=128_256, eos_id=128_001).num_params()
     assert states == pytest.approx(16 * params / 8, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "config, world, shape, peak_gib",
+    [
+        ("llama3_2_1b_sft.toml", 1, "1B", 31.95),
+        pytest.param("llama3_2_3b_sft.toml", 1, "3B", 56.74, marks=pytest.mark.slow),
+        pytest.param("llama3_1_8b_sft.toml", 8, "8B", 46.48, marks=pytest.mark.slow),
+    ],
+)
+def test_shipped_sft_configs_fit_from_a_hugging_face_folder(
+    tmp_path, llama3_ranks, config, world, shape, peak_gib
+):
+    """Each fine-tuning config, started from a folder whose config.json transformers writes in
+    the published shapes (no weights: a dry run loads none), fits as its header says; the
+    shapes, tying and RoPE come from that config.json."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "hf"
+    hf_config = published_llama_config(transformers, shape)
+    hf_config.save_pretrained(str(folder))
+    proc, report = dry_run(
+        tmp_path / "run",
+        "--config",
+        str(CONFIGS / config),
+        "--checkpoint.initial_load_hf",
+        str(folder),
+        "--tokenizer.path",
+        str(llama3_ranks),
+        "--dry_run.world_size",
+        str(world),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    tied = ", tied embeddings" if hf_config.tie_word_embeddings else ""
+    assert f"FFN {hf_config.intermediate_size}, vocab 128256, eos 128001" in proc.stdout
+    assert "fits: yes" in proc.stdout
+    args = model_args_for(shape, vocab_size=128256, eos_id=128001)
+    assert f"{args.num_params() / 1e6:,.1f}M parameters{tied}" in proc.stdout
+    assert report["memory_gib"]["peak"] == pytest.approx(peak_gib, abs=0.05)
+    assert f"peak {peak_gib:.2f} GiB" in (CONFIGS / config).read_text()

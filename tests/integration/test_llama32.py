@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from tests.helpers import (
+    LLAMA3_ROPE_SCALING,
     REPO,
     assert_clean_error,
     metrics,
+    published_llama_config,
     run_main,
     tiny_model,
     torchrun,
@@ -29,13 +31,6 @@ from torchtitan_lite.models.llama3.args import FLAVORS, model_args_for
 
 SFT_CONFIG = REPO / "train_configs" / "debug_sft.toml"
 BOS, EOS, EOT, EOM = 2048, 2049, 2057, 2056
-LLAMA32_ROPE = {
-    "rope_type": "llama3",
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
 
 
 def llama32_config(transformers, **shape):
@@ -54,7 +49,7 @@ def llama32_config(transformers, **shape):
         tie_word_embeddings=True,
         max_position_embeddings=131072,
         rope_theta=500000.0,
-        rope_scaling=dict(LLAMA32_ROPE),
+        rope_scaling=dict(LLAMA3_ROPE_SCALING),
     )
     return transformers.LlamaConfig(**{**settings, **shape})
 
@@ -157,19 +152,7 @@ def test_llama32_flavors_have_the_published_shapes(flavor):
     """The flavors against the published config.json values, built by transformers (on the
     meta device): the same shapes, RoPE, tying and parameter count."""
     transformers = pytest.importorskip("transformers")
-    published = {
-        "1B": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32),
-        "3B": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24),
-    }[flavor]
-    config = llama32_config(
-        transformers,
-        **published,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=128256,
-        bos_token_id=128000,
-        eos_token_id=128001,
-    )
+    config = published_llama_config(transformers, flavor, eos_token_id=128001)
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(config)
     args = model_args_for(flavor, vocab_size=128256, eos_id=128001)
