@@ -95,8 +95,11 @@ def held_out_questions(config_path: Path) -> list[list[dict]]:
     source = DocumentSource(
         str(REPO / data.path), data.format, data.messages_field, select=held_out
     )
-    first_answer = (next(i for i, m in enumerate(d.text) if m["role"] == "assistant") for d in source)
-    return [d.text[:n] for d, n in zip(source, first_answer, strict=True)]
+    questions = []
+    for conversation in (d.text for d in source):
+        first_answer = next(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        questions.append(conversation[:first_answer])
+    return questions
 
 
 def stop_fraction(model, tokenizer, questions, stop_ids, budget: int) -> tuple[float, float]:
@@ -143,9 +146,10 @@ def main() -> None:
     questions = held_out_questions(REPO / "train_configs" / "debug_sft.toml")
     stops = model.generation_config.eos_token_id
     base_eos = tokenizer.eos_token_id
-    print(f"\n{len(questions)} held-out questions, greedy, answer budget {args.budget} tokens")
+    print(f"\n{len(questions)} held-out questions, greedy, answer budget {args.budget}")
     print("| stop ids | stopped on its own | mean answer tokens |\n|---|---|---|")
-    for name, ids in ((f"the export's {stops}", stops), (f"base scalar eos [{base_eos}]", [base_eos])):
+    cases = ((f"the export's {stops}", stops), (f"base scalar eos [{base_eos}]", [base_eos]))
+    for name, ids in cases:
         fraction, length = stop_fraction(model, tokenizer, questions, ids, args.budget)
         print(f"| {name} | {fraction:.0%} | {length:.1f} |", flush=True)
 

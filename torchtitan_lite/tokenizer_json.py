@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torchtitan_lite.errors import TokenizerError
-from torchtitan_lite.tokenizer import (
+from torchtitan_lite.tokenizer_base import (
     BEGIN_OF_TEXT,
     END_OF_TEXT,
     EOT,

@@ -18,11 +18,7 @@ from torchtitan_lite.components.gc_control import GarbageCollection
 from torchtitan_lite.components.metrics import MetricsLogger, attention_pairs, peak_tflops
 from torchtitan_lite.components.optimizer import build_lr_scheduler, build_optimizer
 from torchtitan_lite.components.profiling import maybe_profile
-from torchtitan_lite.components.run_start import (
-    build_model_args,
-    resolve_start,
-    weights_manifest,
-)
+from torchtitan_lite.components.run_start import build_model_args, resolve_start, weights_manifest
 from torchtitan_lite.components.stop_signals import stop_signals
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader
@@ -121,15 +117,7 @@ class Trainer:
         self.start = resolve_start(config)
         self.model_args = build_model_args(config, self.tokenizer, self.start)
         a = self.model_args
-        check_tensor_parallel(
-            self.parallel_dims.tp,
-            a.n_heads,
-            a.n_kv_heads or a.n_heads,
-            a.vocab_size,
-            a.hidden_dim,
-            tc.seq_len,
-            tied=a.tie_word_embeddings,
-        )
+        check_tensor_parallel(self.parallel_dims.tp, a, tc.seq_len)
         self.mode.check_step_fits(
             a,
             self.device,

@@ -173,10 +173,9 @@ def test_tensor_parallel_refuses_a_tied_model_with_the_fix():
     from torchtitan_lite.distributed.parallel_dims import check_tensor_parallel
     from torchtitan_lite.errors import ConfigError
 
+    one_b = model_args_for("1B", vocab_size=128256, eos_id=128001)
     with pytest.raises(ConfigError, match="tied to its embedding.*Fix: set parallelism"):
-        check_tensor_parallel(
-            2, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192, seq_len=64, tied=True
-        )
+        check_tensor_parallel(2, one_b, seq_len=64)
 
 
 def sft_args(folder, dump, *extra: str) -> list[str]:

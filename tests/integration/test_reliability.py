@@ -290,7 +290,11 @@ BAD_CONFIGS = [
         ["--tokenizer.path", "nope/tok.model"],
         ["nope/tok.model does not exist", "tokenizer.path"],
     ),
-    ("tokenizer of the wrong format", [], ["neither a tiktoken ranks file"]),
+    (
+        "tokenizer of the wrong format",
+        [],
+        ["neither a Hugging Face tokenizer.json, a tiktoken ranks file"],
+    ),
     ("block_causal with no eos id", [], ["has no eos piece", "tokenizer.eos_token"]),
     (
         "parallel degrees",

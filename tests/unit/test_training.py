@@ -89,20 +89,18 @@ def test_parallel_dims():
 
 
 def test_tensor_parallel_must_divide_what_it_splits():
-    check_tensor_parallel(
-        8, n_heads=64, n_kv_heads=8, vocab_size=128256, hidden_dim=28672, seq_len=8192
-    )
+    from torchtitan_lite.models.llama3.args import model_args_for
+
+    seventy = model_args_for("70B", vocab_size=128256, eos_id=128001)
+    check_tensor_parallel(8, seventy, seq_len=8192)
     with pytest.raises(ConfigError) as e:
-        check_tensor_parallel(
-            16, n_heads=64, n_kv_heads=8, vocab_size=128256, hidden_dim=28672, seq_len=8192
-        )
+        check_tensor_parallel(16, seventy, seq_len=8192)
     message = str(e.value)
     assert "tensor_parallel_degree = 16 does not divide kv heads (model flavor) = 8" in message
     assert "attention heads" not in message and "Fix:" in message
+    debug = model_args_for("debugmodel", vocab_size=2305, eos_id=1)
     with pytest.raises(ConfigError, match=r"vocabulary .* = 2305, sequence length .* = 127"):
-        check_tensor_parallel(
-            2, n_heads=16, n_kv_heads=16, vocab_size=2305, hidden_dim=768, seq_len=127
-        )
+        check_tensor_parallel(2, debug, seq_len=127)
 
 
 def test_grad_norm_counts_each_shard_once_over_a_2d_mesh():

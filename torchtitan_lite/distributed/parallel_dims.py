@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_lite.errors import ConfigError
+from torchtitan_lite.models.llama3.args import ModelArgs
 
 
 @dataclass(kw_only=True)
@@ -93,21 +94,14 @@ def dp_rank(mesh: DeviceMesh) -> int:
     return rank
 
 
-def check_tensor_parallel(
-    tp: int,
-    n_heads: int,
-    n_kv_heads: int,
-    vocab_size: int,
-    hidden_dim: int,
-    seq_len: int,
-    tied: bool = False,
-) -> None:
+def check_tensor_parallel(tp: int, args: ModelArgs, seq_len: int) -> None:
     """TP splits heads, kv heads, the feed-forward width and the vocabulary evenly over its
     ranks, and sequence parallelism the sequence: each must be a multiple of ``tp``. A tied
-    embedding (``tied``) is refused: its one matrix would get two TP plans."""
+    embedding is refused: its one matrix would get two TP plans."""
     if tp == 1:
         return
-    if tied:
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    if args.tie_word_embeddings:
         raise ConfigError(
             f"Parallel layout: parallelism.tensor_parallel_degree = {tp}, but this model's "
             "output projection is tied to its embedding table (the 1B / 3B flavors, or "
@@ -118,10 +112,10 @@ def check_tensor_parallel(
             "enough for it."
         )
     parts = {
-        "attention heads (model flavor)": n_heads,
+        "attention heads (model flavor)": args.n_heads,
         "kv heads (model flavor)": n_kv_heads,
-        "feed-forward width (model flavor)": hidden_dim,
-        "vocabulary (model.vocab_size_multiple_of pads it)": vocab_size,
+        "feed-forward width (model flavor)": args.hidden_dim,
+        "vocabulary (model.vocab_size_multiple_of pads it)": args.vocab_size,
         "sequence length (training.seq_len)": seq_len,
     }
     bad = [f"{name} = {size}" for name, size in parts.items() if size % tp]
