@@ -165,8 +165,9 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
             figures["gradients"] = local_bytes(p.grad for p in params if p.grad is not None)
             backward = _by_kind(tracker.get_tracker_snapshot("peak")[trainer.device])
             live = _by_kind(tracker.get_tracker_snapshot("current")[trainer.device])["Total"]
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            if trainer.mode.fake_mode is None:  # a dry run adds the step's kernels by formula
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad(set_to_none=True)
         whole = _by_kind(tracker.get_tracker_snapshot("peak")[trainer.device])
     figures["optimizer"] = local_bytes(
         v
