@@ -94,7 +94,7 @@ class JsonTokenizer(Tokenizer):
         )
         if pad_is_eos:
             padding = self.padding_id
-            instead = f"{self.id_to_token(padding)!r} (id {padding})" if padding else "none"
+            instead = "none" if padding is None else f"{self.id_to_token(padding)!r} (id {padding})"
             self.notes.append(
                 f"Tokenizer {path.parent / 'tokenizer_config.json'} sets pad_token to the eos "
                 f"token {self.id_to_token(pad)!r} (id {pad}): padding would read as document "
