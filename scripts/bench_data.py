@@ -4,9 +4,10 @@ Measures, on the embedded corpus (or ``--path``), for the tiktoken and sentencep
 tokenizers and for the tiktoken ranks converted by ``transformers`` into a Hugging Face
 ``tokenizer.json`` (the same ids): the packed dataset iterated directly, and through the
 StatefulDataLoader that training uses (batch 8 × 2048), plus the time spent in tokenization
-alone. Then chat data (``--chat-path``, the embedded conversations): render + label + pack
-(best-fit) or pad, through the loader, in row positions per second and in trained targets
-per second.
+alone; then the corpus pre-tokenized into a shard set (``scripts/tokenize_data.py``), read
+and packed from its memory-mapped shards. Then chat data (``--chat-path``, the embedded
+conversations): render + label + pack (best-fit) or pad, through the loader, in row positions
+per second and in trained targets per second.
 
 Usage::
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from torchtitan_lite.config.job_config import Data
 from torchtitan_lite.data import IGNORE_INDEX, DocumentSource, PackedDataset, build_dataloader
+from torchtitan_lite.data.shards import write_shard_set
 from torchtitan_lite.tokenizer import load_tokenizer
 
 
@@ -48,6 +50,32 @@ def tokenizer_json(folder: Path) -> Path:
     return folder / "tokenizer.json"
 
 
+def pack_and_load(tok, source, path: str, label: str, tokens: int, args) -> None:
+    """Rows of ``seq_len + 1`` packed from ``source``: iterated directly, then through the
+    StatefulDataLoader training uses."""
+    ds = PackedDataset(source, tok, args.seq_len, infinite=True)
+    windows = tokens // args.seq_len
+    start = time.perf_counter()
+    for _ in islice(iter(ds), windows):
+        pass
+    dt = time.perf_counter() - start
+    n = windows * args.seq_len
+    what = "read + pack" if label else "read + encode + pack"
+    print(f"| {tok.kind} | {label}{what} | {n:,} | {dt:.2f} | {n / dt:,.0f} |")
+    loader = build_dataloader(Data(path=path), tok, seq_len=args.seq_len, batch_size=args.batch)
+    steps = max(1, windows // args.batch)
+    start = time.perf_counter()
+    for _ in islice(iter(loader), steps):
+        pass
+    dt = time.perf_counter() - start
+    n = steps * args.batch * args.seq_len
+    print(
+        f"| {tok.kind} | {label}StatefulDataLoader, batch {args.batch} | {n:,} | {dt:.2f} | "
+        f"{n / dt:,.0f} |",
+        flush=True,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--path", default="assets/shakespeare.jsonl.gz")
@@ -69,31 +97,21 @@ def main() -> None:
         dt = time.perf_counter() - start
         print(f"| {tok.kind} | encode only (one epoch) | {n:,} | {dt:.2f} | {n / dt:,.0f} |")
 
-        ds = PackedDataset(source, tok, args.seq_len, infinite=True)
-        windows = args.tokens // args.seq_len
-        start = time.perf_counter()
-        for _ in islice(iter(ds), windows):
-            pass
-        dt = time.perf_counter() - start
-        n = windows * args.seq_len
-        print(f"| {tok.kind} | read + encode + pack | {n:,} | {dt:.2f} | {n / dt:,.0f} |")
-
-        loader = build_dataloader(
-            Data(path=args.path), tok, seq_len=args.seq_len, batch_size=args.batch
-        )
-        steps = max(1, windows // args.batch)
-        start = time.perf_counter()
-        for _ in islice(iter(loader), steps):
-            pass
-        dt = time.perf_counter() - start
-        n = steps * args.batch * args.seq_len
-        print(
-            f"| {tok.kind} | StatefulDataLoader, batch {args.batch} | {n:,} | {dt:.2f} | "
-            f"{n / dt:,.0f} |",
-            flush=True,
-        )
+        pack_and_load(tok, source, args.path, "", args.tokens, args)
 
     tok = load_tokenizer("assets/tokenizer/tiktoken_2k.model")
+    shards = Path(tmp.name) / "tokens"
+    start = time.perf_counter()
+    manifest = write_shard_set(DocumentSource(args.path), shards, tok)
+    dt = time.perf_counter() - start
+    n = manifest["tokens"]
+    print(
+        f"| {tok.kind} | pre-tokenize (scripts/tokenize_data.py) | {n:,} | {dt:.2f} | "
+        f"{n / dt:,.0f} |"
+    )
+    tokens = max(args.tokens, 20_000_000)
+    pack_and_load(tok, DocumentSource(str(shards)), str(shards), "shards: ", tokens, args)
+
     for packing in (True, False):
         data = Data(path=args.chat_path, format="chat", packing=packing)
         loader = build_dataloader(data, tok, seq_len=args.seq_len, batch_size=args.batch)

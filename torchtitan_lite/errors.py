@@ -20,3 +20,7 @@ class TokenizerError(UserError):
 
 class ExportError(UserError):
     """A checkpoint or Hugging Face folder that cannot be converted or read."""
+
+
+class DataError(UserError):
+    """Data that cannot be read: a missing, empty or malformed file or shard."""

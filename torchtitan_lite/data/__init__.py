@@ -46,6 +46,8 @@ def _dataset(
         hf_split=hf_split,
         select=select,
     )
+    if source.shards is not None:  # the startup check, extended to the data on disk
+        source.shards.check_ids(tokenizer)
     shard = {"rank": dp_rank, "world_size": dp_world_size, "infinite": infinite}
     if data.is_chat:
         return ConversationDataset(

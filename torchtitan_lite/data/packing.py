@@ -129,13 +129,16 @@ class PackedDataset(ShardedStream):
             )
             for doc in self.source.documents(owned):
                 docs_seen += 1
-                if not doc.text.strip():
+                if isinstance(doc.text, np.ndarray):  # pre-tokenized: bos + text + eos
+                    tokens = doc.text.astype(np.int64)
+                elif not doc.text.strip():
                     self.skipped_empty += 1
                     continue
+                else:
+                    tokens = np.asarray(
+                        self.tokenizer.encode(doc.text, bos=True, eos=True), dtype=np.int64
+                    )
                 docs_used += 1
-                tokens = np.asarray(
-                    self.tokenizer.encode(doc.text, bos=True, eos=True), dtype=np.int64
-                )
                 pos = start_offset if doc.index == start_doc else 0
                 while pos < len(tokens):
                     take = min(need - filled, len(tokens) - pos)

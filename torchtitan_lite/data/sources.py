@@ -26,13 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_lite.config.learning import is_chat_format
-from torchtitan_lite.errors import UserError
+from torchtitan_lite.data.token_shards import ShardSet, is_shard_set
+from torchtitan_lite.errors import DataError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".parquet")
-
-
-class DataError(UserError):
-    """Data that cannot be read: a missing, empty or malformed file."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,14 @@ class DocumentSource:
         self.hf = fmt in ("hf", "chat_hf")
         self.select = select
         self.field_key = "data.messages_field" if self.chat else "data.text_field"
-        self.files = [] if self.hf else list_files(path)
+        # a folder written by scripts/tokenize_data.py: documents as tokens, no tokenizing
+        self.shards = ShardSet(path) if not self.hf and is_shard_set(path) else None
+        if self.shards is not None and self.chat:
+            raise DataError(
+                f"{path} holds pre-tokenized documents, but data.format = {fmt!r} reads "
+                "conversations. Fix: point data.path at the conversations themselves."
+            )
+        self.files = [] if self.hf or self.shards is not None else list_files(path)
         text_files = [f for f in self.files if _suffix(f).startswith(".txt")]
         if self.chat and text_files:
             raise DataError(
@@ -139,6 +143,12 @@ class DocumentSource:
             owned = _both(self.select, owned)
         if self.hf:
             yield from self._hf_documents(owned)
+            return
+        if self.shards is not None:
+            wanted = (lambda i: True) if owned is None else owned
+            for index, (origin, tokens) in enumerate(self.shards.documents(wanted)):
+                if tokens is not None:
+                    yield Document(index, tokens, origin)
             return
         index = 0
         for path in self.files:

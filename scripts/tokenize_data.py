@@ -1,0 +1,75 @@
+"""Tokenize a corpus once into a shard set that training reads as ``data.path``.
+
+SOURCE is any path ``data.path`` accepts (a JSONL / text / Parquet file or folder, or with
+``--format hf`` a Hugging Face dataset); each document becomes bos + text + eos, as the packer
+encodes it on the fly. OUT_DIR gets the shards (the smallest unsigned dtype that holds the
+vocabulary), their document offsets and ``tokens.json``, which records the tokenizer (sha256,
+vocab size, bos / eos / pad ids), the source files with their sha256, and the counts. A run
+whose tokenizer differs is refused before step 1. Interrupted, the same command continues
+after the last finished shard. Chat data is refused (it is packed per conversation at load
+time).
+
+Usage::
+
+    python scripts/tokenize_data.py assets/shakespeare.jsonl.gz outputs/tokens \\
+        --tokenizer assets/tokenizer/tiktoken_2k.model
+    python train.py --config train_configs/debug_model.toml --data.path outputs/tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from torchtitan_lite.data.shards import write_shard_set
+from torchtitan_lite.data.sources import DocumentSource
+from torchtitan_lite.errors import UserError
+from torchtitan_lite.tokenizer import load_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--tokenizer", required=True, help="tokenizer file or model folder")
+    p.add_argument("--format", default="auto", help="data.format of the source (auto, hf)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--separator", default="", help="data.separator for plain-text files")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+
+        tokenizer = load_tokenizer(args.tokenizer)
+        source = DocumentSource(
+            args.source, args.format, args.text_field, args.separator, args.hf_split
+        )
+        with tqdm(unit=" docs", file=sys.stderr, disable=None) as bar:
+
+            def progress(documents: int, tokens: int) -> None:
+                bar.n = documents
+                bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+                bar.refresh()
+
+            manifest = write_shard_set(
+                source, args.out_dir, tokenizer, args.shard_tokens, progress=progress
+            )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    print(
+        f"wrote {args.out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} "
+        f"tokens in {len(manifest['shards'])} shard(s) of {manifest['dtype']}, "
+        f"{manifest['empty_documents_skipped']} empty skipped, {seconds:.1f} s "
+        f"({manifest['tokens'] / seconds:,.0f} tokens/s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

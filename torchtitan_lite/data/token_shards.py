@@ -1,0 +1,133 @@
+"""Pre-tokenized documents: shards of tokens that carry the tokenizer that made them.
+
+A shard set is a folder::
+
+    tokens.json          the manifest, written last (sealed: a checksum of its own body)
+    shard-00000.bin      documents' tokens back to back (bos + text + eos, as the packer
+    shard-00000.idx      encodes them on the fly), in the smallest unsigned dtype that holds
+    ...                  the vocabulary; .idx: int64 offsets of each document (n + 1)
+    progress.json        while writing: the shards finished so far (a restart continues)
+
+The manifest records the tokenizer's sha256, kind, vocabulary size and bos / eos / pad ids,
+the source files with their sizes and sha256, and the counts. Reading it back, a shard set
+made by another tokenizer, or with other special ids, is refused before step 1 (both sides
+named); a shard whose size disagrees with the manifest (truncated, or another file) is refused
+naming the file. Tokens are read through numpy memory maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from torchtitan_lite.components.integrity import IntegrityError, read_json_object, unseal
+from torchtitan_lite.errors import DataError
+from torchtitan_lite.ids import IdMismatchError
+
+if TYPE_CHECKING:
+    from torchtitan_lite.tokenizer import Tokenizer
+
+MANIFEST = "tokens.json"
+FORMAT = "torchtitan_lite.tokens/1"
+#: The tokenizer facts a shard set must share with the run's tokenizer.
+ID_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id")
+
+
+def is_shard_set(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def tokenizer_record(tokenizer: Tokenizer) -> dict:
+    return {
+        "path": str(tokenizer.path),
+        "sha256": tokenizer.file_sha256,
+        "kind": tokenizer.kind,
+        **{key: getattr(tokenizer, key) for key in ID_KEYS},
+    }
+
+
+class ShardSet:
+    """A shard set opened for reading: its manifest, checked; documents by index."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        try:
+            self.manifest = unseal(read_json_object(path, "a shard set's manifest"), path)
+        except IntegrityError as e:
+            raise DataError(
+                f"{e}. Fix: tokenize the data again (scripts/tokenize_data.py) into a new folder."
+            ) from None
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(
+                f"{path} is not a shard set of this format ({FORMAT}). Fix: tokenize the data "
+                "again with scripts/tokenize_data.py."
+            )
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.shards = []  # (tokens memmap, offsets, first document index)
+        first = 0
+        for entry in self.manifest["shards"]:
+            tokens_path, index_path = self.folder / entry["tokens"], self.folder / entry["index"]
+            for file, size in (
+                (tokens_path, entry["tokens_count"] * self.dtype.itemsize),
+                (index_path, (entry["documents"] + 1) * 8),
+            ):
+                found = file.stat().st_size if file.is_file() else None
+                if found != size:
+                    raise DataError(
+                        f"Shard file {file} is {'missing' if found is None else f'{found} bytes'}"
+                        f", but {path} records {size} bytes: the shard is truncated, or not this "
+                        "set's. Fix: tokenize the data again into a new folder (or restore the "
+                        "file)."
+                    )
+            offsets = np.fromfile(index_path, dtype=np.int64)
+            if (
+                offsets[0] != 0
+                or offsets[-1] != entry["tokens_count"]
+                or np.any(np.diff(offsets) < 0)
+            ):
+                raise DataError(
+                    f"Shard index {index_path} does not describe {tokens_path} (offsets out of "
+                    "order or past its end). Fix: tokenize the data again into a new folder."
+                )
+            tokens = (
+                np.memmap(tokens_path, dtype=self.dtype, mode="r")
+                if entry["tokens_count"]
+                else np.zeros(0, self.dtype)
+            )
+            self.shards.append((tokens, offsets, first))
+            first += entry["documents"]
+        self.num_documents = first
+
+    def check_ids(self, tokenizer: Tokenizer) -> None:
+        """Refuse a shard set made by another tokenizer or with other special ids."""
+        theirs, ours = self.manifest["tokenizer"], tokenizer_record(tokenizer)
+        differ = [k for k in (*ID_KEYS, "sha256") if theirs.get(k) != ours[k]]
+        if differ:
+            raise IdMismatchError(
+                f"Special-id mismatch: the pre-tokenized data {self.folder} was made by the "
+                f"tokenizer {theirs.get('path')} ({theirs.get('kind')}), this run's is "
+                f"{tokenizer.path} ({tokenizer.kind}): "
+                + ", ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in differ)
+                + ". Training on it would read other tokens and document boundaries. Fix: "
+                "tokenize the data again with this run's tokenizer (scripts/tokenize_data.py), "
+                "or set tokenizer.path to the one that made it."
+            )
+
+    def documents(self, wanted) -> Iterator[tuple[str, np.ndarray | None]]:
+        """``(origin, tokens or None)`` per document in order (None when not ``wanted``)."""
+        for k, (tokens, offsets, first) in enumerate(self.shards):
+            name = self.manifest["shards"][k]["tokens"]
+            for i in range(len(offsets) - 1):
+                if wanted(first + i):
+                    yield f"{self.folder / name}#{i}", tokens[offsets[i] : offsets[i + 1]]
+                else:
+                    yield f"{self.folder / name}#{i}", None
