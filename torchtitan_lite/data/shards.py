@@ -68,9 +68,11 @@ def write_shard_set(
     lengths: list[int] = []
     read = skip
     empty_now = 0
+    in_shard = 0  # tokens of the shard being filled
+    before = sum(s["tokens_count"] for s in done)  # tokens of the finished shards
 
     def flush() -> None:
-        nonlocal pieces, lengths, empty_now
+        nonlocal pieces, lengths, empty_now, in_shard, before
         k = len(done)
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -89,16 +91,18 @@ def write_shard_set(
         )
         write_json(out / PROGRESS, {**key, "shards": done})
         pieces, lengths, empty_now = [], [], 0
+        before, in_shard = before + in_shard, 0
 
     batch: list[str] = []
 
     def encode(texts: list[str]) -> None:
-        nonlocal empty_now
+        nonlocal empty_now, in_shard
         kept = [t for t in texts if t.strip()]
         empty_now += len(texts) - len(kept)
         for ids in tokenizer.encode_batch(kept, bos=True, eos=True):
             pieces.append(np.asarray(ids, dtype=dtype))
             lengths.append(len(ids))
+            in_shard += len(ids)
 
     for doc in source.documents(lambda i: i >= skip):
         batch.append(doc.text)
@@ -107,8 +111,8 @@ def write_shard_set(
             encode(batch)
             batch = []
             if progress is not None:
-                progress(read, sum(lengths))
-            if sum(lengths) >= shard_tokens:
+                progress(read, before + in_shard)
+            if in_shard >= shard_tokens:
                 flush()
     encode(batch)
     if lengths or not done:
