@@ -30,23 +30,11 @@ from torchtitan_lite.tokenizer import load_tokenizer
 
 
 def tokenizer_json(folder: Path) -> Path:
-    """The embedded tiktoken ranks as a tokenizer.json, converted by transformers."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    """The embedded tiktoken ranks as a tokenizer.json, as an export writes it (converted by
+    transformers)."""
+    from torchtitan_lite.export.hf_tokenizer import save_tokenizer
 
-    from torchtitan_lite.tokenizer import LLAMA3_PATTERN, llama3_special_tokens
-
-    specials = llama3_special_tokens()
-    backend = TikTokenConverter(
-        vocab_file="assets/tokenizer/tiktoken_2k.model",
-        pattern=LLAMA3_PATTERN,
-        extra_special_tokens=specials,
-    ).converted()
-    backend.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=specials[0], eos_token=specials[1]
-    )
-    fast.save_pretrained(str(folder))
+    save_tokenizer(load_tokenizer("assets/tokenizer/tiktoken_2k.model"), folder)
     return folder / "tokenizer.json"
 
 

@@ -43,21 +43,21 @@ FAST = [
 #: 128-token rows, no TensorBoard.
 SHORT_ROWS = ["--training.seq_len", "128", "--metrics.enable_tensorboard", "false"]
 
-#: One global batch of 4 rows per step in every layout, in fp32 so that layouts agree to
-#: rounding: 2 data-parallel ranks × 2 rows read document shards 0 and 1; 1 process with 2
-#: loader workers reads the same two shards (worker w = shard w) in 2 accumulation steps of
-#: 2 rows. The data-parallel and the tensor-parallel runs start from it.
-GLOBAL_BATCH_OF_4 = [
-    "--config",
-    str(DEBUG_CONFIG),
+#: One global batch of 4 rows per step, in fp32 so that layouts agree to rounding.
+FP32_BATCH_OF_4 = [
     "--training.global_batch_size",
     "4",
     "--training.mixed_precision_param",
     "float32",
     "--optimizer.lr",
     "2e-3",
-    *SHORT_ROWS,
 ]
+
+#: :data:`FP32_BATCH_OF_4` of the debug model in every layout: 2 data-parallel ranks × 2 rows
+#: read document shards 0 and 1; 1 process with 2 loader workers reads the same two shards
+#: (worker w = shard w) in 2 accumulation steps of 2 rows. The data-parallel and the
+#: tensor-parallel runs start from it.
+GLOBAL_BATCH_OF_4 = ["--config", str(DEBUG_CONFIG), *FP32_BATCH_OF_4, *SHORT_ROWS]
 
 #: The checkpointing run: 8 fp32 steps of 2 rows, checkpoints on. The checkpoint, trust and
 #: reliability tests add the interval, the step count and the folder.

@@ -58,7 +58,8 @@ class JsonTokenizer(Tokenizer):
 
         self.path = path
         try:
-            self._model = Backend.from_file(str(path))
+            text = path.read_bytes().decode("utf-8")
+            self._model = Backend.from_str(text)
         except Exception as e:  # the library raises a bare Exception on a bad file
             raise TokenizerError(
                 f"Tokenizer file {path} is JSON but not a Hugging Face tokenizer.json the "
@@ -66,7 +67,7 @@ class JsonTokenizer(Tokenizer):
                 "tokenizer.json, or a tiktoken ranks file / sentencepiece .model."
             ) from None
         self._model.encode_special_tokens = True  # documents are ordinary text
-        self._engine = _tiktoken_engine(json.loads(path.read_text(encoding="utf-8")), path)
+        self._engine = _tiktoken_engine(json.loads(text), path)
         self.vocab_size = self._model.get_vocab_size(with_added_tokens=True)
         self.special_tokens = {
             added.content: token_id

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import (
+    FP32_BATCH_OF_4,
     LLAMA3_ROPE_SCALING,
     REPO,
     assert_clean_error,
@@ -192,12 +193,7 @@ def sft_args(folder, dump, *extra: str) -> list[str]:
         "256",
         "--training.local_batch_size",
         "2",
-        "--training.global_batch_size",
-        "4",
-        "--training.mixed_precision_param",
-        "float32",
-        "--optimizer.lr",
-        "2e-3",
+        *FP32_BATCH_OF_4,
         "--lr_scheduler.warmup_steps",
         "0",
         "--metrics.enable_tensorboard",

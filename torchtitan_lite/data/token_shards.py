@@ -25,15 +25,15 @@ import numpy as np
 
 from torchtitan_lite.components.integrity import IntegrityError, read_json_object, unseal
 from torchtitan_lite.errors import DataError
-from torchtitan_lite.ids import IdMismatchError
+from torchtitan_lite.ids import MANIFEST_ID_KEYS, IdMismatchError
 
 if TYPE_CHECKING:
     from torchtitan_lite.tokenizer import Tokenizer
 
 MANIFEST = "tokens.json"
 FORMAT = "torchtitan_lite.tokens/1"
-#: The tokenizer facts a shard set must share with the run's tokenizer.
-ID_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id")
+#: The special ids a shard set must share with the run's tokenizer: those a checkpoint records.
+ID_KEYS = MANIFEST_ID_KEYS
 
 
 def is_shard_set(path: str | Path) -> bool:
@@ -105,7 +105,6 @@ class ShardSet:
             )
             self.shards.append((tokens, offsets, first))
             first += entry["documents"]
-        self.num_documents = first
 
     def check_ids(self, tokenizer: Tokenizer) -> None:
         """Refuse a shard set made by another tokenizer or with other special ids."""
