@@ -2,12 +2,15 @@
 
 Measures, on the embedded corpus (or ``--path``), for the tiktoken and sentencepiece debug
 tokenizers and for the tiktoken ranks converted by ``transformers`` into a Hugging Face
-``tokenizer.json`` (the same ids): the packed dataset iterated directly, and through the
-StatefulDataLoader that training uses (batch 8 × 2048), plus the time spent in tokenization
-alone; then the corpus pre-tokenized into a shard set (``scripts/tokenize_data.py``), read
-and packed from its memory-mapped shards. Then chat data (``--chat-path``, the embedded
-conversations): render + label + pack (best-fit) or pad, through the loader, in row positions
-per second and in trained targets per second.
+``tokenizer.json`` (the same ids): the packed rows iterated directly, and through the loader
+that training uses (the global stream, batch 8 × 2048), plus the time spent in tokenization
+alone. Then the corpus pre-tokenized into a shard set (``scripts/tokenize_data.py``, 1 and 2
+processes, on the corpus repeated 16 times), read and packed from its memory-mapped shards,
+with the document ids the mask is built from; through the loader of rank 0 of 1 and of 8
+(every rank walks the whole stream: its own rows per second, and the stream's); and a
+mixture of the shards with the text (weights 3 : 1). Then chat data (``--chat-path``, the
+embedded conversations): render + label + pack (best-fit) or pad, through the loader, in row
+positions per second and in trained targets per second.
 
 Usage::
 
@@ -18,14 +21,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from itertools import islice
 from pathlib import Path
 
 from torchtitan_lite.config.job_config import Data
+from torchtitan_lite.config.learning import DataSource
 from torchtitan_lite.data import IGNORE_INDEX, DocumentSource, PackedDataset, build_dataloader
-from torchtitan_lite.data.shards import write_shard_set
+from torchtitan_lite.models.attention import document_ids
 from torchtitan_lite.tokenizer import load_tokenizer
 
 
@@ -38,9 +46,9 @@ def tokenizer_json(folder: Path) -> Path:
     return folder / "tokenizer.json"
 
 
-def pack_and_load(tok, source, path: str, label: str, tokens: int, args) -> None:
+def pack_and_load(tok, source, data: Data, label: str, tokens: int, args) -> None:
     """Rows of ``seq_len + 1`` packed from ``source``: iterated directly, then through the
-    StatefulDataLoader training uses."""
+    loader training uses."""
     ds = PackedDataset(source, tok, args.seq_len, infinite=True)
     windows = tokens // args.seq_len
     start = time.perf_counter()
@@ -50,16 +58,24 @@ def pack_and_load(tok, source, path: str, label: str, tokens: int, args) -> None
     n = windows * args.seq_len
     what = "read + pack" if label else "read + encode + pack"
     print(f"| {tok.kind} | {label}{what} | {n:,} | {dt:.2f} | {n / dt:,.0f} |")
-    loader = build_dataloader(Data(path=path), tok, seq_len=args.seq_len, batch_size=args.batch)
-    steps = max(1, windows // args.batch)
+    load(tok, data, f"{label}loader, batch {args.batch}", tokens, args)
+
+
+def load(tok, data: Data, label: str, tokens: int, args, ranks: int = 1) -> None:
+    """The loader of rank 0 of ``ranks``, with the document ids of every batch (what the
+    mask is built from): its own tokens per second, and the stream's (all ranks' rows)."""
+    loader = build_dataloader(
+        data, tok, seq_len=args.seq_len, batch_size=args.batch, dp_world_size=ranks
+    )
+    steps = max(1, tokens // (args.batch * args.seq_len * ranks))
     start = time.perf_counter()
-    for _ in islice(iter(loader), steps):
-        pass
+    for step in islice(iter(loader), steps):
+        document_ids(step["input"][0], tok.eos_id)
     dt = time.perf_counter() - start
     n = steps * args.batch * args.seq_len
+    stream = f" (stream: {n * ranks / dt:,.0f}/s)" if ranks > 1 else ""
     print(
-        f"| {tok.kind} | {label}StatefulDataLoader, batch {args.batch} | {n:,} | {dt:.2f} | "
-        f"{n / dt:,.0f} |",
+        f"| {tok.kind} | {label} + document ids{stream} | {n:,} | {dt:.2f} | {n / dt:,.0f} |",
         flush=True,
     )
 
@@ -85,20 +101,36 @@ def main() -> None:
         dt = time.perf_counter() - start
         print(f"| {tok.kind} | encode only (one epoch) | {n:,} | {dt:.2f} | {n / dt:,.0f} |")
 
-        pack_and_load(tok, source, args.path, "", args.tokens, args)
+        pack_and_load(tok, source, Data(path=args.path), "", args.tokens, args)
 
     tok = load_tokenizer("assets/tokenizer/tiktoken_2k.model")
-    shards = Path(tmp.name) / "tokens"
-    start = time.perf_counter()
-    manifest = write_shard_set(DocumentSource(args.path), shards, tok)
-    dt = time.perf_counter() - start
-    n = manifest["tokens"]
-    print(
-        f"| {tok.kind} | pre-tokenize (scripts/tokenize_data.py) | {n:,} | {dt:.2f} | "
-        f"{n / dt:,.0f} |"
-    )
+    bigger = Path(tmp.name) / "corpus_x16.jsonl"
+    with gzip.open(args.path) if args.path.endswith(".gz") else open(args.path, "rb") as f:
+        bigger.write_bytes(f.read() * 16)
+    for workers in (1, 2):  # as a user runs it (worker processes import the script)
+        shards = Path(tmp.name) / f"tokens_{workers}"
+        command = [sys.executable, "scripts/tokenize_data.py", str(bigger), str(shards)]
+        command += ["--tokenizer", "assets/tokenizer/tiktoken_2k.model", "--workers", str(workers)]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        dt = time.perf_counter() - start
+        n = json.loads((shards / "tokens.json").read_text())["tokens"]
+        print(
+            f"| {tok.kind} | pre-tokenize (scripts/tokenize_data.py --workers {workers}, "
+            f"start-up included) | {n:,} | {dt:.2f} | {n / dt:,.0f} |",
+            flush=True,
+        )
     tokens = max(args.tokens, 20_000_000)
-    pack_and_load(tok, DocumentSource(str(shards)), str(shards), "shards: ", tokens, args)
+    shard_data = Data(path=str(shards))
+    pack_and_load(tok, DocumentSource(str(shards)), shard_data, "shards: ", tokens, args)
+    load(tok, shard_data, f"shards: loader of rank 0 of 8, batch {args.batch}", tokens, args, 8)
+    mixture = Data(
+        sources=[
+            DataSource(path=str(shards), weight=3, name="shards"),
+            DataSource(path=args.path, weight=1, name="text"),
+        ]
+    )
+    load(tok, mixture, f"mixture shards 3 : text 1, batch {args.batch}", args.tokens, args)
 
     for packing in (True, False):
         data = Data(path=args.chat_path, format="chat", packing=packing)
@@ -106,12 +138,12 @@ def main() -> None:
         rows = trained = 0
         start = time.perf_counter()
         for batch in islice(iter(loader), max(1, args.tokens // (args.batch * args.seq_len))):
-            rows += batch["input"].shape[0]
+            rows += batch["input"].shape[0] * batch["input"].shape[1]
             trained += int((batch["labels"] != IGNORE_INDEX).sum())
         dt = time.perf_counter() - start
         n = rows * args.seq_len
         print(
-            f"| {tok.kind} | chat, {'packed' if packing else 'padded'}, StatefulDataLoader "
+            f"| {tok.kind} | chat, {'packed' if packing else 'padded'}, loader "
             f"(trained targets: {trained / dt:,.0f}/s) | {n:,} | {dt:.2f} | {n / dt:,.0f} |",
             flush=True,
         )

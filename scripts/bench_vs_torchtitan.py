@@ -63,7 +63,8 @@ def first_batch():
         seq_len=config.training.seq_len,
         batch_size=config.training.local_batch_size,
     )
-    return next(iter(loader)), tokenizer
+    step = next(iter(loader))
+    return {"input": step["input"][0], "labels": step["labels"][0]}, tokenizer
 
 
 def torchtitan_step(deps: Path):

@@ -1,8 +1,8 @@
 """GPU acceptance in one go: every check the CPU cannot make, with a report.
 
-Run through ``bash scripts/gpu_check.sh`` (which supplies torchdata from a carried wheel on a
-GPU image without it). Each check runs as a subprocess with its own time limit, in this
-order, and the report is rewritten after each one, so a cut-off run still says what passed:
+Run through ``bash scripts/gpu_check.sh`` (which checks the packages it needs). Each check
+runs as a subprocess with its own time limit, in this order, and the report is rewritten
+after each one, so a cut-off run still says what passed:
 
 1. the GPU-marked tests (compiled flex forward + backward against SDPA under the dense oracle
    mask in fp32 and bf16, gradients too; zero recompiles over 5 compiled training steps; one

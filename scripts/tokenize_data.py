@@ -5,14 +5,14 @@ SOURCE is any path ``data.path`` accepts (a JSONL / text / Parquet file or folde
 encodes it on the fly. OUT_DIR gets the shards (the smallest unsigned dtype that holds the
 vocabulary), their document offsets and ``tokens.json``, which records the tokenizer (sha256,
 vocab size, bos / eos / pad ids), the source files with their sha256, and the counts. A run
-whose tokenizer differs is refused before step 1. Interrupted, the same command continues
-after the last finished shard. Chat data is refused (it is packed per conversation at load
-time).
+whose tokenizer differs is refused before step 1. ``--workers N`` tokenizes in N processes
+(the files are the same for any N). Interrupted, the same command continues after the last
+finished shard. Chat data is refused (it is packed per conversation at load time).
 
 Usage::
 
     python scripts/tokenize_data.py assets/shakespeare.jsonl.gz outputs/tokens \\
-        --tokenizer assets/tokenizer/tiktoken_2k.model
+        --tokenizer assets/tokenizer/tiktoken_2k.model --workers 2
     python train.py --config train_configs/debug_model.toml --data.path outputs/tokens
 """
 
@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-from torchtitan_lite.data.shards import write_shard_set
-from torchtitan_lite.data.sources import DocumentSource
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.tokenizer import load_tokenizer
 
@@ -39,10 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--separator", default="", help="data.separator for plain-text files")
     p.add_argument("--hf-split", default="train")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         from tqdm import tqdm
+
+        # here, not above: tokenizing worker processes import this script, and need no torch
+        from torchtitan_lite.data.shards import write_shard_set
+        from torchtitan_lite.data.sources import DocumentSource
 
         tokenizer = load_tokenizer(args.tokenizer)
         source = DocumentSource(
@@ -56,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                 bar.refresh()
 
             manifest = write_shard_set(
-                source, args.out_dir, tokenizer, args.shard_tokens, progress=progress
+                source,
+                args.out_dir,
+                tokenizer,
+                args.shard_tokens,
+                progress=progress,
+                workers=args.workers,
             )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

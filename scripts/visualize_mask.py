@@ -272,6 +272,8 @@ def training_rows(
     config = load_config(config_path, list(overrides))
     tc = config.training
     tokenizer = tokenizer_from_config(config.tokenizer)
+    step_rows = tc.local_batch_size * dp  # one step without gradient accumulation
+    global_batch = tc.global_batch_size if tc.global_batch_size > 0 else step_rows
     loader = build_dataloader(
         config.data,
         tokenizer,
@@ -279,11 +281,13 @@ def training_rows(
         batch_size=tc.local_batch_size,
         dp_rank=0,
         dp_world_size=dp,
+        micro_batches=global_batch // step_rows,
+        seed=tc.seed,
         validation=config.validation,
     )
     taken: list[torch.Tensor] = []
-    for batch in loader:
-        taken.append(batch["input"])
+    for step in loader:  # (micro-batches, rows, seq_len)
+        taken.append(step["input"].flatten(0, 1))
         if sum(t.shape[0] for t in taken) >= rows:
             break
     if not taken:

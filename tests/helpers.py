@@ -53,10 +53,9 @@ FP32_BATCH_OF_4 = [
     "2e-3",
 ]
 
-#: :data:`FP32_BATCH_OF_4` of the debug model in every layout: 2 data-parallel ranks × 2 rows
-#: read document shards 0 and 1; 1 process with 2 loader workers reads the same two shards
-#: (worker w = shard w) in 2 accumulation steps of 2 rows. The data-parallel and the
-#: tensor-parallel runs start from it.
+#: :data:`FP32_BATCH_OF_4` of the debug model in every layout: each step's 4 rows of the one
+#: global stream, read by 2 data-parallel ranks × 2 rows, or by 1 process in 2 accumulation
+#: steps of 2 rows. The data-parallel and the tensor-parallel runs start from it.
 GLOBAL_BATCH_OF_4 = ["--config", str(DEBUG_CONFIG), *FP32_BATCH_OF_4, *SHORT_ROWS]
 
 #: The checkpointing run: 8 fp32 steps of 2 rows, checkpoints on. The checkpoint, trust and
@@ -172,6 +171,17 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------ what a run leaves
+
+
+def micro_batches(trainer, steps: int = 1) -> list[dict]:
+    """The micro-batches of ``trainer``'s first ``steps`` steps, read from its loader."""
+    out = []
+    for step, _ in zip(trainer.dataloader, range(steps), strict=False):
+        out += [
+            {"input": i, "labels": lab}
+            for i, lab in zip(step["input"], step["labels"], strict=False)
+        ]
+    return out
 
 
 def metrics(folder: Path) -> list[dict]:

@@ -140,8 +140,8 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     and adds the optimizer step by what its kernels allocate (``optimizer_kind``, default the
     trainer's ``optimizer.implementation``): under fake tensors the optimizer kernels
     allocate what the real ones do not."""
-    batch = next(iter(trainer.dataloader))
-    batch.pop("epoch", None)
+    step = next(iter(trainer.dataloader))
+    batch = {"input": step["input"][0], "labels": step["labels"][0]}  # one micro-batch
     # The mask and the target count come from the host batch, outside the fake mode.
     mask = trainer.attention_mask(batch)
     targets = max(int((batch["labels"] != IGNORE_INDEX).sum()), 1)

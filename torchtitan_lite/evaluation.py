@@ -7,23 +7,22 @@ import math
 
 import torch
 
-from torchtitan_lite.data import IGNORE_INDEX, build_validation_loader
-from torchtitan_lite.data.batches import host_count, pad_rows
-from torchtitan_lite.distributed.utils import rank_sums
+from torchtitan_lite.data import IGNORE_INDEX, build_validation_loaders
+from torchtitan_lite.data.batches import host_count
 from torchtitan_lite.errors import UserError
 
 
 @torch.no_grad()
-def evaluate(trainer) -> dict[str, float]:
-    """Loss and perplexity of ``trainer``'s model over the validation data
+def evaluate(trainer) -> dict:
+    """Loss and perplexity of ``trainer``'s model over the validation data of each source
     (``validation.steps`` batches per rank, or all of it), normalized like training: by the
-    global count of valid targets.
+    global count of valid targets; then over all sources together.
 
-    Every rank runs the same number of forwards (FSDP's collectives need it): a rank whose
-    share ran out feeds fully padded batches until every rank is done."""
+    Every rank walks the same global stream, so every rank runs the same number of forwards
+    (FSDP's collectives need it): a rank past the end of the data gets padding rows."""
     vc, tc = trainer.config.validation, trainer.config.training
     rows = vc.local_batch_size if vc.local_batch_size > 0 else tc.local_batch_size
-    loader = build_validation_loader(
+    loaders = build_validation_loaders(
         trainer.config.data,
         vc,
         trainer.tokenizer,
@@ -32,46 +31,55 @@ def evaluate(trainer) -> dict[str, float]:
         dp_rank=trainer.dp_rank,
         dp_world_size=trainer.parallel_dims.dp,
     )
-    data_iter = iter(loader)
-    pad_id = trainer.dataloader.dataset.pad_id
-    loss_sum = torch.zeros((), device=trainer.device)
-    valid = batches = 0
+    per_source = {}
     trainer.model.eval()
     try:
-        while vc.steps < 0 or batches < vc.steps:
-            try:
-                batch, failed = next(data_iter, None), None
-            except UserError as e:  # bad validation data: every rank stops, none waits
-                batch, failed = None, e
-            more, failures = rank_sums(batch is not None, failed is not None)
-            if failures:
-                raise failed or UserError(
-                    "Validation data could not be read on another rank; its log says why."
-                )
-            if not more:
-                break
-            if batch is None:
-                batch = {"input": torch.full((0, tc.seq_len), pad_id, dtype=torch.long)}
-                batch["labels"] = torch.full_like(batch["input"], IGNORE_INDEX)
-            batch.pop("epoch", None)
-            batch = pad_rows(batch, rows, pad_id)
-            valid += host_count(batch["labels"] != IGNORE_INDEX)
-            with trainer.loss_context():
-                loss_sum += trainer.loss_sum(batch)
-            batches += 1
+        for name, loader in loaders.items():
+            per_source[name] = _evaluate_source(trainer, loader, vc.steps)
     finally:
         trainer.model.train()
-    global_valid = host_count(trainer._data_sum(torch.tensor([valid])))
-    if global_valid == 0:
+    total = sum(r["targets"] for r in per_source.values())
+    if total == 0:
         raise UserError(
-            f"Validation data ({trainer.config.validation.path or trainer.config.data.path}) has "
+            f"Validation data ({trainer.config.validation.path or trainer.config.data.summary()}) "
+            "has "
             "no trained targets on any rank. Fix: point validation.path at data with "
             "text (or assistant turns), or raise validation.split_fraction."
         )
-    loss = trainer._data_sum(loss_sum).item() / global_valid
+    loss = sum(r["loss_sum"] for r in per_source.values()) / total
+    result = _result(loss, total, max(r["batches"] for r in per_source.values()))
+    if len(per_source) > 1:
+        result["sources"] = {
+            name: _result(r["loss_sum"] / r["targets"], r["targets"], r["batches"])
+            for name, r in per_source.items()
+            if r["targets"]
+        }
+    return result
+
+
+def _result(loss: float, targets: int, batches: int) -> dict:
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 80.0)),
-        "targets": global_valid,
+        "targets": targets,
+        "batches": batches,
+    }
+
+
+def _evaluate_source(trainer, loader, steps: int) -> dict:
+    """Summed loss and valid targets (over all ranks) of one source's validation stream."""
+    loss_sum = torch.zeros((), device=trainer.device)
+    valid = batches = 0
+    for step in loader:
+        if 0 <= steps <= batches:
+            break
+        batch = {"input": step["input"][0], "labels": step["labels"][0]}  # one micro-batch
+        valid += host_count(batch["labels"] != IGNORE_INDEX)
+        with trainer.loss_context():
+            loss_sum += trainer.loss_sum(batch)
+        batches += 1
+    return {
+        "loss_sum": trainer._data_sum(loss_sum).item(),
+        "targets": host_count(trainer._data_sum(torch.tensor([valid]))),
         "batches": batches,
     }

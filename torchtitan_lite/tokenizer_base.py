@@ -183,3 +183,31 @@ def tiktoken_encode_batch(encoding, texts: list[str]) -> list[list[int]]:
     if max(map(len, texts), default=0) > _MAX_ENCODE_CHARS:
         return [tiktoken_encode(encoding, t) for t in texts]
     return encoding.encode_ordinary_batch(texts)
+
+
+# ---------------------------------------------------------------- tokenizing processes
+# Pre-tokenization (torchtitan_lite.data.shards) encodes in worker processes. They live here,
+# where starting a worker imports the tokenizers and numpy only, not torch.
+
+#: A tokenizing worker process's tokenizer (set once, by :func:`start_encoding_worker`).
+_worker_tokenizer: Tokenizer | None = None
+
+
+def start_encoding_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def encode_documents(texts: list[str], dtype: str, tokenizer: Tokenizer | None = None):
+    """A batch of documents as token arrays (bos + text + eos) of ``dtype``, and the number
+    of empty ones left out. With ``tokenizer``, through its batch encoder (which may use a
+    thread pool); without, in a worker process, one document at a time with the worker's
+    (the processes are the parallelism)."""
+    import numpy as np
+
+    kept = [t for t in texts if t.strip()]
+    if tokenizer is not None:
+        encoded = tokenizer.encode_batch(kept, bos=True, eos=True)
+    else:
+        encoded = [_worker_tokenizer.encode(t, bos=True, eos=True) for t in kept]
+    return [np.asarray(ids, dtype=dtype) for ids in encoded], len(texts) - len(kept)

@@ -22,7 +22,7 @@ from torchtitan_lite.components.run_start import build_model_args, resolve_start
 from torchtitan_lite.components.stop_signals import stop_signals
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader
-from torchtitan_lite.data.batches import host_count, original_message, pad_rows
+from torchtitan_lite.data.batches import host_count, original_message
 from torchtitan_lite.distributed.parallel_dims import (
     ParallelDims,
     check_tensor_parallel,
@@ -96,7 +96,8 @@ class Trainer:
             config.tokenizer, hf_folder=config.checkpoint.initial_load_hf
         )
 
-        # 5. Data: this rank's shard of the packed stream, with gradient accumulation.
+        # 5. Data: this rank's rows of each global step of the one mixed stream, split into
+        #    the micro-batches of gradient accumulation.
         rows = tc.local_batch_size * self.parallel_dims.dp  # one step without accumulation
         self.global_batch = tc.global_batch_size if tc.global_batch_size > 0 else rows
         self.grad_accum_steps = self.global_batch // rows  # validate() checked it divides
@@ -107,6 +108,8 @@ class Trainer:
             batch_size=tc.local_batch_size,
             dp_rank=self.dp_rank,
             dp_world_size=self.parallel_dims.dp,
+            micro_batches=self.grad_accum_steps,
+            seed=tc.seed,
             validation=config.validation,
         )
         # Chat data renders with the tokenizer's chat template (its ids were checked there).
@@ -156,7 +159,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.steps, config.lr_scheduler)
 
         # 9. Checkpoints, and the weights the run starts from.
-        self.step, self.tokens_seen, self.epoch = 0, 0, 0
+        self.step, self.tokens_seen = 0, 0
         self.divergence = DivergenceGuard(tc.skip_nonfinite_steps)
         self.checkpointer = CheckpointManager(
             config=config,
@@ -336,40 +339,39 @@ class Trainer:
         ):
             return self._train(stop_requested, gc)
 
-    def _next_micro_batch(self, data_iter) -> dict[str, torch.Tensor] | None:
-        """The next batch of this rank (None when a finite dataset is exhausted), with its
-        host-side metrics recorded; a short last batch is padded to the full batch shape."""
+    def _next_step(self, data_iter) -> list[dict[str, torch.Tensor]] | None:
+        """This rank's micro-batches of the next step (None when finite data is exhausted),
+        with their host-side metrics recorded."""
         start = time.perf_counter()
         try:
-            batch = next(data_iter)
+            step = next(data_iter)
         except StopIteration:
             return None
         except UserError as e:  # raised in a loader worker: drop its traceback
             raise type(e)(original_message(str(e))) from None
+        seconds = (time.perf_counter() - start) / self.grad_accum_steps
         a = self.model_args
-        self.metrics.add_batch(
-            batch["input"],
-            attention_pairs(batch["input"], a.eos_id, a.attn_mask_type, self.documents(batch)),
-            time.perf_counter() - start,
-            trained=host_count(batch["labels"] != IGNORE_INDEX),
-        )
-        self.epoch = host_count(batch.pop("epoch").max())
-        # every input position (a padded short last batch is not counted; chat padding is)
-        self.tokens_seen += batch["input"].numel() * self.parallel_dims.dp
-        pad_id = self.dataloader.dataset.pad_id
-        return pad_rows(batch, self.config.training.local_batch_size, pad_id)
+        micro_batches = []
+        for inputs, labels in zip(step["input"], step["labels"], strict=True):
+            batch = {"input": inputs, "labels": labels}
+            self.metrics.add_batch(
+                inputs,
+                attention_pairs(inputs, a.eos_id, a.attn_mask_type, self.documents(batch)),
+                seconds,
+                trained=host_count(labels != IGNORE_INDEX),
+            )
+            micro_batches.append(batch)
+        self.metrics.set_position(self.dataloader.position)
+        # every input position (padding included)
+        self.tokens_seen += step["input"].numel() * self.parallel_dims.dp
+        return micro_batches
 
     def _train(self, stop_requested, gc: GarbageCollection) -> list[float]:
         data_iter = iter(self.dataloader)
         try:
             return self._train_loop(data_iter, stop_requested, gc)
         finally:
-            # Stop the loader's worker processes now. After a failed step the iterator lives
-            # on in the traceback until a later garbage collection, whose shutdown then waits
-            # seconds on each worker (torch's loader iterators have no public close).
-            shutdown = getattr(data_iter, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            data_iter.close()  # stops the loader's worker processes now
 
     def _train_loop(self, data_iter, stop_requested, gc: GarbageCollection) -> list[float]:
         tc = self.config.training
@@ -380,14 +382,11 @@ class Trainer:
         with maybe_profile(self.config, self.dump_folder, self.rank) as profiler:
             while self.step < tc.steps:
                 lr = self.lr_scheduler.get_last_lr()[0]
-                micro_batches = []
-                for _ in range(self.grad_accum_steps):
-                    batch = self._next_micro_batch(data_iter)
-                    if batch is None:
-                        done = f"data exhausted after step {self.step} (data.infinite = false)"
-                        logger.info(f"{done}; stopping")
-                        return losses
-                    micro_batches.append(batch)
+                micro_batches = self._next_step(data_iter)
+                if micro_batches is None:
+                    done = f"data exhausted after step {self.step} (data.infinite = false)"
+                    logger.info(f"{done}; stopping")
+                    return losses
                 self.step += 1
                 gc.step(self.step)
                 loss, grad_norm = self.train_step(micro_batches)
@@ -396,7 +395,7 @@ class Trainer:
                     # Start-up (compilation, loading, warm-up) is over: hung ranks now fail fast.
                     set_collective_timeout(self.config.comm.train_timeout_seconds)
                 if self.step % self.config.metrics.log_freq == 0 or self.step == tc.steps:
-                    self.metrics.log(self.step, loss, grad_norm, lr, self.epoch)
+                    self.metrics.log(self.step, loss, grad_norm, lr)
                 if profiler is not None:
                     profiler.step()
                 vc = self.config.validation

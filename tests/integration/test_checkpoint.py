@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import BASE, metrics, run_main, torchrun
 
@@ -57,10 +58,24 @@ def test_extending_a_run_follows_the_new_schedule(tmp_path):
     assert [r["lr"] for r in resumed] == [want[r["step"]] for r in resumed]
 
 
+def assert_same_layout_free_trace(full: list[dict], resumed: list[dict]) -> None:
+    """Another layout sums in another order: equal up to fp32 rounding."""
+    tail = [r for r in full if r["step"] >= resumed[0]["step"]]
+    assert [r["step"] for r in tail] == [r["step"] for r in resumed]
+    for a, b in zip(tail, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), a["step"]
+        assert a["lr"] == b["lr"] and a["tokens_data"] == b["tokens_data"]
+
+
 @pytest.mark.slow
 def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
-    full, resumed, single = tmp_path / "full", tmp_path / "resumed", tmp_path / "single"
-    ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(full)))
+    """2 processes to step 4; then 2 processes again (a corrupt step 8 set aside), 1 process
+    with 2 accumulation steps, and 4 processes of 1 row: each continues the uninterrupted
+    trace, reading the same rows (one global stream, its position in the checkpoint)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    batch_of_4 = [*BASE, "--checkpoint.interval", "4", "--training.global_batch_size", "4"]
+    ok(torchrun(2, *batch_of_4, "--job.dump_folder", str(full)))
     copy_checkpoint(full, resumed, 4)
     # Step 8 is there too, with one byte of rank 1's shard flipped: the ranks share the
     # checksum verification, and both fall back to step 4 together.
@@ -69,22 +84,20 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
     shard = bytearray((step8 / "__1_0.distcp").read_bytes())
     shard[len(shard) // 3] ^= 0x10
     (step8 / "__1_0.distcp").write_bytes(bytes(shard))
-    proc = ok(torchrun(2, *BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    proc = ok(torchrun(2, *batch_of_4, "--job.dump_folder", str(resumed)))
     assert f"{step8} is corrupt or incomplete (__1_0.distcp has checksum" in proc.stdout
     assert (resumed / "checkpoint" / "step-8.corrupt").is_dir()
     assert_same_trace(metrics(full), metrics(resumed))
-    # The same checkpoint on one process: model and optimizer reshard, the data order is told.
+    # The same checkpoint on one process (2 micro-batches of 2 rows) and on 4 (1 row each).
+    single, four = tmp_path / "single", tmp_path / "four"
     copy_checkpoint(full, single, 4)
-    proc = ok(run_main(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(single)))
+    proc = ok(run_main(*batch_of_4, "--job.dump_folder", str(single)))
     assert "checkpoint: loaded step 4" in proc.stdout
-    assert "data state was written by 2 shards" in proc.stdout + proc.stderr
-    rows, trained = metrics(single), metrics(full)
-    assert [r["step"] for r in rows] == [5, 6, 7, 8]
-    # The batches differ (the one shard restarts its epoch), but the model and the schedule
-    # are the 2-process run's: the loss starts far below a fresh model's and the learning
-    # rates are the uninterrupted run's, step by step.
-    assert rows[0]["loss"] < trained[0]["loss"] - 0.5
-    assert [r["lr"] for r in rows] == [r["lr"] for r in trained[4:]]
+    assert "gradient accumulation 2" in proc.stdout
+    assert_same_layout_free_trace(metrics(full), metrics(single))
+    copy_checkpoint(full, four, 4)
+    ok(torchrun(4, *batch_of_4, "--training.local_batch_size", "1", "--job.dump_folder", str(four)))
+    assert_same_layout_free_trace(metrics(full), metrics(four))
 
 
 @pytest.mark.slow
@@ -207,3 +220,35 @@ def test_last_save_model_only_in_export_dtype(tmp_path):
     keys = last.state_dict_metadata
     assert keys and all(k.startswith("model.") for k in keys)
     assert {str(m.properties.dtype) for m in keys.values()} == {"torch.bfloat16"}
+
+
+def test_a_checkpoint_with_the_earlier_per_rank_data_state_still_resumes(tmp_path, monkeypatch):
+    """Earlier versions stored each rank's position in its own shard of the documents (a
+    torchdata loader state under ``dataloader.dp_rank_N``). Such a checkpoint resumes model,
+    optimizer and schedule exactly; the data restarts the saved epoch, with a warning."""
+    from torchtitan_lite.components import checkpoint
+    from torchtitan_lite.data import StepLoader
+
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")  # what earlier ones used
+    earlier = stateful.StatefulDataLoader([torch.zeros(1)] * 4, batch_size=1)
+    iterator = iter(earlier)
+    next(iterator)
+    state = {**earlier.state_dict(), "dataset_state": {"epoch": 1, "doc": 3, "offset": 7}}
+    old, resumed, fresh = tmp_path / "old", tmp_path / "resumed", tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "DATA_KEY", "dataloader.dp_rank_0")
+        m.setattr(StepLoader, "state_dict", lambda self: state)
+        ok(run_main(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(old)))
+    copy_checkpoint(old, resumed, 4)
+    proc = ok(run_main(*BASE, "--checkpoint.interval", "4", "--job.dump_folder", str(resumed)))
+    assert "per-rank data positions of an earlier version" in proc.stdout + proc.stderr
+    assert "restarts epoch 1 from its first document" in proc.stdout + proc.stderr
+    # The data: epoch 1 from its start, which is epoch 0's rows (file order) = a fresh run's.
+    ok(run_main(*BASE, "--checkpoint.enable", "false", "--job.dump_folder", str(fresh)))
+    rows, trained = metrics(resumed), metrics(old)
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    assert rows[0]["epoch"] == 1
+    assert [r["tokens_data"] for r in rows] == [r["tokens_data"] for r in metrics(fresh)[:4]]
+    # The model and the schedule are the trained run's: far below a fresh model's loss.
+    assert rows[0]["loss"] < trained[0]["loss"] - 0.5
+    assert [r["lr"] for r in rows] == [r["lr"] for r in trained[4:]]

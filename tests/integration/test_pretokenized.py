@@ -24,7 +24,7 @@ from tests.helpers import (
 )
 from torchtitan_lite.data import PackedDataset
 from torchtitan_lite.data.shards import write_shard_set
-from torchtitan_lite.data.sources import DataError, DocumentSource, Split
+from torchtitan_lite.data.sources import DataError, DocumentSource, Shuffle, Split
 from torchtitan_lite.data.token_shards import MANIFEST, ShardSet
 from torchtitan_lite.ids import IdMismatchError
 from torchtitan_lite.tokenizer import load_tokenizer
@@ -58,7 +58,8 @@ def test_shard_rows_equal_the_on_the_fly_rows(shards):
     assert manifest["dtype"] == "uint16" and len(manifest["shards"]) > 3
     assert manifest["documents"] == 965 and manifest["tokens"] == 1_703_688
     assert manifest["tokenizer"]["eos_id"] == TOK.eos_id == 2049
-    for kw in ({}, {"rank": 1, "world_size": 2}, {"select": Split(0.1, validation=True)}):
+    shuffled = Shuffle(window=100, seed=(3, 4))
+    for kw in ({}, {"shuffle": shuffled}, {"select": Split(0.1, validation=True)}):
         ours, reference = rows(shards, 40, **dict(kw)), rows(CORPUS, 40, **dict(kw))
         assert len(ours) == len(reference) == 40
         for a, b in zip(ours, reference, strict=True):
@@ -101,6 +102,33 @@ def test_a_truncated_shard_names_its_file(shards, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-10])
     with pytest.raises(DataError, match=r"shard-00001.bin is \d+ bytes, but .* records"):
         DocumentSource(str(copy))
+
+
+def test_a_corrupt_shard_names_its_file_when_it_is_first_read(shards, tmp_path):
+    """One token changed, the size unchanged: the shard's sha256 disagrees with the
+    manifest's when the loader first reaches it; the shards before it train."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in shards.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    victim = copy / "shard-00002.bin"
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0x01
+    victim.write_bytes(bytes(data))
+    source = DocumentSource(str(copy))
+    documents = source.documents()
+    first_shard = json.loads((copy / MANIFEST).read_text())["shards"][0]["documents"]
+    assert len(list(islice(documents, first_shard))) == first_shard
+    with pytest.raises(DataError, match=r"shard-00002.bin \(or its index .*\) is corrupt.*Fix"):
+        list(documents)
+
+
+def test_parallel_tokenization_writes_the_same_files(shards, tmp_path):
+    out = tmp_path / "tokens"
+    tokenize(out, workers=2)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shards.iterdir())
+    for f in shards.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_an_interrupted_tokenization_continues_to_the_same_files(shards, tmp_path, monkeypatch):

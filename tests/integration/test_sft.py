@@ -24,7 +24,7 @@ from tests.helpers import (
 from torchtitan_lite.chat_template import ChatTemplate
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import Data, Validation
-from torchtitan_lite.data import build_dataloader, build_validation_loader
+from torchtitan_lite.data import build_dataloader, build_validation_loaders
 from torchtitan_lite.data.sources import DocumentSource, Split
 from torchtitan_lite.errors import UserError
 from torchtitan_lite.export.checkpoint_model import load_checkpoint_model
@@ -118,7 +118,8 @@ def test_training_never_sees_the_held_out_documents(tmp_path):
         )
 
     train = decoded(build_dataloader(data, TOK, seq_len=64, batch_size=1, validation=validation))
-    held = decoded(build_validation_loader(data, validation, TOK, seq_len=64, batch_size=1))
+    (loader,) = build_validation_loaders(data, validation, TOK, seq_len=64, batch_size=1).values()
+    held = decoded(loader)
     held_out = [i for i in range(12) if Split(0.25, validation=True)(i)]
     assert len(held_out) == 3
     for i in range(len(texts)):

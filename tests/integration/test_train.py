@@ -68,7 +68,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path, one_process_trace):
 @pytest.mark.slow
 def test_hsdp_two_replicas(tmp_path, one_process_trace):
     """Two replicas of a one-rank shard group: gradients all-reduced across the replicas,
-    the same trace as one process reading both shards."""
+    the same trace as one process reading both ranks' rows."""
     proc = torchrun(
         2,
         *DATA_PARALLEL,

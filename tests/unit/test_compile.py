@@ -22,7 +22,7 @@ import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.helpers import DEBUG_CONFIG, EOS, VOCAB, packed_batch
+from tests.helpers import DEBUG_CONFIG, EOS, VOCAB, micro_batches, packed_batch
 from torchtitan_lite.config import load_config
 from torchtitan_lite.distributed.parallel_dims import ParallelDims
 from torchtitan_lite.distributed.parallelize import parallelize
@@ -191,7 +191,7 @@ def test_compiled_per_op_sac_changes_no_gradient(tmp_path, fresh_dynamo, path):
             "2",
         )
         try:
-            batch = next(iter(trainer.dataloader))
+            (batch,) = micro_batches(trainer)
             scale = 1.0 / int((batch["labels"] != -100).sum())  # as train_step normalizes
             loss = trainer.forward_backward_step(batch, scale)
             runs[name] = (float(loss), grads_of(trainer))
@@ -222,8 +222,7 @@ def test_gpu_steps_never_recompile_and_read_the_device_once(tmp_path, path):
 
     trainer = trainer_for(tmp_path, "steps", *path, "--training.mixed_precision_param", "bfloat16")
     try:
-        data = iter(trainer.dataloader)
-        batches = [next(data) for _ in range(5)]
+        batches = micro_batches(trainer, 5)
         losses = [trainer.train_step([batches[0]])[0]]
         torch.cuda.synchronize()
         with (

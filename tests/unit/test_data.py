@@ -1,4 +1,5 @@
-"""Data: sources, packing without lost targets, sharding, resumption, bad input."""
+"""Data: sources, packing without lost targets, resumption, bad input. (The global stream —
+mixing, dealing to ranks, layouts — is tested in test_stream.py.)"""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from torchtitan_lite.data import (
     DocumentSource,
     PackedDataset,
     build_dataloader,
-    load_loader_state,
 )
+from torchtitan_lite.data.sources import Split
 from torchtitan_lite.tokenizer import load_tokenizer
 
 TOK = load_tokenizer(TIKTOKEN_2K)
@@ -41,16 +42,8 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def dataset(path, seq_len=32, rank=0, world=1, infinite=False, **kw) -> PackedDataset:
-    return PackedDataset(
-        DocumentSource(str(path)),
-        TOK,
-        seq_len,
-        rank=rank,
-        world_size=world,
-        infinite=infinite,
-        **kw,
-    )
+def dataset(path, seq_len=32, infinite=False, **kw) -> PackedDataset:
+    return PackedDataset(DocumentSource(str(path)), TOK, seq_len, infinite=infinite, **kw)
 
 
 def stream_of(samples) -> tuple[list[int], list[int]]:
@@ -102,15 +95,6 @@ def test_a_document_longer_than_many_windows(tmp_path):
     assert stream_of(samples)[0] == expected_stream(texts)[:-1]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_read_disjoint_shards_covering_every_document(tmp_path, world):
-    texts = make_texts(31)
-    path = write_jsonl(tmp_path / "d.jsonl", texts)
-    for rank in range(world):
-        inputs, labels = stream_of(dataset(path, seq_len=16, rank=rank, world=world))
-        assert inputs + labels[-1:] == expected_stream(texts[rank::world])
-
-
 def test_mask_cross_document_targets(tmp_path):
     texts = make_texts(20)
     path = write_jsonl(tmp_path / "d.jsonl", texts)
@@ -140,56 +124,40 @@ def batches(loader, n):
     return [{k: v.clone() for k, v in b.items()} for b in islice(iter(loader), n)]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, num_workers):
+@pytest.mark.parametrize("saved, resumed", [(0, 0), (2, 0), (0, 2), (1, 2)])
+def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, saved, resumed):
+    """The saved position is the global stream's: a loader with any number of workers
+    continues one saved with any other number, exactly, across an epoch boundary."""
     path = write_jsonl(tmp_path / "d.jsonl", make_texts(25))
-    cfg = Data(path=str(path), num_workers=num_workers)
-    loader = build_dataloader(cfg, TOK, seq_len=24, batch_size=3)
+    loader = build_dataloader(
+        Data(path=str(path), num_workers=saved), TOK, seq_len=24, batch_size=3
+    )
     it = iter(loader)
     for _ in range(7):  # long enough to cross an epoch boundary
         next(it)
     state = loader.state_dict()
     expected = [next(it) for _ in range(9)]
-    fresh = build_dataloader(cfg, TOK, seq_len=24, batch_size=3)
+    it.close()
+    fresh = build_dataloader(
+        Data(path=str(path), num_workers=resumed), TOK, seq_len=24, batch_size=3
+    )
     fresh.load_state_dict(state)
     got = batches(fresh, 9)
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e["input"], g["input"]) and torch.equal(e["labels"], g["labels"])
 
 
-@pytest.mark.parametrize("saved, resumed", [(2, 0), (0, 2)])
-def test_resume_with_another_worker_count_restarts_the_epoch(tmp_path, saved, resumed, caplog):
-    """A checkpoint from another layout (say 2 workers on 1 rank, resumed by 2 ranks of 0
-    workers): the loader state's structure differs, so the epoch restarts — the batches are
-    those of a fresh loader in that epoch — with a warning instead of torchdata's assertion."""
-    path = write_jsonl(tmp_path / "d.jsonl", make_texts(25))
-    loader = build_dataloader(
-        Data(path=str(path), num_workers=saved), TOK, seq_len=24, batch_size=3
-    )
-    it = iter(loader)
-    for _ in range(5):
-        next(it)
-    cfg = Data(path=str(path), num_workers=resumed)
-    resumed_loader = build_dataloader(cfg, TOK, seq_len=24, batch_size=3)
-    load_loader_state(resumed_loader, loader.state_dict())
-    assert f"written with {saved} loader workers per rank, this run has {resumed}" in caplog.text
-    fresh = batches(build_dataloader(cfg, TOK, seq_len=24, batch_size=3), 4)
-    for e, g in zip(fresh, batches(resumed_loader, 4), strict=True):
-        assert torch.equal(e["input"], g["input"])
-
-
-def test_two_workers_split_the_documents(tmp_path):
-    texts = make_texts(20)
-    path = write_jsonl(tmp_path / "d.jsonl", texts)
-    cfg = Data(path=str(path), num_workers=2, infinite=False)
-    got = batches(build_dataloader(cfg, TOK, seq_len=16, batch_size=1), 10_000)
-    # worker w of one rank is shard w of 2: the same windows as ranks 0 and 1 of a 2-way split
-    expected = [s for rank in range(2) for s in dataset(path, seq_len=16, rank=rank, world=2)]
-
-    def key(s):
-        return (tuple(s["input"].view(-1).tolist()), tuple(s["labels"].view(-1).tolist()))
-
-    assert sorted(map(key, got)) == sorted(map(key, expected))
+def test_loader_workers_take_steps_in_turn(tmp_path):
+    """Workers change nothing: 2 workers give the steps of the loader without workers."""
+    path = write_jsonl(tmp_path / "d.jsonl", make_texts(20))
+    cfg = Data(path=str(path), infinite=False)
+    alone = batches(build_dataloader(cfg, TOK, seq_len=16, batch_size=2), 10_000)
+    cfg.num_workers = 2
+    assert len(alone) > 6
+    workers = batches(build_dataloader(cfg, TOK, seq_len=16, batch_size=2), 10_000)
+    assert len(workers) == len(alone)
+    for a, w in zip(alone, workers, strict=True):
+        assert torch.equal(a["input"], w["input"]) and torch.equal(a["labels"], w["labels"])
 
 
 def test_default_corpus_loads(tmp_path):
@@ -263,10 +231,11 @@ def test_all_empty_documents_is_an_error_not_a_hang(tmp_path):
         next(iter(dataset(path, infinite=True)))
 
 
-def test_fewer_documents_than_shards(tmp_path):
+def test_no_documents_at_all_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ["only one document."])
-    with pytest.raises(DataError, match="fewer documents than shards"):
-        next(iter(dataset(path, rank=1, world=2, infinite=True)))
+    held_out = DocumentSource(str(path), select=Split(0.5, validation=True))  # holds none
+    with pytest.raises(DataError, match="holds no documents"):
+        next(iter(PackedDataset(held_out, TOK, 8, infinite=True)))
 
 
 def test_parquet(tmp_path):

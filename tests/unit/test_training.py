@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import DEBUG_CONFIG, full, metrics
+from tests.helpers import DEBUG_CONFIG, full, metrics, micro_batches
 from torchtitan_lite import trainer as trainer_module
 from torchtitan_lite.components import gc_control
 from torchtitan_lite.components.device_reads import DeviceReads
@@ -18,7 +18,7 @@ from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.components.optimizer import lr_factor
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.job_config import LRScheduler
-from torchtitan_lite.data import batches, build_dataloader
+from torchtitan_lite.data import build_dataloader
 from torchtitan_lite.distributed.parallel_dims import ParallelDims, check_tensor_parallel
 from torchtitan_lite.distributed.parallelize import apply_ac
 from torchtitan_lite.errors import ConfigError
@@ -145,7 +145,7 @@ def test_tokens_per_second_is_per_device_under_tensor_parallelism(monkeypatch):
     )
     tokens = torch.zeros(4, 128, dtype=torch.long)
     logger_.add_batch(tokens, pairs=4 * 128 * 129 // 2, data_seconds=0.5)
-    record = logger_.log(1, 1.0, 1.0, 1e-3, 0)
+    record = logger_.log(1, 1.0, 1.0, 1e-3)
     assert record["tokens_per_second"] == pytest.approx(512 / 2 / 2)
     flops = FlopCounter(args).dense(512, 128)
     assert record["tflops"] == pytest.approx(flops / 2 / 2 / 1e12)
@@ -241,7 +241,7 @@ def test_clipping_matches_a_plain_reference(tmp_path):
         reference = Transformer(trainer.model_args)
         reference.load_state_dict({k: full(v) for k, v in trainer.model.state_dict().items()})
         captured = capture_grads(trainer)
-        batch = next(iter(trainer.dataloader))
+        (batch,) = micro_batches(trainer)
         _, grad_norm = trainer.train_step([batch])
     finally:
         trainer.close()
@@ -581,8 +581,8 @@ def test_an_unexpected_error_is_recorded_for_torchrun(tmp_path, monkeypatch):
 
 
 def test_the_logged_epoch_comes_from_the_loader_workers(tmp_path):
-    """With loader worker processes the main process's dataset never advances; the epoch
-    travels with each batch instead, so the log follows the workers' epochs."""
+    """With loader worker processes the main process's dataset never advances; the stream's
+    position travels with each step instead, so the log follows the workers' epochs."""
     import json
 
     corpus = tmp_path / "small.jsonl"
@@ -606,19 +606,23 @@ def test_the_logged_epoch_comes_from_the_loader_workers(tmp_path):
         trainer.close()
     rows = metrics(tmp_path / "epochs")
     logged = [r["epoch"] for r in rows]
-    # The reference: the same loader, read directly, batch by batch (workers alternate).
+    # The reference: the same stream, read without workers, step by step.
     loader = build_dataloader(trainer.config.data, trainer.tokenizer, seq_len=64, batch_size=1)
-    expected = [int(b["epoch"]) for b, _ in zip(loader, range(12), strict=False)]
+    expected = [
+        loader.position["sources"]["data"]["epoch"] for _ in zip(loader, range(12), strict=False)
+    ]
     assert logged == expected and max(logged) >= 2, (logged, expected)
-    assert trainer.dataloader.dataset.state_dict()["epoch"] == 0  # the main process's copy
+    start = trainer.dataloader.dataset.state_dict()  # the main process's copy never moved
+    assert start["sources"]["data"]["epoch"] == 0
 
 
-def test_a_short_last_batch_is_padded_without_changing_the_loss(tmp_path):
+def test_padding_rows_of_a_last_step_do_not_change_the_loss(tmp_path):
     trainer = make_trainer(tmp_path, "pad", "--training.local_batch_size", "4")
     try:
-        batch = next(iter(trainer.dataloader))
-        short = {k: v[:3] for k, v in batch.items() if k != "epoch"}
-        padded = batches.pad_rows(short, 4, trainer.dataloader.dataset.pad_id)
+        (batch,) = micro_batches(trainer)
+        short = {k: v[:3] for k, v in batch.items()}
+        pad = trainer.dataloader.dataset.pad_row()
+        padded = {k: torch.cat([short[k], pad[k][None]]) for k in short}
         assert padded["input"].shape == batch["input"].shape
         assert (padded["labels"][3] == -100).all() and torch.equal(
             padded["input"][:3], short["input"]

@@ -74,10 +74,16 @@ def log_banner(trainer, config_path: str | None) -> None:
         f" kernel {kernel} on {trainer.device}"
     )
     logger.info(f"MFU peak: {trainer.peak_source}")
+    shuffle = (
+        f"documents shuffled {c.data.shuffle_window} at a time"
+        if c.data.shuffle_window
+        else "file order"
+    )
     logger.info(
-        f"data {c.data.path}: seq_len {c.training.seq_len}, local batch "
+        f"data {c.data.summary()}: seq_len {c.training.seq_len}, local batch "
         f"{c.training.local_batch_size}, global batch {trainer.global_batch} (gradient "
-        f"accumulation {trainer.grad_accum_steps}), {c.data.num_workers} loader workers"
+        f"accumulation {trainer.grad_accum_steps}), one global stream ({shuffle}), "
+        f"{c.data.num_workers} loader workers"
     )
     if trainer.chat_template is not None:
         d = c.data
@@ -90,7 +96,7 @@ def log_banner(trainer, config_path: str | None) -> None:
         )
     vc = c.validation
     if vc.enable:
-        source = vc.path or f"{vc.split_fraction:g} of {c.data.path}, held out of training"
+        source = vc.path or f"{vc.split_fraction:g} of each source, held out of training"
         steps = "all batches" if vc.steps < 0 else f"{vc.steps} batches"
         logger.info(f"validation: {source}, every {vc.freq} steps, {steps}")
     logger.info(

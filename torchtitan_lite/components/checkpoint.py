@@ -51,7 +51,6 @@ from torchtitan_lite.components.train_state import (
     to_bytes,
 )
 from torchtitan_lite.config import JobConfig, to_toml
-from torchtitan_lite.data import load_loader_state
 from torchtitan_lite.distributed.parallel_dims import dp_rank
 from torchtitan_lite.ids import (
     MANIFEST_ID_KEYS,
@@ -70,6 +69,10 @@ def _move_aside(path: Path, why: str) -> Path:
         target = path.with_name(f"{path.name}.{why}-{n}")
     path.rename(target)
     return target
+
+
+#: The checkpoint entry of the data stream's position.
+DATA_KEY = "dataloader"
 
 
 class CheckpointManager:
@@ -113,8 +116,8 @@ class CheckpointManager:
         self.base = {"base_stop_ids": [], "base_context_length": 0}
         self.stage = {
             "start": "random initialization",
-            "data": config.data.path,
-            "format": config.data.format,
+            "data": config.data.summary(),
+            "format": config.data.mixture()[0].format,
         }
 
     # ------------------------------------------------------------------ save
@@ -128,7 +131,8 @@ class CheckpointManager:
         state["train_state"] = to_bytes(
             {"step": step, "tokens_seen": tokens_seen, "rng": torch.get_rng_state()}
         )
-        state[f"dataloader.dp_rank_{self.dp_rank}"] = to_bytes(self.dataloader.state_dict())
+        # The data stream's global position: the same on every rank, stored once.
+        state[DATA_KEY] = to_bytes(self.dataloader.state_dict())
         return state
 
     def should_save(self, step: int, last_step: int) -> bool:
@@ -405,9 +409,13 @@ class CheckpointManager:
         keys = {k.split(".")[0] for k in metadata.state_dict_metadata}
         model_only = "optimizer" not in keys
         state = self._state(step, 0, model_only)
-        data_key = f"dataloader.dp_rank_{self.dp_rank}"
-        if not model_only and data_key not in metadata.state_dict_metadata:
-            state.pop(data_key)
+        stored = metadata.state_dict_metadata
+        # An earlier version stored each rank's position in its own shard of the documents.
+        data_key = DATA_KEY if DATA_KEY in stored else "dataloader.dp_rank_0"
+        if not model_only:
+            state[data_key] = state.pop(DATA_KEY)
+            if data_key not in stored:
+                state.pop(data_key)
         dcp_io.load(state, path, metadata, process_group=self.pg)
         logger.info(
             f"checkpoint: loaded step {step} from {path}"
@@ -419,11 +427,10 @@ class CheckpointManager:
         train_state = from_bytes(state["train_state"])
         torch.set_rng_state(train_state.pop("rng"))
         if data_key in state:
-            load_loader_state(self.dataloader, from_bytes(state[data_key]))
+            self.dataloader.load_state_dict(from_bytes(state[data_key]))
         else:
             logger.warning(
-                f"checkpoint: {path} holds no data-loader state for data-parallel rank "
-                f"{self.dp_rank} (it was written by fewer ranks): this rank starts its data "
-                "shard from the beginning. Model, optimizer and schedule are resumed exactly."
+                f"checkpoint: {path} holds no data-stream position: the data starts from its "
+                "first row. Model, optimizer and schedule are resumed exactly."
             )
         return train_state

@@ -96,6 +96,8 @@ class MetricsLogger:
         self.device = device
         self.peak = peak
         self.jsonl_path = jsonl_path
+        self.position: dict | None = None  # the data stream's, after the last step read
+        self.logged_rows: dict[str, int] = {}  # rows per source at the last log line
         self.writer = None
         if tb_folder is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -125,7 +127,32 @@ class MetricsLogger:
         self.pairs += pairs
         self.data_seconds += data_seconds
 
-    def log(self, step: int, loss: float, grad_norm: float, lr: float, epoch: int) -> dict:
+    def set_position(self, position: dict) -> None:
+        """The data stream's position after the step just read (the same on every rank):
+        the rows each source has given, and each source's epoch."""
+        self.position = position
+
+    def _data_metrics(self) -> tuple[dict, str]:
+        """Per source: tokens seen so far (``tokens_NAME``: rows × seq_len, all ranks) and
+        epoch; with several sources, each one's share of the rows since the last line."""
+        if self.position is None:
+            return {}, ""
+        taken, sources = self.position["taken"], self.position["sources"]
+        first = next(iter(sources.values()))
+        metrics: dict = {"epoch": first["epoch"]}
+        for name, rows in taken.items():
+            metrics[f"tokens_{name}"] = rows * self.seq_len
+        if len(taken) == 1:
+            self.logged_rows = dict(taken)
+            return metrics, ""
+        new = {n: rows - self.logged_rows.get(n, 0) for n, rows in taken.items()}
+        self.logged_rows = dict(taken)
+        total = max(sum(new.values()), 1)
+        for name, state in sources.items():
+            metrics[f"epoch_{name}"] = state["epoch"]
+        return metrics, "  mix: " + " ".join(f"{n} {100 * k / total:.0f}%" for n, k in new.items())
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float) -> dict:
         # Per device: the tp ranks of a TP group share the batch, so each did 1/tp of the work.
         elapsed = time.perf_counter() - self.start
         share = elapsed * self.devices_per_batch
@@ -141,8 +168,9 @@ class MetricsLogger:
             "tflops_kept": kept,
             "memory_gib": peak_memory_gib(self.device),
             "data_loading_pct": 100 * self.data_seconds / elapsed,
-            "epoch": epoch,
         }
+        data, mix = self._data_metrics()
+        metrics.update(data)
         if self.peak:
             metrics["mfu_pct"] = 100 * dense / self.peak
             metrics["mfu_kept_pct"] = 100 * kept / self.peak
@@ -156,21 +184,26 @@ class MetricsLogger:
             f"step: {step:>4}  loss: {loss:8.4f}  grad_norm: {grad_norm:7.4f}  lr: {lr:.2e}  "
             f"memory: {metrics['memory_gib']:5.2f}GiB  tps: {metrics['tokens_per_second']:,.0f}"
             f"{trained}  tflops: {dense:.3f} (kept {kept:.3f})  {mfu}  data: "
-            f"{metrics['data_loading_pct']:.1f}%"
+            f"{metrics['data_loading_pct']:.1f}%{mix}"
         )
         self._write("train", step, metrics, metrics)
         self.reset()
         return metrics
 
     def log_validation(self, step: int, result: dict, seconds: float) -> None:
-        """The validation line and scalars; its time is left out of the training tokens/s."""
+        """The validation line and scalars (per source too, ``validation_NAME_loss``, when
+        there are several); its time is left out of the training tokens/s."""
         self.start += seconds
+        sources = result.get("sources", {})
+        each = "".join(f", {n} {r['loss']:.4f}" for n, r in sources.items())
         logger.info(
             f"validation: step {step:>4}  loss: {result['loss']:8.4f}  perplexity: "
             f"{result['perplexity']:,.2f}  ({result['targets']:,} targets, "
-            f"{result['batches']} batches per rank, {seconds:.1f}s)"
+            f"{result['batches']} batches per rank{each}, {seconds:.1f}s)"
         )
         scalars = {"loss": result["loss"], "perplexity": result["perplexity"]}
+        for name, r in sources.items():
+            scalars.update({f"{name}_loss": r["loss"], f"{name}_perplexity": r["perplexity"]})
         self._write("validation", step, scalars, {f"validation_{k}": v for k, v in scalars.items()})
 
     def _write(self, group: str, step: int, scalars: dict, record: dict) -> None:

@@ -104,6 +104,8 @@ def type_name(tp: Any) -> str:
     tp = base_type(tp)
     if typing.get_origin(tp) is list:
         return f"list of {type_name(typing.get_args(tp)[0])}s"
+    if dataclasses.is_dataclass(tp):
+        return "table"
     return {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]
 
 
@@ -121,6 +123,9 @@ def example(tp: Any) -> str:
     tp = base_type(tp)
     if typing.get_origin(tp) is list:
         return f"[{example(typing.get_args(tp)[0])}]"
+    if dataclasses.is_dataclass(tp):
+        first, first_tp = next(iter(field_types(tp).items()))
+        return f"{{{first} = {example(first_tp)}}}"
     return {bool: "true", int: "8", float: "3e-4", str: '"text"'}[tp]
 
 
@@ -157,6 +162,10 @@ def convert(dotted: str, value: Any, tp: Any, where: str) -> Any:
         ok = isinstance(value, list)
         if ok:
             return [convert(f"{dotted}[{i}]", v, elem, where) for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        ok = isinstance(value, (dict, tp))
+        if ok:
+            return _table(dotted, value, tp, where)
     elif tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:
@@ -183,6 +192,22 @@ def convert(dotted: str, value: Any, tp: Any, where: str) -> Any:
             f"({type(value).__name__}). Fix: write {a_type_name(tp)}, e.g. {fix}."
         )
     return value
+
+
+def _table(dotted: str, value: Any, tp: type, where: str) -> Any:
+    """A TOML table (``[[data.sources]]``) as the dataclass ``tp``: unknown keys refused,
+    each key checked against its own type."""
+    types = field_types(tp)
+    items = dataclasses.asdict(value) if isinstance(value, tp) else value
+    for key in items:
+        if key not in types:
+            raise ConfigError(
+                f"Unknown config key '{dotted}.{key}'{_place(where)}."
+                f"{suggest(key, list(types))} Fix: use only {', '.join(types)}."
+            )
+    for key, val in items.items():
+        check_value(f"{dotted}.{key}", val, types[key], where)
+    return tp(**{key: convert(f"{dotted}.{key}", v, types[key], where) for key, v in items.items()})
 
 
 def check_value(dotted: str, value: Any, tp: Any, where: str = "") -> None:

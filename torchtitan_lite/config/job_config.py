@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torchtitan_lite.config.fields import check_fields
 from torchtitan_lite.config.learning import (
+    SOURCE_NAME,
     Data,
     LRScheduler,
     Model,
@@ -24,6 +25,7 @@ from torchtitan_lite.config.learning import (
     Tokenizer,
     Training,
     Validation,
+    is_chat_format,
 )
 from torchtitan_lite.config.systems import (
     ActivationCheckpoint,
@@ -126,6 +128,7 @@ class JobConfig:
                 "you want), or -1."
             )
         self._validate_validation()
+        self._validate_sources(origins or {})
         if self.data.is_chat and self.data.packing and m.attn_mask_type != "block_causal":
             raise ConfigError(
                 f"Config key 'model.attn_mask_type' is {m.attn_mask_type!r} with "
@@ -137,6 +140,45 @@ class JobConfig:
             raise ConfigError(
                 "Config keys 'checkpoint.initial_load_path' and 'checkpoint.initial_load_hf' are "
                 "both set; a run starts from one set of weights. Fix: keep one of them."
+            )
+
+    def _validate_sources(self, origins: dict[str, str]) -> None:
+        d = self.data
+        if not d.sources:
+            return
+        if "data.path" in origins and d.path != Data.path:  # (a resolved config has the default)
+            raise ConfigError(
+                f"Config keys 'data.path' ({d.path!r}, {origins['data.path']}) and "
+                "'data.sources' are both set: a run reads one mixture. Fix: move the path into "
+                "a [[data.sources]] table, or remove data.sources."
+            )
+        mixture = d.mixture()
+        for i, source in enumerate(mixture):
+            if not source.path:
+                raise ConfigError(
+                    f"Config key 'data.sources[{i}].path' is empty. Fix: give each "
+                    "[[data.sources]] table the path of its documents."
+                )
+            if not SOURCE_NAME.match(source.name):
+                raise ConfigError(
+                    f"Config key 'data.sources[{i}].name' is {source.name!r}: a source's name "
+                    "becomes part of metric keys. Fix: use letters, digits, '_', '-' or '.'."
+                )
+        names = [s.name for s in mixture]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                f"Config key 'data.sources' names {twice[0]!r} more than once (names: "
+                f"{', '.join(names)}): its metrics would mix two sources. Fix: give each "
+                "[[data.sources]] table its own name."
+            )
+        kinds = {is_chat_format(s.format) for s in mixture}
+        if len(kinds) > 1:
+            raise ConfigError(
+                "Config key 'data.sources' mixes conversations (format chat / chat_hf) with "
+                f"pretraining text ({', '.join(f'{s.name}: {s.format}' for s in mixture)}): "
+                "their rows are built and labelled differently. Fix: train them in separate "
+                "runs (pretraining, then fine-tuning from its checkpoint)."
             )
 
     def _validate_validation(self) -> None:

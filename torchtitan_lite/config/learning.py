@@ -4,6 +4,7 @@ states its own rules (see :mod:`torchtitan_lite.config.fields`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -11,6 +12,8 @@ from torchtitan_lite.config.fields import Range
 from torchtitan_lite.models import MASK_TYPES
 from torchtitan_lite.models.llama3.args import FLAVORS
 
+#: ``data.format`` values: where rows come from and what they are.
+DATA_FORMATS = ("auto", "hf", "chat", "chat_hf")
 #: ``data.format`` values whose rows are conversations.
 CHAT_FORMATS = ("chat", "chat_hf")
 
@@ -190,13 +193,57 @@ class Training:
     steps instead, on every rank at once. 0 leaves automatic collection on."""
 
 
+#: What a data source's name may contain: it becomes part of metric keys and file names.
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class DataSource:
+    """One source of a data mixture (a ``[[data.sources]]`` table)."""
+
+    path: str = ""
+    """Where its documents are: anything ``data.path`` accepts (files, a folder, a shard set
+    written by scripts/tokenize_data.py, or a Hugging Face dataset with format ``hf``)."""
+
+    weight: Annotated[float, Range(above=0)] = 1.0
+    """Its share of the rows: rows are drawn in proportion to the weights of all sources."""
+
+    name: str = ""
+    """Names it in the metrics (``tokens_NAME``) and in validation; empty: the path's file
+    name without its extensions."""
+
+    format: Literal[("", *DATA_FORMATS)] = ""
+    """Like ``data.format``, for this source only; empty: ``data.format``. Conversations and
+    pretraining text do not mix."""
+
+    @property
+    def label(self) -> str:
+        """The name, or the one derived from the path."""
+        if self.name:
+            return self.name
+        base = self.path.rstrip("/").rsplit("/", 1)[-1]
+        return base.split(".", 1)[0] or base or "data"
+
+
 @dataclass
 class Data:
     path: str = "assets/shakespeare.jsonl.gz"
-    """Dataset: a JSONL(.gz), text(.gz) or Parquet file, or a folder of them (sorted by name);
-    with format ``hf``, a Hugging Face dataset name or folder."""
+    """Dataset: a JSONL(.gz), text(.gz) or Parquet file, or a folder of them (sorted by name),
+    or a shard set written by scripts/tokenize_data.py; with format ``hf``, a Hugging Face
+    dataset name or folder. Ignored when ``sources`` is set."""
 
-    format: Literal["auto", "hf", "chat", "chat_hf"] = "auto"
+    sources: list[DataSource] = field(default_factory=list)
+    """A mixture: ``[[data.sources]]`` tables with ``path``, ``weight`` and an optional
+    ``name`` and ``format``. Rows come from each source in proportion to its weight (every
+    global batch follows the weights up to rounding); each source runs its own epochs.
+    Empty: ``path`` alone, a mixture of one."""
+
+    shuffle_window: Annotated[int, Range(min=0)] = 0
+    """Shuffle documents: each run of this many documents of a source is read in a seeded
+    random order (``training.seed``), another one every epoch; the documents of a window are
+    held in memory. 0: file order."""
+
+    format: Literal[DATA_FORMATS] = "auto"
     """What the rows are and where they come from: ``auto`` (pretraining text from files, the
     file type from their names), ``hf`` (pretraining text streamed from a Hugging Face dataset
     with the optional datasets package), ``chat`` (conversations from JSONL / Parquet files:
@@ -241,12 +288,27 @@ class Data:
     mask_cross_document_targets: bool = False
     """Ignore the label that predicts the first token of the next document after an EOS."""
 
+    def mixture(self) -> list[DataSource]:
+        """The sources, each with its format resolved: ``sources``, or ``path`` alone."""
+        if not self.sources:
+            return [DataSource(path=self.path, name="data", format=self.format)]
+        return [
+            DataSource(path=s.path, weight=s.weight, name=s.label, format=s.format or self.format)
+            for s in self.sources
+        ]
+
+    def summary(self) -> str:
+        """The data in a few words: the path, or each source's name, weight and path."""
+        if not self.sources:
+            return self.path
+        return ", ".join(f"{s.name} ×{s.weight:g} ({s.path})" for s in self.mixture())
+
     @property
     def is_chat(self) -> bool:
         """The rows are conversations (format ``chat`` or ``chat_hf``), not pretraining text:
         they are read from ``messages_field``, rendered with the chat template and trained on
         the assistant's turns."""
-        return is_chat_format(self.format)
+        return is_chat_format(self.mixture()[0].format)
 
 
 @dataclass

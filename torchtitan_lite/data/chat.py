@@ -16,10 +16,10 @@ id), ignored in the loss.
 The label at a conversation's eos (which would predict the next conversation's first token)
 is always ignored, so a conversation's per-token losses are the same packed and padded.
 
-Sharding and resumption work as for pretraining (:mod:`torchtitan_lite.data.packing`):
-conversation ``i`` belongs to shard ``i mod shards``; the state is ``(epoch, first
-conversation of the current buffer, rows already emitted from it)``, and a buffer is packed
-deterministically, so a resumed run emits exactly the rows the uninterrupted one would have.
+Order and resumption work as for pretraining (:mod:`torchtitan_lite.data.packing`): the
+state is ``(epoch, cursor of the current buffer's first conversation, rows already emitted
+from it)``, and a buffer is packed deterministically, so a resumed run emits exactly the rows
+the uninterrupted one would have.
 
 Bad rows: a missing or malformed ``messages`` list or an unknown role stops with a
 :class:`DataError` naming the file and line; a conversation with no assistant turn or an empty
@@ -29,7 +29,6 @@ assistant turn is skipped and counted (nothing to learn from it).
 from __future__ import annotations
 
 import bisect
-import functools
 from collections import Counter
 from typing import Any
 
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 
 from torchtitan_lite.chat_template import ROLES, ChatTemplate
-from torchtitan_lite.data.packing import IGNORE_INDEX, ShardedStream, owned_by
-from torchtitan_lite.data.sources import DataError, Document, DocumentSource
+from torchtitan_lite.data.packing import IGNORE_INDEX, RowStream
+from torchtitan_lite.data.sources import Cursor, DataError, Document, DocumentSource, Shuffle
 from torchtitan_lite.logging import logger
 from torchtitan_lite.tokenizer import Tokenizer
 
@@ -98,10 +97,10 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-class ConversationDataset(ShardedStream):
-    """Rows ``{"input", "labels", "epoch"}`` of packed or padded conversations. The state's
-    inner position is the number of rows already emitted from the buffer that starts at
-    conversation ``doc``."""
+class ConversationDataset(RowStream):
+    """Rows ``{"input", "labels"}`` of packed or padded conversations. The state's inner
+    position is the number of rows already emitted from the buffer whose first conversation
+    is at ``cursor``."""
 
     INNER = "rows"
 
@@ -110,14 +109,13 @@ class ConversationDataset(ShardedStream):
         source: DocumentSource,
         tokenizer: Tokenizer,
         seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
         infinite: bool = True,
         packing: bool = True,
         pack_buffer: int = 256,
         train_on_prompt: bool = False,
+        shuffle: Shuffle | None = None,
     ) -> None:
-        super().__init__(source, rank, world_size, infinite)
+        super().__init__(source, infinite, shuffle)
         self.tokenizer = tokenizer
         self.template = ChatTemplate.from_tokenizer(tokenizer)
         self.seq_len = seq_len
@@ -184,57 +182,51 @@ class ConversationDataset(ShardedStream):
                 t, f = conversations[i]
                 tokens[at : at + len(t)], trained[at : at + len(t)] = t, f
                 at += len(t)
-            rows.append(self._sample(tokens, trained))
+            rows.append((tokens, trained))
         return rows
 
-    def _sample(self, tokens: np.ndarray, trained: np.ndarray) -> dict[str, Any]:
+    def sample(self, row: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        """A row ``(tokens, trained)`` as ``input`` and ``labels`` (only trained targets)."""
+        tokens, trained = row
         labels = np.where(trained[1:], tokens[1:], IGNORE_INDEX)
-        return {
-            "input": torch.from_numpy(tokens[:-1].copy()),
-            "labels": torch.from_numpy(labels),
-            "epoch": self._epoch,
-        }
+        return {"input": torch.from_numpy(tokens[:-1].copy()), "labels": torch.from_numpy(labels)}
 
     # ---------------------------------------------------------------- iteration
 
-    def __iter__(self):
-        shard, num_shards = self._shard()
+    def rows(self):
+        """``(tokens, trained)`` per row: ``seq_len + 1`` tokens and which are targets."""
         while True:
-            start = self._doc
-            owned = functools.partial(
-                owned_by, shard=shard, num_shards=num_shards, first=start, source=self.source
-            )
+            start = self._cursor
             buffer: list[Document] = []
             rows_made = 0
-            for doc in self.source.documents(owned):
+            for _, after, doc in self._documents():
                 buffer.append(doc)
                 if len(buffer) == self.pack_buffer:
-                    rows_made += yield from self._emit(buffer, next_doc=doc.index + 1)
+                    rows_made += yield from self._emit(buffer, after)
                     buffer = []
             if buffer:
-                rows_made += yield from self._emit(buffer, next_doc=buffer[-1].index + 1)
-            if start == 0 and rows_made == 0 and self.require_data:
+                rows_made += yield from self._emit(buffer, after)
+            if start == (0, 0) and rows_made == 0 and self.require_data:
                 raise DataError(
-                    f"Data shard {shard} of {num_shards} (ranks × data-loader workers) got no "
-                    f"usable conversations from {self.source.path} ({self._skip_summary()}). "
-                    "Fix: check data.path and data.messages_field, add data, or lower "
-                    "data.num_workers or the number of processes."
+                    f"{self.source.path} holds no usable conversations (after the validation "
+                    f"split, if any; {self._skip_summary()}). Fix: check data.path and "
+                    "data.messages_field, or add data."
                 )
             logger.info(
-                f"{self.label}: shard {shard}/{num_shards} finished epoch {self._epoch} "
+                f"{self.label}: {self.source.path} finished epoch {self._epoch} "
                 f"({self._skip_summary()} so far)"
             )
-            self._epoch, self._doc, self._inner = self._epoch + 1, 0, 0
+            self._next_epoch()
             if not self.infinite:
                 return
 
-    def _emit(self, buffer: list[Document], next_doc: int):
+    def _emit(self, buffer: list[Document], after: Cursor):
         """Yield the rows of a buffer not emitted yet; then the state moves past it."""
         rows = self._rows_of(self._render(buffer))
         for k in range(self._inner, len(rows)):
             self._inner = k + 1
             yield rows[k]
-        self._doc, self._inner = next_doc, 0
+        self._cursor, self._inner = after, 0
         return len(rows)
 
     def _skip_summary(self) -> str:

@@ -1,12 +1,20 @@
 """Writing a shard set (:mod:`torchtitan_lite.data.token_shards` reads it): every document
 of a source the loader reads, tokenized once, in shards written atomically; an interrupted run
-continues after its last finished shard (``progress.json``)."""
+continues after its last finished shard (``progress.json``).
+
+With ``workers > 1`` the documents are read here and tokenized by that many processes, batch
+by batch, the batches coming back in order: the shards are the same files whatever the number
+of workers."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +22,14 @@ import numpy as np
 
 from torchtitan_lite.components.integrity import seal, write_json
 from torchtitan_lite.data.sources import DataError, DocumentSource
-from torchtitan_lite.data.token_shards import FORMAT, MANIFEST, token_dtype, tokenizer_record
+from torchtitan_lite.data.token_shards import (
+    FORMAT,
+    MANIFEST,
+    shard_digest,
+    token_dtype,
+    tokenizer_record,
+)
+from torchtitan_lite.tokenizer_base import encode_documents, start_encoding_worker
 
 if TYPE_CHECKING:
     from torchtitan_lite.tokenizer import Tokenizer
@@ -36,6 +51,17 @@ def _write_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _batches(source: DocumentSource, skip: int, size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in source.documents(lambda i: i >= skip):
+        batch.append(doc.text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def write_shard_set(
     source: DocumentSource,
     out: Path,
@@ -43,11 +69,13 @@ def write_shard_set(
     shard_tokens: int = 1 << 28,
     batch_documents: int = 512,
     progress=None,
+    workers: int = 1,
 ) -> dict:
     """Tokenize every document of ``source`` (bos + text + eos; empty ones skipped and
-    counted) into a shard set in ``out``. Shards are written atomically and recorded in
-    ``progress.json``; a restart with the same source and tokenizer continues after the
-    last finished shard. ``progress``: called with (documents, tokens) after each batch."""
+    counted) into a shard set in ``out``, in ``workers`` processes. Shards are written
+    atomically and recorded in ``progress.json``; a restart with the same source and
+    tokenizer continues after the last finished shard. ``progress``: called with
+    (documents, tokens) after each batch."""
     if source.chat:
         raise DataError(
             f"{source.path} holds conversations (data.format = {source.fmt!r}): chat data is "
@@ -78,11 +106,13 @@ def write_shard_set(
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         names = {"tokens": f"shard-{k:05d}.bin", "index": f"shard-{k:05d}.idx"}
-        _write_atomic(out / names["tokens"], tokens.astype(dtype, copy=False))
+        tokens = tokens.astype(dtype, copy=False)
+        _write_atomic(out / names["tokens"], tokens)
         _write_atomic(out / names["index"], offsets)
         done.append(
             {
                 **names,
+                "sha256": shard_digest(tokens, out / names["index"]),
                 "documents": len(lengths),
                 "tokens_count": int(offsets[-1]),
                 "documents_read": read - sum(s["documents_read"] for s in done),
@@ -93,28 +123,28 @@ def write_shard_set(
         pieces, lengths, empty_now = [], [], 0
         before, in_shard = before + in_shard, 0
 
-    batch: list[str] = []
-
-    def encode(texts: list[str]) -> None:
-        nonlocal empty_now, in_shard
-        kept = [t for t in texts if t.strip()]
-        empty_now += len(texts) - len(kept)
-        for ids in tokenizer.encode_batch(kept, bos=True, eos=True):
-            pieces.append(np.asarray(ids, dtype=dtype))
-            lengths.append(len(ids))
-            in_shard += len(ids)
-
-    for doc in source.documents(lambda i: i >= skip):
-        batch.append(doc.text)
-        read += 1
-        if len(batch) == batch_documents:
-            encode(batch)
-            batch = []
+    with contextlib.ExitStack() as stack:
+        batches = _batches(source, skip, batch_documents)
+        if workers > 1:
+            # spawn: the parent may hold threads (tokenizer pools) that a fork would copy
+            pool = multiprocessing.get_context("spawn").Pool(
+                workers, initializer=start_encoding_worker, initargs=(tokenizer,)
+            )
+            stack.enter_context(pool)
+            encoded = pool.imap(functools.partial(encode_documents, dtype=dtype.name), batches)
+        else:
+            encoded = (encode_documents(texts, dtype.name, tokenizer) for texts in batches)
+        for arrays, empty in encoded:
+            read += len(arrays) + empty
+            empty_now += empty
+            for tokens in arrays:
+                pieces.append(tokens)
+                lengths.append(len(tokens))
+                in_shard += len(tokens)
             if progress is not None:
                 progress(read, before + in_shard)
             if in_shard >= shard_tokens:
                 flush()
-    encode(batch)
     if lengths or not done:
         flush()
     manifest = {
@@ -122,7 +152,8 @@ def write_shard_set(
         "dtype": dtype.name,
         **key,
         "shards": [
-            {k: s[k] for k in ("tokens", "index", "documents", "tokens_count")} for s in done
+            {k: s[k] for k in ("tokens", "index", "sha256", "documents", "tokens_count")}
+            for s in done
         ],
         "documents": sum(s["documents"] for s in done),
         "tokens": sum(s["tokens_count"] for s in done),

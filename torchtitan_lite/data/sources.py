@@ -10,7 +10,7 @@ Conversations (``data.format = "chat"`` / ``"chat_hf"``) come from the same JSON
 Hugging Face sources: each row's ``data.text_field`` (``messages`` for chat) holds a list of
 ``{role, content}`` messages, checked in :mod:`torchtitan_lite.data.chat`.
 
-Every document has a global index in that order; sharding and resumption work on the index.
+Every document has a global index in that order; cursors and resumption work on the index.
 A :class:`Split` keeps a deterministic fraction of the indices for validation (and the rest for
 training). Bad input stops with a :class:`DataError` naming the file and line; documents with
 no text are skipped and counted.
@@ -19,11 +19,14 @@ no text are skipped and counted.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from torchtitan_lite.config.learning import is_chat_format
 from torchtitan_lite.data.token_shards import ShardSet, is_shard_set
@@ -43,7 +46,7 @@ class Document:
 class Split:
     """Which side of a train/validation split a document index falls on: ``fraction`` of the
     indices, evenly spaced (index ``i`` is held out when ``⌊(i+1)·f⌋ > ⌊i·f⌋``), go to
-    validation. Independent of the number of documents and of the sharding."""
+    validation. Independent of the number of documents."""
 
     fraction: float
     validation: bool  # True: keep the held-out indices; False: keep the others
@@ -56,11 +59,20 @@ class Split:
         held_out = self._held_out_up_to(index) > (self._held_out_up_to(index - 1) if index else 0)
         return held_out == self.validation
 
-    def position(self, index: int) -> int:
-        """The index's rank among the indices on its side: shards deal these out, so each
-        side spreads evenly over the ranks (held-out indices are not all odd or all even)."""
-        held = self._held_out_up_to(index)
-        return held - 1 if self.validation else index - held
+
+#: Where an epoch's iteration stands: see :meth:`DocumentSource.epoch_documents`.
+Cursor = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """Document shuffling: windows of ``window`` documents, each in a seeded random order."""
+
+    window: int
+    seed: tuple[int, ...]  # the run's seed and the source's
+
+    def order(self, n: int, epoch: int, first: int) -> np.ndarray:
+        return np.random.default_rng([*self.seed, epoch, first]).permutation(n)
 
 
 def _suffix(path: Path) -> str:
@@ -131,10 +143,27 @@ class DocumentSource:
     def __iter__(self) -> Iterator[Document]:
         return self.documents()
 
-    def position(self, index: int) -> int:
-        """Where document ``index`` stands among this source's documents (all of them, or one
-        side of a split): the number that sharding deals out."""
-        return self.select.position(index) if self.select is not None else index
+    def epoch_documents(
+        self, epoch: int, cursor: Cursor, shuffle: Shuffle | None = None
+    ) -> Iterator[tuple[Cursor, Cursor, Document]]:
+        """One epoch's documents from ``cursor`` on, as ``(cursor of the document, cursor
+        after it, document)``: a cursor is where an iteration resumes. Without shuffling the
+        order is the file order and a cursor is ``(index, 0)``. With it, each window of
+        ``shuffle.window`` documents is read in a random order drawn from the seed, the epoch
+        and the window's first index; a cursor is ``(first index of the window, position in
+        its order)``."""
+        start, skip = cursor
+        docs = self.documents(lambda i: i >= start)
+        if shuffle is None:
+            for doc in docs:
+                yield (doc.index, 0), (doc.index + 1, 0), doc
+            return
+        while window := list(itertools.islice(docs, shuffle.window)):
+            order = shuffle.order(len(window), epoch, start)
+            after = (window[-1].index + 1, 0)
+            for k in range(skip, len(window)):
+                yield (start, k), (start, k + 1) if k + 1 < len(window) else after, window[order[k]]
+            start, skip = after
 
     def documents(self, owned=None) -> Iterator[Document]:
         """All documents in order; ``owned(index)`` (optional) selects which ones to decode —

@@ -9,14 +9,17 @@ A shard set is a folder::
     progress.json        while writing: the shards finished so far (a restart continues)
 
 The manifest records the tokenizer's sha256, kind, vocabulary size and bos / eos / pad ids,
-the source files with their sizes and sha256, and the counts. Reading it back, a shard set
-made by another tokenizer, or with other special ids, is refused before step 1 (both sides
-named); a shard whose size disagrees with the manifest (truncated, or another file) is refused
-naming the file. Tokens are read through numpy memory maps.
+the source files with their sizes and sha256, each shard's sha256, and the counts. Reading it
+back, a shard set made by another tokenizer, or with other special ids, is refused before
+step 1 (both sides named); a shard whose size disagrees with the manifest (truncated, or
+another file) is refused naming the file, at once; one whose content disagrees (corrupt) is
+refused naming the file when a process first reads it (hashing costs a fraction of reading).
+Tokens are read through numpy memory maps.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +46,13 @@ def is_shard_set(path: str | Path) -> bool:
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def shard_digest(tokens: np.ndarray, index_path: Path) -> str:
+    """sha256 of a shard's tokens and then its index file."""
+    digest = hashlib.sha256(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+    digest.update(Path(index_path).read_bytes())
+    return digest.hexdigest()
 
 
 def tokenizer_record(tokenizer: Tokenizer) -> dict:
@@ -99,12 +109,14 @@ class ShardSet:
                     "order or past its end). Fix: tokenize the data again into a new folder."
                 )
             tokens = (
-                np.memmap(tokens_path, dtype=self.dtype, mode="r")
+                # a plain array over the map: slicing a np.memmap costs more than the copy
+                np.memmap(tokens_path, dtype=self.dtype, mode="r").view(np.ndarray)
                 if entry["tokens_count"]
                 else np.zeros(0, self.dtype)
             )
             self.shards.append((tokens, offsets, first))
             first += entry["documents"]
+        self._verified: set[int] = set()  # shards whose sha256 this process has checked
 
     def check_ids(self, tokenizer: Tokenizer) -> None:
         """Refuse a shard set made by another tokenizer or with other special ids."""
@@ -121,12 +133,32 @@ class ShardSet:
                 "or set tokenizer.path to the one that made it."
             )
 
+    def _verify(self, k: int) -> None:
+        """Refuse shard ``k`` if its content is not what the manifest recorded."""
+        entry = self.manifest["shards"][k]
+        if k in self._verified or "sha256" not in entry:
+            return
+        tokens = self.shards[k][0]
+        found = shard_digest(tokens, self.folder / entry["index"])
+        if found != entry["sha256"]:
+            raise DataError(
+                f"Shard file {self.folder / entry['tokens']} (or its index {entry['index']}) is "
+                f"corrupt: its sha256 is {found[:12]}…, but {self.folder / MANIFEST} records "
+                f"{entry['sha256'][:12]}…. Fix: tokenize the data again into a new folder (or "
+                "restore the file)."
+            )
+        self._verified.add(k)
+
     def documents(self, wanted) -> Iterator[tuple[str, np.ndarray | None]]:
-        """``(origin, tokens or None)`` per document in order (None when not ``wanted``)."""
+        """``(origin, tokens or None)`` per document in order (None when not ``wanted``);
+        each shard's content is verified before its first document is read."""
         for k, (tokens, offsets, first) in enumerate(self.shards):
-            name = self.manifest["shards"][k]["tokens"]
-            for i in range(len(offsets) - 1):
+            where = f"{self.folder / self.manifest['shards'][k]['tokens']}#"
+            if any(wanted(first + i) for i in range(len(offsets) - 1)):
+                self._verify(k)
+            bounds = offsets.tolist()
+            for i in range(len(bounds) - 1):
                 if wanted(first + i):
-                    yield f"{self.folder / name}#{i}", tokens[offsets[i] : offsets[i + 1]]
+                    yield f"{where}{i}", tokens[bounds[i] : bounds[i + 1]]
                 else:
-                    yield f"{self.folder / name}#{i}", None
+                    yield f"{where}{i}", None
