@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -296,7 +297,15 @@ def build_block_mask(
     tables = [t for pair in zip(counts, indices, strict=True) for t in pair]
     fields = dict(zip(BLOCK_MASK_FIELDS, tables, strict=True))  # the order of the stack
     mask_mod = mask_mod_for(tokens, eos_id, mask_type, docs)
-    sizes = {"BLOCK_SIZE": (block_size, block_size), "seq_lengths": (seq_len, seq_len)}
+    return block_mask_of(fields, mask_mod, block_size, (seq_len, seq_len))
+
+
+def block_mask_of(
+    fields: dict[str, Tensor], mask_mod, block_size: int, seq_lengths: tuple[int, int]
+) -> BlockMask:
+    """A ``BlockMask`` of the tables computed here (:data:`BLOCK_MASK_FIELDS`): through the
+    direct constructor where this torch has it, else ``from_kv_blocks``."""
+    sizes = {"BLOCK_SIZE": (block_size, block_size), "seq_lengths": seq_lengths}
     if _DIRECT_BLOCK_MASK:
         return BlockMask(mask_mod=mask_mod, **sizes, **fields)
     kv_fields = {name: value for name, value in fields.items() if "kv" in name}
@@ -306,7 +315,19 @@ def build_block_mask(
 # ------------------------------------------------------------------------------ dispatch
 
 
-AttentionMask = BlockMask | DocumentSegments | None
+@dataclass(frozen=True)
+class ContextParallel:
+    """This rank's queries (its context-parallel share of the sequence) against every key:
+    ``gather`` turns this rank's ``(B, H_kv, S / cp, D)`` keys or values into all ``S`` of
+    them in sequence order (a differentiable all-gather, supplied by the distributed layer);
+    ``local`` is the mask of the local query rows × all keys at their global positions — a
+    ``BlockMask`` (flex) or a dense ``(B, 1, S / cp, S)`` boolean mask (sdpa)."""
+
+    local: BlockMask | Tensor
+    gather: Callable[[Tensor], Tensor]
+
+
+AttentionMask = BlockMask | DocumentSegments | ContextParallel | None
 
 
 def build_attention_mask(
@@ -359,12 +380,16 @@ def attention(
 ) -> Tensor:
     """``(B, H, S, D)`` queries against ``(B, H_kv, S, D)`` keys/values under ``mask``.
 
-    A BlockMask runs FlexAttention: on CUDA compiled — with the transformer block when the
-    block is compiled, else on its own with ``torch.compile`` mode ``flex_mode`` — and eager
-    elsewhere (forward only on CPU). DocumentSegments run SDPA segment by segment, None runs
-    causal SDPA. Grouped-query heads are shared by the kernels (``enable_gqa``), never copied.
+    A :class:`ContextParallel` mask first gathers all keys and values, then attends with its
+    local mask. A BlockMask runs FlexAttention: on CUDA compiled — with the transformer block
+    when the block is compiled, else on its own with ``torch.compile`` mode ``flex_mode`` —
+    and eager elsewhere (forward only on CPU). DocumentSegments run SDPA segment by segment,
+    a dense boolean mask and None (causal) run SDPA. Grouped-query heads are shared by the
+    kernels (``enable_gqa``), never copied.
     """
     enable_gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, ContextParallel):
+        k, v, mask = mask.gather(k), mask.gather(v), mask.local
     if isinstance(mask, BlockMask):
         if q.is_cuda and not torch.compiler.is_compiling():
             flex = compiled_flex_attention(flex_mode)
@@ -376,6 +401,8 @@ def attention(
         out_dtype = q.dtype
         q, k, v = q.float(), k.float(), v.float()
         return attention(q, k, v, mask).to(out_dtype)
+    if isinstance(mask, Tensor):  # a context-parallel rank's rows of the dense mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     if mask is None and q.shape[2] != k.shape[2]:
         # Decoding with a KV cache: the new queries follow all cached keys (one token at a time)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)

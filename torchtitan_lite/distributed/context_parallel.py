@@ -1,0 +1,106 @@
+"""Context parallelism (all-gather CP, as in the Llama 3 paper): the sequence is split over
+the ``cp`` ranks of a group; each rank computes attention for its own queries against all
+keys, gathered from every rank, under the document mask at global positions.
+
+* Which tokens a rank holds: :func:`~torchtitan_lite.distributed.cp_balance.cp_layout`
+  (``(B, cp, S / cp)`` global positions, balanced by the work the mask keeps).
+* :func:`gather_sequence`: a rank's ``(B, H, S / cp, D)`` keys or values → all ``S`` in
+  sequence order. Differentiable: the backward sums every rank's gradient for this rank's
+  keys (a reduce-scatter; an all-reduce on backends without one, such as gloo).
+* :func:`context_parallel_batch`: a batch's local inputs, labels, RoPE positions (global, or
+  per document) and the :class:`~torchtitan_lite.models.attention.ContextParallel` mask the
+  model's attention layers take.
+
+Keys and values are small next to queries under grouped-query attention (8 kv heads), which
+is why gathering them beats passing them around a ring for any mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from torchtitan_lite.distributed.cp_balance import whole_blocks
+from torchtitan_lite.models.attention import ContextParallel, document_ids, document_positions
+from torchtitan_lite.models.cp_masks import local_block_mask, local_dense_mask
+
+
+class _GatherSequence(torch.autograd.Function):
+    """``(B, H, S / cp, D)`` on each rank → ``(B, H, S, D)``, the ranks' shares in rank order."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        parts = [
+            torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        chunks = [c.contiguous() for c in grad.chunk(world, dim=2)]
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            out = torch.empty_like(chunks[rank])
+            dist.reduce_scatter(out, chunks, group=ctx.group)
+            return out, None
+        total = grad.contiguous()
+        dist.all_reduce(total, group=ctx.group)
+        return total.chunk(world, dim=2)[rank].contiguous(), None
+
+
+def gather_sequence(x: Tensor, group, order: Tensor) -> Tensor:
+    """All ``S`` keys (or values) in sequence order: ``order[b, p]`` is the index of global
+    position ``p`` among the gathered shares (rank-major)."""
+    full = _GatherSequence.apply(x, group)  # (B, H, S, D)
+    index = order[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
+    return full.gather(2, index)
+
+
+def context_parallel_batch(
+    batch: dict[str, Tensor],
+    layout: np.ndarray,
+    rank: int,
+    group,
+    *,
+    eos_id: int,
+    mask_type: str,
+    backend: str,
+    device: torch.device,
+    per_document_positions: bool = False,
+    block_size: int = 128,
+) -> tuple[dict[str, Tensor], Tensor, ContextParallel]:
+    """This rank's share of a host batch ``{"input", "labels"}`` (B, S): its rows at the
+    positions ``layout[:, rank]``, their RoPE positions (B, S / cp) and the mask."""
+    tokens = batch["input"]
+    docs = batch.get("documents")
+    docs = document_ids(tokens, eos_id) if docs is None else docs  # (B, S) host
+    positions = torch.from_numpy(layout[:, rank])  # (B, S / cp) global positions
+    local = {key: batch[key].gather(1, positions) for key in ("input", "labels")}
+    rope = document_positions(tokens, eos_id, docs=docs) if per_document_positions else None
+    rope = positions if rope is None else rope.gather(1, positions)
+    order = torch.from_numpy(np.argsort(layout.reshape(layout.shape[0], -1), axis=1))
+    if backend == "flex":
+        if not whole_blocks(layout, block_size):
+            raise ValueError(
+                f"context-parallel shares of a {tokens.shape[1]}-token sequence are not whole "
+                f"mask blocks of {block_size} tokens: each chunk must be a multiple of it"
+            )
+        mask = local_block_mask(
+            tokens.to(device),
+            eos_id,
+            mask_type,
+            positions.to(device),
+            block_size=block_size,
+            docs=docs.to(device),
+        )
+    else:
+        mask = local_dense_mask(docs.to(device), positions.to(device), mask_type)
+    gather = functools.partial(gather_sequence, group=group, order=order.to(device))
+    return local, rope.to(device), ContextParallel(local=mask, gather=gather)
