@@ -34,6 +34,7 @@ from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX
 from torchtitan_lite.distributed.utils import clip_grad_norm_
+from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.gpus import GPUS
 from torchtitan_lite.logging import init_logger, logger
 from torchtitan_lite.run_mode import RunMode
@@ -354,6 +355,13 @@ def dry_run(config: JobConfig, config_path: str | None) -> int:
 
     from torchtitan_lite.trainer import Trainer
 
+    if config.parallelism.context_parallel_degree > 1:
+        raise ConfigError(
+            "The dry run does not model context parallelism yet "
+            f"(parallelism.context_parallel_degree = "
+            f"{config.parallelism.context_parallel_degree}). Fix: dry-run the layout without "
+            "it, or run a few real steps."
+        )
     sim = copy.deepcopy(config)
     sim.compile.enable = False
     sim.optimizer.implementation = "for-loop"  # the fake step; the estimate uses the real one

@@ -80,6 +80,6 @@ def _evaluate_source(trainer, loader, steps: int) -> dict:
         batches += 1
     return {
         "loss_sum": trainer._data_sum(loss_sum).item(),
-        "targets": host_count(trainer._data_sum(torch.tensor([valid]))),
+        "targets": host_count(trainer._data_sum(torch.tensor([valid]), whole_batch=True)),
         "batches": batches,
     }

@@ -23,6 +23,7 @@ from torchtitan_lite.components.stop_signals import stop_signals
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX, build_dataloader
 from torchtitan_lite.data.batches import host_count, original_message
+from torchtitan_lite.distributed.context_parallel import context_parallel_step
 from torchtitan_lite.distributed.parallel_dims import (
     ParallelDims,
     check_tensor_parallel,
@@ -43,11 +44,7 @@ from torchtitan_lite.errors import ConfigError, UserError
 from torchtitan_lite.evaluation import evaluate
 from torchtitan_lite.ids import check_special_ids
 from torchtitan_lite.logging import logger
-from torchtitan_lite.models.attention import (
-    build_attention_mask,
-    document_ids,
-    document_positions,
-)
+from torchtitan_lite.models.attention import build_attention_mask, document_ids, document_positions
 from torchtitan_lite.models.llama3.model import Transformer
 from torchtitan_lite.models.loss import cross_entropy_sum
 from torchtitan_lite.run_mode import RunMode
@@ -77,6 +74,7 @@ class Trainer:
             dp_shard=pc.data_parallel_shard_degree,
             world_size=self.world_size,
             tp=pc.tensor_parallel_degree,
+            cp=pc.context_parallel_degree,
         )
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
         # Which data this rank reads: the ranks of one tensor-parallel group read the same.
@@ -120,15 +118,15 @@ class Trainer:
         self.start = resolve_start(config)
         self.model_args = build_model_args(config, self.tokenizer, self.start)
         a = self.model_args
-        check_tensor_parallel(self.parallel_dims.tp, a, tc.seq_len)
+        check_tensor_parallel(self.parallel_dims.tp, a, tc.seq_len // self.parallel_dims.cp)
         self.mode.check_step_fits(
             a,
             self.device,
-            seq_len=tc.seq_len,
+            seq_len=tc.seq_len // self.parallel_dims.cp,  # a CP rank holds its share
             local_batch_size=tc.local_batch_size,
             ac_mode=config.activation_checkpoint.mode,
             param_dtype=self.param_dtype,
-            shards=self.parallel_dims.dp_shard,
+            shards=self.parallel_dims.dp_shard * self.parallel_dims.cp,  # FSDP: shard × cp
             tp=self.parallel_dims.tp,
         )
         for warning in check_special_ids(
@@ -139,6 +137,9 @@ class Trainer:
         ):
             logger.warning(warning)
         self.attn_backend = self.mode.attn_backend(mc.attn_backend, self.device)
+        self.context_parallel = context_parallel_step(
+            self.mesh, config, self.attn_backend, a, self.device
+        )
 
         # 7. The model: on the meta device (no memory), parallelized (TP → AC → compile →
         #    FSDP2), materialized on the device and initialized.
@@ -192,7 +193,7 @@ class Trainer:
             tb_folder=tb if writes and mx.enable_tensorboard else None,
             jsonl_path=self.dump_folder / "metrics.jsonl" if writes and self.rank == 0 else None,
             show_trained=self.chat_template is not None,
-            devices_per_batch=self.parallel_dims.tp,
+            devices_per_batch=self.parallel_dims.tp * self.parallel_dims.cp,
         )
 
     def load_start(self) -> None:
@@ -268,8 +269,11 @@ class Trainer:
         )
 
     def loss_sum(self, batch: dict[str, torch.Tensor], mask=None) -> torch.Tensor:
-        """Summed token loss of one micro-batch (its mask built here unless given), then the
-        forward; training, validation and the dry run all go through here."""
+        """Summed token loss of one micro-batch (its mask built here unless given): training,
+        validation and the dry run all go through here."""
+        if self.context_parallel is not None:  # this rank's share of the sequence, and mask
+            local = self.context_parallel.shard(batch, self.documents(batch))
+            return self._forward_loss(*local)
         inputs = batch["input"].to(self.device, non_blocking=True)  # (B, S)
         labels = batch["labels"].to(self.device, non_blocking=True)  # (B, S)
         per_document = self.config.data.reset_position_ids
@@ -279,6 +283,9 @@ class Trainer:
         mask = self.attention_mask(batch, inputs, docs) if mask is None else mask
         eos_id = self.model_args.eos_id
         positions = document_positions(inputs, eos_id, docs=docs) if per_document else None
+        return self._forward_loss(inputs, labels, mask, positions)
+
+    def _forward_loss(self, inputs, labels, mask, positions) -> torch.Tensor:
         if tp_mesh(self.mesh) is None:  # the model computes the loss chunk by chunk
             return self.model(inputs, mask, positions=positions, labels=labels)
         # Tensor parallel: vocabulary-sharded logits (loss parallel), or gathered ones. Loss
@@ -300,9 +307,9 @@ class Trainer:
         backend, so the device queue never waits for it; the step reads the device once.
         """
         valid = sum(host_count(b["labels"] != IGNORE_INDEX) for b in micro_batches)
-        global_valid = max(host_count(self._data_sum(torch.tensor([valid]))), 1)
-        # FSDP averages gradients over the data-parallel ranks; undo that mean.
-        scale = self.parallel_dims.dp / global_valid
+        global_valid = max(host_count(self._data_sum(torch.tensor([valid]), whole_batch=True)), 1)
+        # FSDP averages gradients over the data-parallel (× context-parallel) ranks; undo it.
+        scale = self.parallel_dims.dp * self.parallel_dims.cp / global_valid
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum += self.forward_backward_step(batch, scale)
@@ -320,12 +327,13 @@ class Trainer:
         self.lr_scheduler.step()
         return loss_value, norm_value
 
-    def _data_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def _data_sum(self, value: torch.Tensor, whole_batch: bool = False) -> torch.Tensor:
         """Sum over the data-parallel ranks. The ranks of a tensor-parallel group read the same
-        batch and hold the same loss, so the sum over the world counts each ``tp`` times."""
+        batch and hold the same loss, so the sum over the world counts each ``tp`` times; a
+        count of the ``whole_batch`` is held by its context-parallel ranks too (``tp × cp``)."""
         total = all_reduce_sum(value)
-        tp = self.parallel_dims.tp
-        return total // tp if not total.is_floating_point() else total / tp
+        copies = self.parallel_dims.tp * (self.parallel_dims.cp if whole_batch else 1)
+        return total // copies if not total.is_floating_point() else total / copies
 
     def train(self) -> list[float]:
         """Run ``training.steps`` optimizer steps; returns the loss of every step.

@@ -12,6 +12,7 @@ rank's positions to ``sys.argv[1]`` (JSON).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -80,6 +81,10 @@ def main() -> None:
             json.dump(results, f)
     dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
+    sys.stdout.flush()
+    # Leave without the interpreter's teardown: under load, destroying gloo's threads there
+    # aborted ("terminate called without an active exception") after all work was done.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Context-parallel attention over real torchrun/gloo ranks equals unsharded attention."""
+"""Context parallelism over real torchrun/gloo ranks: the attention equals unsharded
+attention; training runs equal one process's."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
 
-from tests.helpers import REPO, train_command
+from tests.helpers import GLOBAL_BATCH_OF_4, REPO, metrics, run_main, torchrun, train_command
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_context_parallel_attention_equals_unsharded_attention(tmp_path, cp):
     """Output and gradients of q, k and v of every rank's share, for 3 document layouts,
     both masks and both balancing modes (see cp_worker.py), within fp32 rounding."""
@@ -25,3 +27,81 @@ def test_context_parallel_attention_equals_unsharded_attention(tmp_path, cp):
     for case, worst in errors.items():
         assert set(worst) == {"out", "dq", "dk", "dv"}
         assert max(worst.values()) < 1e-5, (case, worst)
+
+
+#: 6 fp32 steps of the global batch of 4 rows, 128 tokens each.
+TRACE = [*GLOBAL_BATCH_OF_4, "--training.steps", "6", "--training.local_batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("one")
+    proc = run_main(*TRACE, "--job.dump_folder", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return metrics(out)
+
+
+def assert_same_trace(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for x, y in zip(got, want, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), x["step"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3), x["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout, banner",
+    [
+        ([], "shard 2 × context parallel 2 (mask-aware"),
+        (
+            [
+                "--parallelism.tensor_parallel_degree",
+                "2",
+                "--parallelism.context_parallel_balance",
+                "head-tail",
+            ],
+            "shard 1 × context parallel 2 (head-tail",
+        ),
+    ],
+    ids=["cp2_fsdp2", "cp2_tp2"],
+)
+def test_context_parallel_loss_traces_equal_one_process(tmp_path, one_process, layout, banner):
+    """4 processes, CP 2 × FSDP 2 (mask-aware) or CP 2 × TP 2 (head-tail): the fp32 loss
+    trace of one process. CP 2 × FSDP 2 checkpoints at step 3, and one process resumes it:
+    the same steps 4-6 (FSDP over shard × cp reshards; the data continues)."""
+    cp = ["--parallelism.context_parallel_degree", "2", *layout]
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
+    proc = torchrun(4, *TRACE, *cp, *ckpt, "--job.dump_folder", str(tmp_path / "cp"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert banner in proc.stdout
+    assert_same_trace(metrics(tmp_path / "cp"), one_process)
+    if layout:
+        return
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoint").mkdir(parents=True)
+    shutil.copytree(tmp_path / "cp" / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
+    proc = run_main(*TRACE, *ckpt, "--job.dump_folder", str(resumed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_trace(metrics(resumed), one_process[3:])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_context_parallelism_never_recompile(tmp_path, one_process):
+    """CP 2, blocks compiled (aot_eager on CPU), mask-aware layouts that change with every
+    batch: the one-process trace, and torch logs no recompilation."""
+    cmd, env = train_command(
+        *TRACE,
+        "--parallelism.context_parallel_degree",
+        "2",
+        "--compile.enable",
+        "--compile.backend",
+        "aot_eager",
+        "--job.dump_folder",
+        str(tmp_path),
+        nproc=2,
+    )
+    env["TORCH_LOGS"] = "recompiles"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Recompiling" not in proc.stdout + proc.stderr
+    assert_same_trace(metrics(tmp_path), one_process)

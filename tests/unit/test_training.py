@@ -70,6 +70,9 @@ def test_parallel_dims():
         "tp",
     )
     assert ParallelDims(dp_replicate=1, dp_shard=-1, world_size=4).dim_names == ("dp_shard",)
+    with_cp = ParallelDims(dp_replicate=2, dp_shard=-1, world_size=16, cp=2, tp=2)
+    assert with_cp.dp_shard == 2 and with_cp.dp == 4  # the CP ranks read the same rows
+    assert with_cp.dim_names == ("dp_replicate", "dp_shard", "cp", "tp")
     with pytest.raises(
         ConfigError,
         match=r"replicate_degree = 3.*shard_degree = -1.*tensor_parallel_degree = 1.*world "

@@ -30,10 +30,18 @@ def log_banner(trainer, config_path: str | None) -> None:
     if pd.tp > 1:
         loss = "loss parallel" if c.parallelism.loss_parallel else "logits gathered"
         tp = f" × tensor parallel {pd.tp} (sequence parallel, {loss})"
+    cp = ""
+    if trainer.context_parallel is not None:
+        step = trainer.context_parallel
+        cp = (
+            f" × context parallel {pd.cp} ({step.balance}, {step.chunks_per_rank} chunk(s) per "
+            f"rank, K/V all-gathered; FSDP over shard × cp)"
+        )
     logger.info(
         f"world: {trainer.world_size} process(es) on {trainer.device.type}, data parallel "
-        f"replicate {pd.dp_replicate} × shard {pd.dp_shard}{tp} "
-        f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'}{' + TP' if tp else ''})"
+        f"replicate {pd.dp_replicate} × shard {pd.dp_shard}{cp}{tp} "
+        f"({'HSDP' if pd.dp_replicate > 1 else 'FSDP2'}{' + CP' if cp else ''}"
+        f"{' + TP' if tp else ''})"
     )
     logger.info(
         f"precision: params {trainer.param_dtype} ({trainer.param_dtype_reason}), gradient "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from torchtitan_lite.config.fields import Range, Rule
+from torchtitan_lite.distributed.cp_balance import BALANCE_MODES
 from torchtitan_lite.gpus import GPUS
 
 
@@ -65,6 +66,16 @@ class Parallelism:
 
     loss_parallel: bool = True
     """With TP: compute the cross-entropy on vocabulary-sharded logits (never gathered)."""
+
+    context_parallel_degree: Annotated[int, Range(min=1)] = 1
+    """Context-parallel ranks per sequence: each holds ``seq_len / cp`` tokens of every row and
+    attends them to all keys, gathered from the group, under the document mask at their
+    global positions. 1 turns CP off."""
+
+    context_parallel_balance: Literal[BALANCE_MODES] = "mask-aware"
+    """Which tokens each CP rank holds: ``mask-aware`` (chunks dealt per row by the work the
+    mask keeps), ``head-tail`` (chunks r and 2·cp−1−r: balances one causal document) or
+    ``contiguous``."""
 
 
 @dataclass

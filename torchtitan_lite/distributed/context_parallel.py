@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from torchtitan_lite.distributed.cp_balance import whole_blocks
+from torchtitan_lite.distributed.cp_balance import cp_layout, whole_blocks
+from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.models.attention import ContextParallel, document_ids, document_positions
 from torchtitan_lite.models.cp_masks import local_block_mask, local_dense_mask
 
@@ -104,3 +105,86 @@ def context_parallel_batch(
         mask = local_dense_mask(docs.to(device), positions.to(device), mask_type)
     gather = functools.partial(gather_sequence, group=group, order=order.to(device))
     return local, rope.to(device), ContextParallel(local=mask, gather=gather)
+
+
+def chunks_per_rank(
+    seq_len: int, cp: int, balance: str, backend: str, block_size: int = 128
+) -> int:
+    """Chunks each CP rank holds: 1 (contiguous), 2 (head-tail), or up to 8 (mask-aware,
+    the most that cut the sequence evenly); on the flex path each chunk must be whole mask
+    blocks. A sequence that cannot be cut so is a config error."""
+    unit = block_size if backend == "flex" else 1
+    options = {"contiguous": (1,), "head-tail": (2,), "mask-aware": (8, 4, 2, 1)}[balance]
+    for k in options:
+        if seq_len % (cp * k * unit) == 0:
+            return k
+    need = cp * options[-1] * unit
+    raise ConfigError(
+        f"Context parallelism: training.seq_len = {seq_len} does not split into "
+        f"{cp * options[-1]} chunks"
+        + (f" of whole {block_size}-token mask blocks (the flex kernel's)" if unit > 1 else "")
+        + f" for parallelism.context_parallel_degree = {cp} with context_parallel_balance = "
+        f"{balance!r}. Fix: make training.seq_len a multiple of {need}, or lower the context "
+        "parallel degree."
+    )
+
+
+class ContextParallelStep:
+    """This rank's share of every batch under context parallelism: the layout of each row
+    (``parallelism.context_parallel_balance``), then the local inputs, labels, RoPE positions
+    and the :class:`ContextParallel` mask (:func:`context_parallel_batch`)."""
+
+    def __init__(
+        self,
+        mesh,
+        *,
+        balance: str,
+        mask_type: str,
+        backend: str,
+        eos_id: int,
+        seq_len: int,
+        device: torch.device,
+        per_document_positions: bool,
+    ) -> None:
+        self.group, self.rank, self.degree = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        self.balance, self.mask_type, self.backend = balance, mask_type, backend
+        self.eos_id, self.device, self.per_document = eos_id, device, per_document_positions
+        self.chunks_per_rank = chunks_per_rank(seq_len, self.degree, balance, backend)
+
+    def shard(self, batch: dict[str, Tensor], docs: Tensor) -> tuple:
+        """``(inputs, labels, mask, positions)`` of this rank, on the device, from a host
+        batch and its ``(B, S)`` document ids."""
+        layout = cp_layout(
+            docs.numpy(), self.degree, self.balance, self.mask_type, self.chunks_per_rank
+        )
+        local, positions, mask = context_parallel_batch(
+            {**batch, "documents": docs},
+            layout,
+            self.rank,
+            self.group,
+            eos_id=self.eos_id,
+            mask_type=self.mask_type,
+            backend=self.backend,
+            device=self.device,
+            per_document_positions=self.per_document,
+        )
+        inputs, labels = (
+            local[key].to(self.device, non_blocking=True) for key in ("input", "labels")
+        )
+        return inputs, labels, mask, positions
+
+
+def context_parallel_step(mesh, config, backend: str, args, device) -> ContextParallelStep | None:
+    """The run's :class:`ContextParallelStep`, or None without context parallelism."""
+    if "cp" not in mesh.mesh_dim_names:
+        return None
+    return ContextParallelStep(
+        mesh["cp"],
+        balance=config.parallelism.context_parallel_balance,
+        mask_type=args.attn_mask_type,
+        backend=backend,
+        eos_id=args.eos_id,
+        seq_len=config.training.seq_len,
+        device=device,
+        per_document_positions=config.data.reset_position_ids,
+    )

@@ -12,27 +12,37 @@ from torchtitan_lite.models.llama3.args import ModelArgs
 
 @dataclass(kw_only=True)
 class ParallelDims:
-    """``dp_replicate × dp_shard × tp = world_size``; a shard degree of -1 takes the rest.
+    """``dp_replicate × dp_shard × cp × tp = world_size``; a shard degree of -1 takes the
+    rest.
 
     dp_shard > 1 alone is FSDP; dp_replicate > 1 with it is HSDP (replicas of sharded groups);
-    tp > 1 splits every layer over ``tp`` ranks that see the same data (tensor parallel).
-    The mesh is ``(dp_replicate, dp_shard, tp)`` with tp innermost: consecutive ranks, the
-    GPUs of one node, whose fast links carry TP's per-layer collectives.
+    cp > 1 splits every sequence over ``cp`` ranks that read the same rows (context
+    parallel); tp > 1 splits every layer over ``tp`` ranks that see the same data (tensor
+    parallel). The mesh is ``(dp_replicate, dp_shard, cp, tp)`` with tp innermost:
+    consecutive ranks, the GPUs of one node, whose fast links carry TP's per-layer
+    collectives. FSDP shards over ``dp_shard × cp``: the CP ranks hold different tokens, so
+    their gradients are summed like data parallelism's.
     """
 
     dp_replicate: int
     dp_shard: int
     world_size: int
     tp: int = 1
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        r, s, t, w = self.dp_replicate, self.dp_shard, self.tp, self.world_size
+        r, s, t, w = self.dp_replicate, self.dp_shard, self.tp * self.cp, self.world_size
         layout = (
             f"parallelism.data_parallel_replicate_degree = {r}, "
             f"parallelism.data_parallel_shard_degree = {s}, "
-            f"parallelism.tensor_parallel_degree = {t}, world size = {w}"
+            f"parallelism.context_parallel_degree = {self.cp}, "
+            f"parallelism.tensor_parallel_degree = {self.tp}, world size = {w}"
         )
-        for name, degree in (("replicate", r), ("tensor parallel", t)):
+        for name, degree in (
+            ("replicate", r),
+            ("context parallel", self.cp),
+            ("tensor parallel", self.tp),
+        ):
             if degree < 1:
                 raise ConfigError(
                     f"Parallel layout: the {name} degree must be at least 1 ({layout}). "
@@ -41,18 +51,25 @@ class ParallelDims:
         if s == -1:
             if w % (r * t):
                 raise ConfigError(
-                    f"Parallel layout: the world size {w} is not a multiple of replicate "
-                    f"× tensor parallel = {r} × {t} = {r * t} ({layout}). Fix: start a multiple of "
-                    f"{r * t} processes, or choose degrees whose product divides {w}."
+                    f"Parallel layout: the world size {w} is not a multiple of "
+                    f"{self._product('replicate', r)} = {r * t} ({layout}). Fix: start a "
+                    f"multiple of {r * t} processes, or choose degrees whose product divides {w}."
                 )
             s = self.dp_shard = w // (r * t)
         if s < 1 or r * s * t != w:
             raise ConfigError(
-                f"Parallel layout: replicate × shard × tensor parallel = {r} × {s} × {t} = "
-                f"{r * s * t} processes do not match the world size ({layout}). Fix: make the "
+                f"Parallel layout: {self._product('replicate', r, 'shard', s)} = {r * s * t} "
+                f"processes do not match the world size ({layout}). Fix: make the "
                 "product of the degrees equal the number of processes, or set the shard "
                 "degree to -1."
             )
+
+    def _product(self, *named) -> str:
+        """``replicate × tensor parallel = 1 × 3``: the named degrees, then context parallel
+        (where > 1) and tensor parallel."""
+        pairs = list(zip(named[::2], named[1::2], strict=True))
+        pairs += [("context parallel", self.cp)] * (self.cp > 1) + [("tensor parallel", self.tp)]
+        return " × ".join(n for n, _ in pairs) + " = " + " × ".join(str(v) for _, v in pairs)
 
     @property
     def dp(self) -> int:
@@ -62,20 +79,49 @@ class ParallelDims:
     @property
     def dim_names(self) -> tuple[str, ...]:
         """The mesh's dimensions: ``dp_shard`` always, the others where their degree > 1."""
-        return ("dp_replicate",) * (self.dp_replicate > 1) + ("dp_shard",) + ("tp",) * (self.tp > 1)
+        return (
+            ("dp_replicate",) * (self.dp_replicate > 1)
+            + ("dp_shard",)
+            + ("cp",) * (self.cp > 1)
+            + ("tp",) * (self.tp > 1)
+        )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The mesh over all ranks, one dimension per name in :attr:`dim_names`."""
-        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        """The mesh over all ranks, one dimension per name in :attr:`dim_names`; with CP, also
+        the flattened ``dp_shard_cp`` that FSDP shards over."""
+        sizes = {
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "cp": self.cp,
+            "tp": self.tp,
+        }
         names = self.dim_names
-        return init_device_mesh(device_type, tuple(sizes[n] for n in names), mesh_dim_names=names)
+        mesh = init_device_mesh(device_type, tuple(sizes[n] for n in names), mesh_dim_names=names)
+        if self.cp > 1:
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        return mesh
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The data-parallel part of a mesh from :meth:`ParallelDims.build_mesh`: ``dp_shard``,
-    or ``(dp_replicate, dp_shard)`` for HSDP — the mesh FSDP2 shards and reduces over."""
+    or ``(dp_replicate, dp_shard)`` for HSDP: the ranks that read different rows."""
     names = tuple(n for n in ("dp_replicate", "dp_shard") if n in mesh.mesh_dim_names)
     return mesh[names] if len(names) > 1 else mesh[names[0]]
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards and reduces over: the data-parallel one, its shard dimension
+    flattened with ``cp`` under context parallelism."""
+    if "cp" not in mesh.mesh_dim_names:
+        return dp_mesh(mesh)
+    if "dp_replicate" in mesh.mesh_dim_names:
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return mesh["dp_shard_cp"]
+
+
+def cp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+    """The context-parallel dimension of the mesh, or None without CP."""
+    return mesh["cp"] if "cp" in mesh.mesh_dim_names else None
 
 
 def tp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:

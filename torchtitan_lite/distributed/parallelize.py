@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan_lite.config.job_config import JobConfig
-from torchtitan_lite.distributed.parallel_dims import dp_mesh, tp_mesh
+from torchtitan_lite.distributed.parallel_dims import fsdp_mesh, tp_mesh
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -187,7 +187,7 @@ def parallelize(
         apply_compile(model, fullgraph=attn_backend == "flex", backend=config.compile.backend)
     apply_fsdp(
         model,
-        dp_mesh(mesh),
+        fsdp_mesh(mesh),
         DTYPES[param_dtype],
         DTYPES[config.training.mixed_precision_reduce],
         config.parallelism.fsdp_reshard_after_forward,
