@@ -215,3 +215,24 @@ def test_an_earlier_per_rank_position_restarts_its_epoch(two_sources, caplog):
     state = ours.state_dict()
     assert state["rows"] == 0
     assert all(s["epoch"] == 2 and s["cursor"] == [0, 0] for s in state["sources"].values())
+
+
+def test_new_weights_apply_from_the_resumed_row_on(two_sources, caplog):
+    """Resumed with other weights (0.7 / 0.3 → 0.2 / 0.8), each global batch follows the new
+    ones at once, not the counts the old ones left; the totals keep counting."""
+    _, state = global_steps(two_sources, 20, rows=10)
+    two_sources.sources[0].weight, two_sources.sources[1].weight = 0.2, 0.8
+    with caplog.at_level(logging.WARNING):
+        steps, after = global_steps(two_sources, 10, rows=10, state=state)
+    assert "the mixture changed since the checkpoint" in caplog.text
+    for inputs, _ in steps:
+        batch = [source_of(row) for row in inputs]
+        assert abs(batch.count("alpha") - 2) <= 1 and abs(batch.count("beta") - 8) <= 1
+    assert after["taken"] == {"alpha": 140 + 20, "beta": 60 + 80}
+
+
+def test_a_finite_stream_resumed_after_its_end_gives_nothing(tmp_path):
+    path = write_source(tmp_path / "a.jsonl", "alpha", 9)
+    data = Data(path=str(path), infinite=False)
+    steps, state = global_steps(data, 1000, rows=3)
+    assert steps and not global_steps(data, 1000, rows=3, state=state)[0]

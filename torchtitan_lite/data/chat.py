@@ -195,6 +195,8 @@ class ConversationDataset(RowStream):
 
     def rows(self):
         """``(tokens, trained)`` per row: ``seq_len + 1`` tokens and which are targets."""
+        if self.exhausted:
+            return
         while True:
             start = self._cursor
             buffer: list[Document] = []

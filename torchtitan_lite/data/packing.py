@@ -76,6 +76,12 @@ class RowStream:
     def sample(self, row) -> dict[str, Any]:
         raise NotImplementedError
 
+    @property
+    def exhausted(self) -> bool:
+        """Finite data (one epoch) whose position is already past it: a run resumed after
+        its last row gets no more."""
+        return not self.infinite and self._epoch > 0
+
     def restart_epoch(self, epoch: int) -> None:
         self._epoch, self._cursor, self._inner = epoch, (0, 0), 0
 
@@ -132,6 +138,8 @@ class PackedDataset(RowStream):
     def rows(self):
         """``(window, real tokens)``: ``seq_len + 1`` tokens, all real but in a padded last
         window."""
+        if self.exhausted:
+            return
         need = self.seq_len + 1
         pieces: list[np.ndarray] = []
         filled = 0

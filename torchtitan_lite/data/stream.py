@@ -70,6 +70,7 @@ class MixedStream(IterableDataset):
         first = next(iter(sources.values()))
         self.eos_id, self.pad_id = first.eos_id, first.pad_id
         self.template = getattr(first, "template", None)  # chat data's template
+        self.weights = {n: weights[n] / total for n in self.names}
         self._start = self._position(0, dict.fromkeys(self.names, 0))
 
     @property
@@ -79,11 +80,19 @@ class MixedStream(IterableDataset):
 
     # ---------------------------------------------------------------- state
 
-    def _position(self, rows: int, taken: dict[str, int]) -> dict[str, Any]:
+    def _position(
+        self, rows: int, taken: dict[str, int], mixed: tuple[int, list[int]] | None = None
+    ) -> dict[str, Any]:
+        """``rows`` and ``taken``: all rows and each source's, since the start of the run;
+        ``mixed``: the rows and each source's since the mixture last changed (what the
+        choice of the next source follows; the same as the totals unless it changed)."""
+        mixed_rows, mixed_taken = mixed or (rows, [taken[n] for n in self.names])
         return {
             "format": STATE_FORMAT,
             "rows": rows,
             "taken": dict(taken),
+            "weights": dict(self.weights),
+            "mixed": {"rows": mixed_rows, "taken": dict(zip(self.names, mixed_taken, strict=True))},
             "sources": {n: s.state_dict() for n, s in self.sources.items()},
         }
 
@@ -105,7 +114,16 @@ class MixedStream(IterableDataset):
             if name in state["sources"]:
                 source.load_state_dict(state["sources"][name])
         taken = {n: state["taken"].get(n, 0) for n in self.names}
-        self._start = self._position(state["rows"], taken)
+        mixed = state.get("mixed", {"rows": state["rows"], "taken": state["taken"]})
+        if state.get("weights", self.weights) == self.weights:
+            counts = (mixed["rows"], [mixed["taken"][n] for n in self.names])
+        else:  # proportions follow the new weights from here, not the old counts
+            logger.warning(
+                f"data: the mixture changed since the checkpoint ({state.get('weights')} → "
+                f"{self.weights}): the new weights apply from the next row on"
+            )
+            counts = (0, [0] * len(self.names))
+        self._start = self._position(state["rows"], taken, counts)
 
     def _load_per_rank_state(self, state: dict[str, Any]) -> None:
         """A checkpoint of an earlier version holds each rank's position in its own shard of
@@ -139,23 +157,27 @@ class MixedStream(IterableDataset):
             source.load_state_dict(self._start["sources"][name])
         rows_in_all = self._start["rows"]
         taken = np.array([self._start["taken"][n] for n in self.names], dtype=np.int64)
+        mixed_rows = self._start["mixed"]["rows"]  # the choice follows these counts
+        mixed = np.array([self._start["mixed"]["taken"][n] for n in self.names], dtype=np.int64)
         sources = [self.sources[n] for n in self.names]
         streams = [source.rows() for source in sources]
         per_rank = self.rows * self.ranks
         mine_from, mine_to = self.rank * self.rows, (self.rank + 1) * self.rows
-        step, ended, mixed = 0, False, len(sources) > 1
+        step, ended, several = 0, False, len(sources) > 1
         while not ended:
             keep = step % workers == worker
             mine, real = [], 0
             for j in range(self.step_rows):
                 row = None
                 if not ended:
-                    s = int(np.argmax(self.shares * (rows_in_all + 1) - taken)) if mixed else 0
+                    s = int(np.argmax(self.shares * (mixed_rows + 1) - mixed)) if several else 0
                     row = next(streams[s], None)
                     ended = row is None
                 if row is not None:
                     taken[s] += 1
+                    mixed[s] += 1
                     rows_in_all += 1
+                    mixed_rows += 1
                     real += 1
                 if keep and mine_from <= j % per_rank < mine_to:
                     mine.append(sources[s].sample(row) if row is not None else self.pad_row())

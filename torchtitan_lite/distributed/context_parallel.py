@@ -45,13 +45,15 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        """Every rank's gradient for this rank's share, summed: a reduce-scatter on CUDA
+        (NCCL), an all-reduce of a copy on the CPU (gloo has no reduce-scatter)."""
         world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        chunks = [c.contiguous() for c in grad.chunk(world, dim=2)]
-        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
-            out = torch.empty_like(chunks[rank])
-            dist.reduce_scatter(out, chunks, group=ctx.group)
+        if grad.is_cuda:
+            stacked = torch.stack(grad.chunk(world, dim=2))  # (cp, B, H, S / cp, D)
+            out = torch.empty_like(stacked[0])
+            dist.reduce_scatter_tensor(out, stacked, group=ctx.group)
             return out, None
-        total = grad.contiguous()
+        total = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total, group=ctx.group)
         return total.chunk(world, dim=2)[rank].contiguous(), None
 
