@@ -65,6 +65,7 @@ def mixture_run(tmp_path_factory) -> tuple[Path, Path]:
     return out, root
 
 
+@pytest.mark.slow
 def test_per_source_token_counts_equal_the_rows_and_follow_the_weights(mixture_run):
     """Rebuild the run's loader from its resolved config; match each row to the next row of
     each source read alone (its training side of the split): the counts of matches are the
@@ -97,6 +98,7 @@ def test_per_source_token_counts_equal_the_rows_and_follow_the_weights(mixture_r
     assert counts == {"plays": 72, "docs": 24}
 
 
+@pytest.mark.slow
 def test_validation_is_reported_per_source(mixture_run):
     out, _ = mixture_run
     (record,) = [r for r in metrics(out) if "validation_loss" in r]
