@@ -64,13 +64,12 @@ class MixedStream(IterableDataset):
         self.sources = sources
         self.names = list(sources)
         total = sum(weights[n] for n in self.names)
-        self.shares = np.array([weights[n] / total for n in self.names])
         self.seq_len = seq_len
         self.rows, self.ranks, self.rank, self.micro_batches = rows, ranks, rank, micro_batches
         first = next(iter(sources.values()))
         self.eos_id, self.pad_id = first.eos_id, first.pad_id
         self.template = getattr(first, "template", None)  # chat data's template
-        self.weights = {n: weights[n] / total for n in self.names}
+        self.weights = {n: weights[n] / total for n in self.names}  # normalized, recorded
         self._start = self._position(0, dict.fromkeys(self.names, 0))
 
     @property
@@ -163,6 +162,7 @@ class MixedStream(IterableDataset):
         streams = [source.rows() for source in sources]
         per_rank = self.rows * self.ranks
         mine_from, mine_to = self.rank * self.rows, (self.rank + 1) * self.rows
+        shares = np.array([self.weights[n] for n in self.names])
         step, ended, several = 0, False, len(sources) > 1
         while not ended:
             keep = step % workers == worker
@@ -170,7 +170,7 @@ class MixedStream(IterableDataset):
             for j in range(self.step_rows):
                 row = None
                 if not ended:
-                    s = int(np.argmax(self.shares * (mixed_rows + 1) - mixed)) if several else 0
+                    s = int(np.argmax(shares * (mixed_rows + 1) - mixed)) if several else 0
                     row = next(streams[s], None)
                     ended = row is None
                 if row is not None:
