@@ -6,7 +6,9 @@ after each one, so a cut-off run still says what passed:
 
 1. the GPU-marked tests (compiled flex forward + backward against SDPA under the dense oracle
    mask in fp32 and bf16, gradients too; zero recompiles over 5 compiled training steps; one
-   device→host sync per step);
+   device→host sync per step; context parallelism on one GPU: each of 4 CP ranks' query rows
+   through compiled flex with its own BlockMask equal the matching rows of full attention at
+   S = 32K, forward and backward);
 2. a 30-step debug run (bf16, compiled flex, async checkpoints every 10 steps) whose loss
    falls;
 3. a resume from its step-20 checkpoint that continues its loss trace over steps 21–30;

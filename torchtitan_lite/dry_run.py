@@ -7,8 +7,14 @@ tokenizer, data, model on meta, AC → FSDP2, optimizer, checkpoint manager, wit
 real run makes — with the model and optimizer as fake tensors (shapes, no memory), and runs
 one forward + backward + optimizer step of a real batch under torch's ``FSDPMemTracker``.
 It reports what one rank holds, the step's FLOPs and communication, and a roofline estimate
-of the step time on the named GPU; the last line says whether it fits. Because it is the
-trainer, it cannot drift from what training does.
+of the step time on the named GPU (:mod:`torchtitan_lite.roofline`); the last line says
+whether it fits, and what to change when it does not. Because it is the trainer, it cannot
+drift from what training does.
+
+Under context parallelism the fake step is a CP rank's: its ``S / cp`` tokens of the row (the
+layout the trainer deals from the batch's documents), the keys and values all-gathered to
+``S`` in every layer and held for the backward as the GPU kernel holds them; its FLOPs are
+the busiest rank's share of the mask-kept pairs.
 
 Two settings differ from the real run, and say why: ``torch.compile`` is off (graphs are not
 traced on fake tensors, so the activations are those of the eager model; compiled blocks
@@ -23,31 +29,27 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from torchtitan_lite.components.memory import USABLE_MEMORY
-from torchtitan_lite.components.metrics import FlopCounter, attention_pairs
+from torchtitan_lite.components.metrics import attention_pairs
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX
 from torchtitan_lite.distributed.utils import clip_grad_norm_
-from torchtitan_lite.errors import ConfigError
-from torchtitan_lite.gpus import GPUS
-from torchtitan_lite.logging import init_logger, logger
+from torchtitan_lite.logging import init_logger
+from torchtitan_lite.roofline import estimate, print_report
 from torchtitan_lite.run_mode import RunMode
-
-_GIB = 2**30
 
 
 class DryRunMode(RunMode):
     """The dry run's build: the trainer's sequence at the fake process group's world size,
     with the model and optimizer as fake tensors on the CPU; nothing written (but
     ``dry_run.json``), nothing loaded, no weights initialized. Its fake step runs the sdpa
-    path causally: the same shapes, no S×S tensor either way, one fake kernel call per layer
-    (the FLOPs are counted from the real mask). The start is still resolved, so the model
+    path causally (a CP rank's queries against all keys): the same shapes, no S×S tensor
+    either way, one fake kernel call per layer (the FLOPs are counted from the real mask).
+    The start is still resolved, so the model
     has the RoPE settings of the weights a real run would load."""
 
     writes = False
@@ -145,6 +147,10 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
     batch = {"input": step["input"][0], "labels": step["labels"][0]}  # one micro-batch
     # The mask and the target count come from the host batch, outside the fake mode.
     mask = trainer.attention_mask(batch)
+    docs, a, cp = trainer.documents(batch), trainer.model_args, trainer.context_parallel
+    # context parallel: the busiest rank's share of the kept pairs sets the step (its layout,
+    # read on the host here, is the one the fake step takes)
+    busiest = None if cp is None else cp.busiest_pairs(docs)
     targets = max(int((batch["labels"] != IGNORE_INDEX).sum()), 1)
     params = list(trainer.model.parameters())
     figures: dict[str, float] = {"parameters": local_bytes(params)}
@@ -184,9 +190,8 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
         kind = optimizer_kind or trainer.config.optimizer.implementation
         figures["peak"] = max(backward["Total"], live + _optimizer_temporaries(kind, params))
     figures["tokens"] = batch["input"].numel()
-    figures["pairs"] = attention_pairs(
-        batch["input"], trainer.model_args.eos_id, trainer.model_args.attn_mask_type
-    )
+    figures["pairs"] = attention_pairs(batch["input"], a.eos_id, a.attn_mask_type, docs)
+    figures["busiest_pairs"] = figures["pairs"] if busiest is None else busiest
     return figures
 
 
@@ -205,149 +210,6 @@ def _optimizer_temporaries(kind: str, params) -> int:
     return sum(sizes) if kind == "foreach" else max(sizes, default=0)
 
 
-def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
-    """Per-rank figures of one optimizer step and the roofline estimate on ``gpu_key``
-    (its peak from ``metrics.peak_tflops`` when that is set)."""
-    c, pd, gpu = trainer.config, trainer.parallel_dims, GPUS[gpu_key]
-    peak_tflops = c.metrics.peak_tflops if c.metrics.peak_tflops > 0 else gpu.peak_tflops
-    accum = trainer.grad_accum_steps
-    flops = FlopCounter(trainer.model_args)
-    tokens = figures["tokens"] * accum
-    dense = flops.dense(tokens, c.training.seq_len)
-    kept = flops.kept(figures["tokens"], figures["pairs"]) * accum
-    shard, replicas, tp = pd.dp_shard, pd.dp_replicate, pd.tp
-    # what one TP rank's FSDP shards (the norms, replicated on every TP rank, are tiny)
-    params = trainer.num_params / tp
-    param_size = getattr(torch, trainer.param_dtype).itemsize
-    grad_size = getattr(torch, c.training.mixed_precision_reduce).itemsize
-    # FSDP2, every micro-batch: each unit's parameters are all-gathered for the forward and,
-    # if the unit was resharded after it, again for the backward (``default``: every block
-    # but the last; the root — embeddings, final norm, output — stays gathered); gradients
-    # are reduce-scattered; HSDP then all-reduces the shards across the replicas.
-    blocks = [sum(p.numel() for p in b.parameters()) / tp for b in trainer.model.layers.values()]
-    regathered = {
-        "default": sum(blocks[:-1]),
-        "always": params,
-        "never": 0,
-    }[c.parallelism.fsdp_reshard_after_forward]
-    gathered = (params + regathered) * param_size * accum  # unsharded bytes per micro-batches
-    reduced = params * grad_size * accum
-    all_gather = gathered * (shard - 1) / shard
-    reduce_scatter = reduced * (shard - 1) / shard
-    all_reduce = 2 * reduced / shard * (replicas - 1) / replicas
-    # Tensor parallel with sequence parallelism, every micro-batch: per block, the attention
-    # and feed-forward inputs are all-gathered along the sequence and their outputs
-    # reduce-scattered (4 collectives of one (B, S, dim) activation); backward mirrors them,
-    # and full activation checkpointing repeats the forward's. The embeddings' reduce-scatter
-    # and the output's all-gather add 2 per direction. Ring collectives: each rank sends
-    # (tp − 1) / tp of the activation. TP's collectives sit between the matmuls that need
-    # them, so they add to the step rather than overlap it.
-    a = trainer.model_args
-    activation = figures["tokens"] * a.dim * param_size
-    passes = 3 if c.activation_checkpoint.mode == "full" else 2
-    tp_bytes = (4 * a.n_layers * passes + 4) * activation * (tp - 1) / tp * accum
-    # Links. Ranks are laid out (replicate, shard, tp), tp innermost: a TP group is tp
-    # consecutive ranks (NVLink while tp ≤ GPUs per node). A shard group strides over the TP
-    # groups: g of its ranks share a node, and spanning k nodes, each node receives
-    # (k − 1) / k of the unsharded bytes through those g ranks' NICs (one ring per rail; the
-    # node's other NICs carry the other TP coordinates' groups). Replicas sit on other nodes
-    # once the job does.
-    gpn = gpu.gpus_per_node
-    nodes = math.ceil(trainer.world_size / gpn)
-    per_node = max(1, min(shard, gpn // tp))
-    shard_nodes = math.ceil(shard / per_node)
-    across = trainer.world_size > gpn
-    intra_s = (all_gather + reduce_scatter + (0 if across else all_reduce)) / (
-        gpu.intra_node_gbps * 1e9
-    )
-    inter_s = (gathered + reduced) * (shard_nodes - 1) / shard_nodes / (
-        per_node * gpu.inter_node_gbps * 1e9
-    ) + (all_reduce / (gpu.inter_node_gbps * 1e9) if across else 0.0)
-    tp_s = tp_bytes / ((gpu.intra_node_gbps if tp <= gpn else gpu.inter_node_gbps) * 1e9)
-    comm_s = max(intra_s, inter_s)
-    compute_s = kept / tp / (peak_tflops * 1e12)
-    # FSDP overlaps its communication with compute; TP's waits in between
-    step_s = max(compute_s, comm_s) + tp_s
-    usable = gpu.memory_gib * USABLE_MEMORY
-    peak = figures["peak"] / _GIB
-    per_rank = tokens / tp / step_s if step_s else 0.0  # a TP group shares its batch
-    return {
-        "world_size": trainer.world_size,
-        "layout": {"dp_replicate": replicas, "dp_shard": shard, "tp": tp},
-        "gpu": {
-            "name": gpu.name,
-            "memory_gib": gpu.memory_gib,
-            "peak_tflops": peak_tflops,
-            "intra_node_gbps": gpu.intra_node_gbps,
-            "inter_node_gbps": gpu.inter_node_gbps,
-            "nodes": nodes,
-        },
-        "memory_gib": {
-            "parameters": figures["parameters"] / _GIB,
-            "gradients": figures["gradients"] / _GIB,
-            "optimizer": figures["optimizer"] / _GIB,
-            "activations": figures["activations"] / _GIB,
-            "peak": peak,
-            "usable": usable,
-        },
-        "bytes": {
-            k: int(figures[k])
-            for k in ("parameters", "gradients", "optimizer", "activations", "peak")
-        },
-        "flops_per_step": {"dense": dense, "kept": kept},
-        "comm_bytes_per_step": {
-            "all_gather": all_gather,
-            "reduce_scatter": reduce_scatter,
-            "all_reduce": all_reduce,
-            "tensor_parallel": tp_bytes,
-        },
-        "seconds": {
-            "compute": compute_s,
-            "comm_intra_node": intra_s,
-            "comm_inter_node": inter_s,
-            "comm_tensor_parallel": tp_s,
-            "comm": comm_s,
-            "step": step_s,
-        },
-        "tokens_per_second": {"per_rank": per_rank, "job": per_rank * trainer.world_size},
-        "fits": peak <= usable,
-        "advice": "" if peak <= usable else _advice(trainer, figures, usable, gpn),
-    }
-
-
-def _advice(trainer, figures: dict[str, float], usable_gib: float, gpus_per_node: int) -> str:
-    """The knob that helps most when the peak does not fit. Parameters, gradients and
-    optimizer state shrink with the shard degree; what the forward/backward holds besides
-    them (activations, gathered layers, logits) does not."""
-    c, gpn, pd, a = trainer.config, gpus_per_node, trainer.parallel_dims, trainer.model_args
-    states = (figures["parameters"] + figures["gradients"] + figures["optimizer"]) / _GIB
-    other = max(figures["backward_peak"] / _GIB - states, figures["activations"] / _GIB)
-    if other >= usable_gib or other > states:  # more ranks cannot help enough: shrink a step
-        wider = [
-            t
-            for t in range(pd.tp * 2, gpn + 1)
-            if gpn % t == 0 and a.n_heads % t == 0 and (a.n_kv_heads or a.n_heads) % t == 0
-        ]
-        if wider:  # TP with sequence parallelism divides the activations too
-            return (
-                f"parallelism.tensor_parallel_degree = {wider[0]} (activations dominate; "
-                "tensor parallelism splits them within a node)"
-            )
-        if c.activation_checkpoint.mode != "full":
-            return 'activation_checkpoint.mode = "full" (activations dominate)'
-        if c.training.local_batch_size > 1:
-            return f"training.local_batch_size = {c.training.local_batch_size // 2}"
-        return f"training.seq_len = {c.training.seq_len // 2}"
-    shard = math.ceil(pd.dp_shard * states / (usable_gib - other))
-    gpus = shard * pd.tp * pd.dp_replicate
-    gpus = math.ceil(gpus / gpn) * gpn if gpus > gpn else gpus
-    return (
-        f"more ranks: shard over ≥ {gpus} GPUs (parallelism.data_parallel_shard_degree ≥ "
-        f"{gpus // (pd.tp * pd.dp_replicate)}; parameters, gradients and optimizer state shrink "
-        "with it)"
-    )
-
-
 def dry_run(config: JobConfig, config_path: str | None) -> int:
     """Run the dry run; returns the exit status (0 fits, 3 does not)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -355,13 +217,6 @@ def dry_run(config: JobConfig, config_path: str | None) -> int:
 
     from torchtitan_lite.trainer import Trainer
 
-    if config.parallelism.context_parallel_degree > 1:
-        raise ConfigError(
-            "The dry run does not model context parallelism yet "
-            f"(parallelism.context_parallel_degree = "
-            f"{config.parallelism.context_parallel_degree}). Fix: dry-run the layout without "
-            "it, or run a few real steps."
-        )
     sim = copy.deepcopy(config)
     sim.compile.enable = False
     sim.optimizer.implementation = "for-loop"  # the fake step; the estimate uses the real one
@@ -374,43 +229,8 @@ def dry_run(config: JobConfig, config_path: str | None) -> int:
         report = estimate(trainer, figures, config.dry_run.gpu)
     finally:
         dist.destroy_process_group()
-    _print(report, config)
+    print_report(report)
     out = Path(config.job.dump_folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dry_run.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0 if report["fits"] else 3
-
-
-def _print(r: dict, config: JobConfig) -> None:
-    m, s, g = r["memory_gib"], r["seconds"], r["gpu"]
-    cb = {k: v / _GIB for k, v in r["comm_bytes_per_step"].items()}
-    lines = [
-        f"dry run: {r['world_size']} ranks (replicate {r['layout']['dp_replicate']} × shard "
-        f"{r['layout']['dp_shard']} × tensor parallel {r['layout']['tp']}) of {g['name']}, per "
-        "rank:",
-        f"  parameters {m['parameters']:.2f} GiB, gradients {m['gradients']:.2f} GiB, "
-        f"optimizer state {m['optimizer']:.2f} GiB, activations {m['activations']:.2f} GiB at the "
-        "forward/backward peak",
-        f"  peak total {m['peak']:.2f} GiB (of {g['memory_gib']:.1f} GiB, "
-        f"{USABLE_MEMORY:.0%} usable = {m['usable']:.1f} GiB)",
-        f"  FLOPs per step: {r['flops_per_step']['dense']:.3e} dense, "
-        f"{r['flops_per_step']['kept']:.3e} kept by the mask",
-        f"  communication per step: all-gather {cb['all_gather']:.2f} GiB, reduce-scatter "
-        f"{cb['reduce_scatter']:.2f} GiB, all-reduce {cb['all_reduce']:.2f} GiB (FSDP/HSDP); "
-        f"tensor parallel {cb['tensor_parallel']:.2f} GiB",
-        f"  roofline: compute {s['compute']:.3f} s (mask-kept FLOPs at {g['peak_tflops']:g} "
-        f"TFLOP/s); communication {s['comm']:.3f} s (within a node {s['comm_intra_node']:.3f} s "
-        f"at {g['intra_node_gbps']:g} GB/s, across {g['nodes']} node(s) "
-        f"{s['comm_inter_node']:.3f} s at {g['inter_node_gbps']:g} GB/s per GPU; tensor "
-        f"parallel {s['comm_tensor_parallel']:.3f} s, not overlapped); step ≈ {s['step']:.3f} s "
-        "(FSDP overlapped; at peak FLOP/s, so a lower bound), "
-        f"{r['tokens_per_second']['per_rank']:,.0f} tokens/s per rank, "
-        f"{r['tokens_per_second']['job']:,.0f} for the job (upper bounds)",
-    ]
-    verdict = f"peak {m['peak']:.2f} GiB of {m['usable']:.1f} GiB"
-    lines.append(
-        f"fits: yes ({verdict})" if r["fits"] else f"fits: no ({verdict}): try {r['advice']}"
-    )
-    for line in lines:
-        logger.info(line)
-    print("\n".join(lines[-1:]))

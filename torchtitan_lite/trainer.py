@@ -138,7 +138,7 @@ class Trainer:
             logger.warning(warning)
         self.attn_backend = self.mode.attn_backend(mc.attn_backend, self.device)
         self.context_parallel = context_parallel_step(
-            self.mesh, config, self.attn_backend, a, self.device
+            self.mesh, config, self.attn_backend, a, self.device, self.mode.builds_masks
         )
 
         # 7. The model: on the meta device (no memory), parallelized (TP → AC → compile →

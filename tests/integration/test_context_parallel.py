@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +68,9 @@ def assert_same_trace(got: list[dict], want: list[dict]) -> None:
 )
 def test_context_parallel_loss_traces_equal_one_process(tmp_path, one_process, layout, banner):
     """4 processes, CP 2 × FSDP 2 (mask-aware) or CP 2 × TP 2 (head-tail): the fp32 loss
-    trace of one process. CP 2 × FSDP 2 checkpoints at step 3, and one process resumes it:
-    the same steps 4-6 (FSDP over shard × cp reshards; the data continues)."""
+    trace of one process. Then across layouts, CP 2 → 1 → 2: one process resumes CP 2 ×
+    FSDP 2's step 3 (the same steps 4-6: FSDP over shard × cp reshards, the data continues),
+    and 2 processes of CP 2 alone (2 accumulation steps) resume its step 4: steps 5-6."""
     cp = ["--parallelism.context_parallel_degree", "2", *layout]
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
     proc = torchrun(4, *TRACE, *cp, *ckpt, "--job.dump_folder", str(tmp_path / "cp"), timeout=900)
@@ -77,12 +79,23 @@ def test_context_parallel_loss_traces_equal_one_process(tmp_path, one_process, l
     assert_same_trace(metrics(tmp_path / "cp"), one_process)
     if layout:
         return
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoint").mkdir(parents=True)
-    shutil.copytree(tmp_path / "cp" / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
-    proc = run_main(*TRACE, *ckpt, "--job.dump_folder", str(resumed))
+    single = resume_from(tmp_path / "cp", 3, tmp_path / "single")
+    proc = run_main(*TRACE, *ckpt[:-1], "1", "--job.dump_folder", str(single))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_trace(metrics(resumed), one_process[3:])
+    assert_same_trace(metrics(single), one_process[3:])
+    again = resume_from(single, 4, tmp_path / "again")
+    proc = torchrun(2, *TRACE, *cp, *ckpt, "--job.dump_folder", str(again), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gradient accumulation 2" in proc.stdout
+    assert_same_trace(metrics(again), one_process[4:])
+
+
+def resume_from(run: Path, step: int, folder: Path) -> Path:
+    """A new run folder holding only ``run``'s checkpoint of ``step``."""
+    (folder / "checkpoint").mkdir(parents=True)
+    name = f"step-{step}"
+    shutil.copytree(run / "checkpoint" / name, folder / "checkpoint" / name)
+    return folder
 
 
 @pytest.mark.slow

@@ -128,6 +128,7 @@ def hand(flavor: str, world: int, tp: int = 1) -> dict[str, float]:
     "config, world, peak_gib",
     [
         ("llama3_8b.toml", 8, 46.5),
+        pytest.param("llama3_8b_128k.toml", 8, 51.7, marks=pytest.mark.slow),
         pytest.param("llama3_70b.toml", 64, 52.0, marks=pytest.mark.slow),
         pytest.param("llama3_405b.toml", 256, 44.7, marks=pytest.mark.slow),
     ],
@@ -156,14 +157,15 @@ def test_shipped_configs_fit_at_their_documented_size(
         "all-gather ",
         "reduce-scatter ",
         "roofline: compute ",
-        "tokens/s per rank",
+        "tokens/s per device",
         "fits: yes",
     ):
         assert fragment in log, fragment
-    flavor = {"llama3_8b.toml": "8B", "llama3_70b.toml": "70B", "llama3_405b.toml": "405B"}
+    flavor = {"llama3_70b.toml": "70B", "llama3_405b.toml": "405B"}.get(config, "8B")
     tp = report["layout"]["tp"]
-    assert tp == (1 if config == "llama3_8b.toml" else 8)  # TP 8 inside each node
-    want = hand(flavor[config], world, tp)
+    assert tp == (8 if flavor != "8B" else 1)  # TP 8 inside each node
+    assert report["layout"]["cp"] == (2 if "128k" in config else 1)
+    want = hand(flavor, world, tp)  # FSDP shards over shard × cp: world / tp
     got = report["bytes"]
     # FSDP pads each parameter's first dimension to a multiple of the shard degree: ≤ 1% more
     assert want["parameters"] <= got["parameters"] <= 1.01 * want["parameters"]
@@ -209,6 +211,10 @@ def test_a_job_that_cannot_fit_exits_3_and_names_the_knob(tmp_path, llama3_ranks
             r"'training.local_batch_size' \(8\) × data-parallel degree \(8\)",
         ),
         (("--dry_run.gpu", "h800"), r"'dry_run.gpu' is 'h800'"),
+        (  # the GPU's flex kernel needs whole 128-token blocks (CPU sdpa would take this)
+            ("--training.seq_len", "384", "--parallelism.context_parallel_degree", "2"),
+            r"seq_len = 384 does not split into 2 chunks of whole 128-token mask blocks",
+        ),
     ],
 )
 def test_bad_layouts_are_refused_at_the_simulated_world_size(tmp_path, args, pattern):
@@ -264,7 +270,7 @@ def test_communication_and_flops_follow_the_layout(tmp_path):
     params = sum(p.numel() for p in model.parameters())
     blocks = [sum(p.numel() for p in b.parameters()) for b in model.layers.values()]
     comm = runs["one"]["comm_bytes_per_step"]
-    assert runs["one"]["layout"] == {"dp_replicate": 2, "dp_shard": 4, "tp": 1}
+    assert runs["one"]["layout"] == {"dp_replicate": 2, "dp_shard": 4, "cp": 1, "tp": 1}
     assert comm["all_gather"] == pytest.approx((params + sum(blocks[:-1])) * 2 * 3 / 4)
     assert comm["reduce_scatter"] == pytest.approx(params * 4 * 3 / 4)
     assert comm["all_reduce"] == pytest.approx(2 * params * 4 / 4 * 1 / 2)
@@ -290,7 +296,7 @@ def test_tensor_parallel_communication_and_compute_per_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc, tp = dry_run(tmp_path / "tp", *args, "--parallelism.tensor_parallel_degree", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert tp["layout"] == {"dp_replicate": 2, "dp_shard": 2, "tp": 2}
+    assert tp["layout"] == {"dp_replicate": 2, "dp_shard": 2, "cp": 1, "tp": 2}
     args_ = model_args_for("debugmodel", vocab_size=2304, eos_id=2049)
     tokens = 256  # SMALL's seq_len × local batch 1
     activation = tokens * args_.dim * 2
@@ -306,6 +312,82 @@ def test_tensor_parallel_communication_and_compute_per_rank(tmp_path):
     assert tp["seconds"]["compute"] == pytest.approx(plain["seconds"]["compute"] / 2)
     # each rank holds 1/8 of the model's states in both layouts (TP slices × FSDP shards)
     assert tp["bytes"]["optimizer"] == pytest.approx(plain["bytes"]["optimizer"], rel=0.02)
+
+
+def test_context_parallel_splits_the_step_and_adds_the_kv_all_gathers(tmp_path):
+    """4 ranks as FSDP 4 and as CP 4: FSDP shards over shard × cp either way, so the states
+    and the FSDP traffic are equal. Per layer, forward and backward, each CP rank receives
+    3/4 of the row's bf16 keys and values (all kv heads) and reduce-scatters as many bytes of
+    their gradients; it computes 1/4 of the row's matmuls and its layout's share of the kept
+    pairs (the busiest rank's: mask-aware keeps it within 5% of a quarter). Its activations
+    shrink, but the gathered keys and values it holds for the backward are whole-row."""
+    args = (*SMALL, "--training.seq_len", "2048", "--training.local_batch_size", "1")
+    args = (*args, "--dry_run.world_size", "4")
+    proc, one = dry_run(tmp_path / "one", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, cp = dry_run(tmp_path / "cp", *args, "--parallelism.context_parallel_degree", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "context parallel 4" in proc.stdout and "context parallel K/V" in proc.stdout
+    assert cp["layout"] == {"dp_replicate": 1, "dp_shard": 1, "cp": 4, "tp": 1}
+    for key in ("parameters", "gradients", "optimizer"):
+        assert cp["bytes"][key] == one["bytes"][key], key
+    for key in ("all_gather", "reduce_scatter", "all_reduce"):
+        assert cp["comm_bytes_per_step"][key] == one["comm_bytes_per_step"][key], key
+    assert cp["flops_per_step"] == one["flops_per_step"]  # the same row, split
+    a = model_args_for("debugmodel", vocab_size=2304, eos_id=2049)
+    head_dim = a.dim // a.n_heads
+    kv_row = 2048 * (a.n_kv_heads or a.n_heads) * head_dim * 2  # one row's keys, bf16
+    want = 2 * a.n_layers * 2 * kv_row * 3 / 4  # K and V; forward and backward
+    assert cp["comm_bytes_per_step"]["context_parallel"] == pytest.approx(want)
+    assert one["comm_bytes_per_step"]["context_parallel"] == 0
+    seconds = cp["seconds"]
+    assert seconds["comm_context_parallel"] == pytest.approx(want / (450 * 1e9))  # NVLink
+    quarter = one["seconds"]["compute"] / 4
+    assert quarter <= seconds["compute"] <= 1.05 * quarter
+    tokens = cp["tokens_per_second"]
+    assert tokens["per_rank"] == pytest.approx(2048 / 4 / seconds["step"])
+    assert tokens["job"] == pytest.approx(4 * tokens["per_rank"])
+    act, act_one = cp["bytes"]["activations"], one["bytes"]["activations"]
+    gathered = a.n_layers * 2 * kv_row * 3 / 4  # the other ranks' keys and values
+    assert act_one / 4 + gathered <= act < act_one
+
+
+@pytest.mark.slow
+def test_context_parallel_dry_run_holds_what_a_real_cp_step_holds(tmp_path):
+    """The states a CP 2 rank holds (FSDP over shard × cp) equal a real 2-process CP step's;
+    its activations are the GPU kernel's (the CPU's dense-mask SDPA holds more)."""
+    args = (*SMALL, "--training.seq_len", "1024", "--training.local_batch_size", "2")
+    args = (*args, "--training.mixed_precision_param", "float32")
+    args = (*args, "--parallelism.context_parallel_degree", "2")
+    real = real_step(*args, nproc=2)
+    proc, report = dry_run(tmp_path, *args, "--dry_run.world_size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["layout"]["cp"] == 2
+    for key in ("parameters", "gradients", "optimizer"):
+        assert report["bytes"][key] == real[key], key
+    assert report["bytes"]["activations"] < real["activations"]
+
+
+@pytest.mark.slow
+def test_128k_context_without_context_parallelism_asks_for_it(tmp_path, llama3_ranks):
+    """The shipped 128K config at CP 1: the activations do not fit, and the advice is the CP
+    degree its header names (the shipped CP 2 fits: test_shipped_configs_fit_...)."""
+    proc, report = dry_run(
+        tmp_path,
+        "--config",
+        str(CONFIGS / "llama3_8b_128k.toml"),
+        "--tokenizer.path",
+        str(llama3_ranks),
+        "--dry_run.world_size",
+        "8",
+        "--parallelism.context_parallel_degree",
+        "1",
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert report["advice"].startswith("parallelism.context_parallel_degree = 2 (")
+    header = (CONFIGS / "llama3_8b_128k.toml").read_text()
+    assert f"peak {report['memory_gib']['peak']:.1f} GiB" in header
+    assert "try\n# parallelism.context_parallel_degree = 2" in header
 
 
 def test_the_gpu_choices_are_the_metrics_table():

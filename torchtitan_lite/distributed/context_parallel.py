@@ -24,9 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from torchtitan_lite.distributed.cp_balance import cp_layout, whole_blocks
+from torchtitan_lite.distributed.cp_balance import cp_layout, rank_work, whole_blocks
 from torchtitan_lite.errors import ConfigError
-from torchtitan_lite.models.attention import ContextParallel, document_ids, document_positions
+from torchtitan_lite.models.attention import (
+    ContextParallel,
+    document_ids,
+    document_positions,
+    resolve_backend,
+)
 from torchtitan_lite.models.cp_masks import local_block_mask, local_dense_mask
 
 
@@ -78,9 +83,11 @@ def context_parallel_batch(
     device: torch.device,
     per_document_positions: bool = False,
     block_size: int = 128,
+    mask_rows: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor, ContextParallel]:
     """This rank's share of a host batch ``{"input", "labels"}`` (B, S): its rows at the
-    positions ``layout[:, rank]``, their RoPE positions (B, S / cp) and the mask."""
+    positions ``layout[:, rank]``, their RoPE positions (B, S / cp) and the mask
+    (``mask_rows=False``: no mask rows, as a dry run's fake step attends)."""
     tokens = batch["input"]
     docs = batch.get("documents")
     docs = document_ids(tokens, eos_id) if docs is None else docs  # (B, S) host
@@ -89,7 +96,9 @@ def context_parallel_batch(
     rope = document_positions(tokens, eos_id, docs=docs) if per_document_positions else None
     rope = positions if rope is None else rope.gather(1, positions)
     order = torch.from_numpy(np.argsort(layout.reshape(layout.shape[0], -1), axis=1))
-    if backend == "flex":
+    if not mask_rows:
+        mask = None
+    elif backend == "flex":
         if not whole_blocks(layout, block_size):
             raise ValueError(
                 f"context-parallel shares of a {tokens.shape[1]}-token sequence are not whole "
@@ -147,21 +156,41 @@ class ContextParallelStep:
         seq_len: int,
         device: torch.device,
         per_document_positions: bool,
+        mask_rows: bool = True,
+        chunk_backend: str | None = None,
     ) -> None:
+        """``mask_rows=False``: a dry run's fake step, which attends without mask rows; its
+        layouts are still cut for ``chunk_backend``, the kernel the simulated GPU runs."""
         self.group, self.rank, self.degree = mesh.get_group(), mesh.get_local_rank(), mesh.size()
         self.balance, self.mask_type, self.backend = balance, mask_type, backend
         self.eos_id, self.device, self.per_document = eos_id, device, per_document_positions
-        self.chunks_per_rank = chunks_per_rank(seq_len, self.degree, balance, backend)
+        self.mask_rows = mask_rows
+        self._last: tuple[Tensor, np.ndarray] | None = None  # (document ids, their layout)
+        self.chunks_per_rank = chunks_per_rank(
+            seq_len, self.degree, balance, chunk_backend or backend
+        )
+
+    def layout(self, docs: Tensor) -> np.ndarray:
+        """``(B, cp, S / cp)``: the global positions each rank holds, from host document ids.
+        The last batch's is kept: a dry run asks for it on the host before its fake step,
+        under which no real tensor can be read."""
+        if self._last is None or self._last[0] is not docs:
+            layout = cp_layout(
+                docs.numpy(), self.degree, self.balance, self.mask_type, self.chunks_per_rank
+            )
+            self._last = (docs, layout)
+        return self._last[1]
+
+    def busiest_pairs(self, docs: Tensor) -> int:
+        """Kept query-key pairs of the busiest rank's share of a host batch."""
+        return int(rank_work(docs.numpy(), self.layout(docs), self.mask_type).max())
 
     def shard(self, batch: dict[str, Tensor], docs: Tensor) -> tuple:
         """``(inputs, labels, mask, positions)`` of this rank, on the device, from a host
         batch and its ``(B, S)`` document ids."""
-        layout = cp_layout(
-            docs.numpy(), self.degree, self.balance, self.mask_type, self.chunks_per_rank
-        )
         local, positions, mask = context_parallel_batch(
             {**batch, "documents": docs},
-            layout,
+            self.layout(docs),
             self.rank,
             self.group,
             eos_id=self.eos_id,
@@ -169,6 +198,7 @@ class ContextParallelStep:
             backend=self.backend,
             device=self.device,
             per_document_positions=self.per_document,
+            mask_rows=self.mask_rows,
         )
         inputs, labels = (
             local[key].to(self.device, non_blocking=True) for key in ("input", "labels")
@@ -176,10 +206,14 @@ class ContextParallelStep:
         return inputs, labels, mask, positions
 
 
-def context_parallel_step(mesh, config, backend: str, args, device) -> ContextParallelStep | None:
-    """The run's :class:`ContextParallelStep`, or None without context parallelism."""
+def context_parallel_step(
+    mesh, config, backend: str, args, device, mask_rows: bool = True
+) -> ContextParallelStep | None:
+    """The run's :class:`ContextParallelStep`, or None without context parallelism.
+    ``mask_rows=False`` (a dry run): the layouts are cut for the GPU's kernel."""
     if "cp" not in mesh.mesh_dim_names:
         return None
+    gpu_kernel = resolve_backend(config.model.attn_backend, torch.device("cuda"))
     return ContextParallelStep(
         mesh["cp"],
         balance=config.parallelism.context_parallel_balance,
@@ -189,4 +223,6 @@ def context_parallel_step(mesh, config, backend: str, args, device) -> ContextPa
         seq_len=config.training.seq_len,
         device=device,
         per_document_positions=config.data.reset_position_ids,
+        mask_rows=mask_rows,
+        chunk_backend=None if mask_rows else gpu_kernel,
     )

@@ -87,8 +87,8 @@ class ParallelDims:
         )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The mesh over all ranks, one dimension per name in :attr:`dim_names`; with CP, also
-        the flattened ``dp_shard_cp`` that FSDP shards over."""
+        """The mesh over all ranks, one dimension per name in :attr:`dim_names` (FSDP's
+        ``dp_shard × cp`` is derived from it by :func:`fsdp_mesh`)."""
         sizes = {
             "dp_replicate": self.dp_replicate,
             "dp_shard": self.dp_shard,
@@ -96,10 +96,7 @@ class ParallelDims:
             "tp": self.tp,
         }
         names = self.dim_names
-        mesh = init_device_mesh(device_type, tuple(sizes[n] for n in names), mesh_dim_names=names)
-        if self.cp > 1:
-            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        return mesh
+        return init_device_mesh(device_type, tuple(sizes[n] for n in names), mesh_dim_names=names)
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -111,12 +108,17 @@ def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The mesh FSDP2 shards and reduces over: the data-parallel one, its shard dimension
-    flattened with ``cp`` under context parallelism."""
+    flattened with ``cp`` under context parallelism (``dp_shard_cp``; with HSDP, the replicas
+    × it). Built from the sub-meshes, never by slicing a flattened name from the root (which
+    torch deprecates); called once, by ``parallelize``: each call makes its process groups."""
     if "cp" not in mesh.mesh_dim_names:
         return dp_mesh(mesh)
-    if "dp_replicate" in mesh.mesh_dim_names:
-        return mesh["dp_replicate", "dp_shard_cp"]
-    return mesh["dp_shard_cp"]
+    if "dp_replicate" not in mesh.mesh_dim_names:
+        return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    replicas = mesh["dp_replicate"].size()
+    shards = mesh["dp_shard"].size() * mesh["cp"].size()
+    data = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    return data._unflatten(0, (replicas, shards), ("dp_replicate", "dp_shard_cp"))
 
 
 def cp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:

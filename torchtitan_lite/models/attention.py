@@ -321,9 +321,10 @@ class ContextParallel:
     ``gather`` turns this rank's ``(B, H_kv, S / cp, D)`` keys or values into all ``S`` of
     them in sequence order (a differentiable all-gather, supplied by the distributed layer);
     ``local`` is the mask of the local query rows × all keys at their global positions — a
-    ``BlockMask`` (flex) or a dense ``(B, 1, S / cp, S)`` boolean mask (sdpa)."""
+    ``BlockMask`` (flex) or a dense ``(B, 1, S / cp, S)`` boolean mask (sdpa); None in a dry
+    run's fake step (every key: the same shapes, one kernel call)."""
 
-    local: BlockMask | Tensor
+    local: BlockMask | Tensor | None
     gather: Callable[[Tensor], Tensor]
 
 
@@ -404,7 +405,7 @@ def attention(
     if isinstance(mask, Tensor):  # a context-parallel rank's rows of the dense mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     if mask is None and q.shape[2] != k.shape[2]:
-        # Decoding with a KV cache: the new queries follow all cached keys (one token at a time)
+        # Decoding with a KV cache (or a dry run's context-parallel rows): every key is seen
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
