@@ -49,7 +49,14 @@ def real_step(*args: str, nproc: int = 1) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
+@pytest.mark.parametrize(
+    "impl",  # the default kernels in the quick subset
+    [
+        "foreach",
+        pytest.param("fused", marks=pytest.mark.slow),
+        pytest.param("for-loop", marks=pytest.mark.slow),
+    ],
+)
 def test_one_rank_dry_run_equals_a_real_step(tmp_path, impl):
     # A short batch: with foreach kernels the optimizer step, not the backward, sets the peak.
     args = (*SMALL, "--training.seq_len", "32", "--training.local_batch_size", "1")

@@ -87,13 +87,14 @@ def test_hsdp_two_replicas(tmp_path, one_process_trace):
     [
         (["--training.stepz", "3"], "Did you mean 'training.steps'?"),  # while parsing
         (["--parallelism.tensor_parallel_degree", "3"], "1 × 3 = 3"),  # after the group forms
-        (
-            [  # a sequence that does not cut into head-tail chunks
+        pytest.param(  # a sequence that does not cut into head-tail chunks
+            [
                 "--parallelism.context_parallel_degree=2",
                 "--parallelism.context_parallel_balance=head-tail",
                 "--training.seq_len=102",
             ],
             "does not split into 4 chunks",
+            marks=pytest.mark.slow,  # the message itself: test_cp_masks, quick
         ),
     ],
 )
