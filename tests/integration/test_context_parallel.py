@@ -63,14 +63,19 @@ def assert_same_trace(got: list[dict], want: list[dict]) -> None:
             ],
             "shard 1 × context parallel 2 (head-tail",
         ),
+        (
+            ["--parallelism.data_parallel_replicate_degree", "2"],
+            "replicate 2 × shard 1 × context parallel 2 (mask-aware",
+        ),
     ],
-    ids=["cp2_fsdp2", "cp2_tp2"],
+    ids=["cp2_fsdp2", "cp2_tp2", "cp2_hsdp2"],
 )
 def test_context_parallel_loss_traces_equal_one_process(tmp_path, one_process, layout, banner):
-    """4 processes, CP 2 × FSDP 2 (mask-aware) or CP 2 × TP 2 (head-tail): the fp32 loss
-    trace of one process. Then across layouts, CP 2 → 1 → 2: one process resumes CP 2 ×
-    FSDP 2's step 3 (the same steps 4-6: FSDP over shard × cp reshards, the data continues),
-    and 2 processes of CP 2 alone (2 accumulation steps) resume its step 4: steps 5-6."""
+    """4 processes, CP 2 × FSDP 2 (mask-aware), CP 2 × TP 2 (head-tail) or 2 replicas × CP 2
+    (HSDP over the replicas and shard × cp): the fp32 loss trace of one process. Then across
+    layouts, CP 2 → 1 → 2: one process resumes CP 2 × FSDP 2's step 3 (the same steps 4-6:
+    FSDP over shard × cp reshards, the data continues), and 2 processes of CP 2 alone (2
+    accumulation steps) resume its step 4: steps 5-6."""
     cp = ["--parallelism.context_parallel_degree", "2", *layout]
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
     proc = torchrun(4, *TRACE, *cp, *ckpt, "--job.dump_folder", str(tmp_path / "cp"), timeout=900)

@@ -118,6 +118,9 @@ def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     replicas = mesh["dp_replicate"].size()
     shards = mesh["dp_shard"].size() * mesh["cp"].size()
     data = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    if not hasattr(data, "_unflatten"):  # a torch without it: the root slice (no warning there)
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        return mesh["dp_replicate", "dp_shard_cp"]
     return data._unflatten(0, (replicas, shards), ("dp_replicate", "dp_shard_cp"))
 
 
