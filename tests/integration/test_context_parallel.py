@@ -63,8 +63,13 @@ def assert_same_trace(got: list[dict], want: list[dict]) -> None:
             ],
             "shard 1 × context parallel 2 (head-tail",
         ),
-        (
-            ["--parallelism.data_parallel_replicate_degree", "2"],
+        (  # with full activation checkpointing: the recompute gathers K and V again
+            [
+                "--parallelism.data_parallel_replicate_degree",
+                "2",
+                "--activation_checkpoint.mode",
+                "full",
+            ],
             "replicate 2 × shard 1 × context parallel 2 (mask-aware",
         ),
     ],
@@ -72,8 +77,8 @@ def assert_same_trace(got: list[dict], want: list[dict]) -> None:
 )
 def test_context_parallel_loss_traces_equal_one_process(tmp_path, one_process, layout, banner):
     """4 processes, CP 2 × FSDP 2 (mask-aware), CP 2 × TP 2 (head-tail) or 2 replicas × CP 2
-    (HSDP over the replicas and shard × cp): the fp32 loss trace of one process. Then across
-    layouts, CP 2 → 1 → 2: one process resumes CP 2 × FSDP 2's step 3 (the same steps 4-6:
+    (HSDP over the replicas and shard × cp; full AC): the fp32 loss trace of one process. Then
+    across layouts, CP 2 → 1 → 2: one process resumes CP 2 × FSDP 2's step 3 (the same steps 4-6:
     FSDP over shard × cp reshards, the data continues), and 2 processes of CP 2 alone (2
     accumulation steps) resume its step 4: steps 5-6."""
     cp = ["--parallelism.context_parallel_degree", "2", *layout]
