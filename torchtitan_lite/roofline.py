@@ -62,7 +62,7 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
     # (tp − 1) / tp of the activation. TP's collectives sit between the matmuls that need
     # them, so they add to the step rather than overlap it.
     a = trainer.model_args
-    activation = figures["tokens"] * a.dim * param_size
+    activation = figures["tokens"] // cp * a.dim * param_size  # a TP group's share of the rows
     passes = 3 if c.activation_checkpoint.mode == "full" else 2
     tp_bytes = (4 * a.n_layers * passes + 4) * activation * (tp - 1) / tp * accum
     # Context parallel, every micro-batch: per block and forward pass, each rank all-gathers
@@ -89,8 +89,8 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
     inter_s = (gathered + reduced) * (shard_nodes - 1) / shard_nodes / (
         per_node * gpu.inter_node_gbps * 1e9
     ) + (all_reduce / (gpu.inter_node_gbps * 1e9) if across else 0.0)
-    tp_s = tp_bytes / ((gpu.intra_node_gbps if tp <= gpn else gpu.inter_node_gbps) * 1e9)
-    cp_gbps = gpu.intra_node_gbps if cp * tp <= gpn else gpu.inter_node_gbps
+    tp_s = tp_bytes / (_link_gbps(gpu, tp, gpn) * 1e9)
+    cp_gbps = _link_gbps(gpu, cp * tp, gpn)  # a CP group spans cp × tp consecutive ranks
     cp_s = cp_bytes / (cp_gbps * 1e9)
     comm_s = max(intra_s, inter_s)
     # A device computes 1/tp of its CP rank's share: 1/cp of the tokens and the pairs of its
@@ -169,27 +169,43 @@ def _advice(trainer, figures: dict[str, float], usable_gib: float, gpus_per_node
             return (
                 f"parallelism.context_parallel_degree = {cp} (activations dominate at "
                 f"training.seq_len = {c.training.seq_len}; context parallelism splits the "
-                "sequence, all-gathering only keys and values)"
+                "sequence, all-gathering only keys and values; on the same ranks, "
+                f"parallelism.data_parallel_shard_degree = {pd.dp_shard * pd.cp // cp} or -1)"
             )
-        wider = [
+        wider = [  # on the same ranks: the shard degree gives way, and each TP slice is whole
             t
-            for t in range(pd.tp * 2, gpn + 1)
-            if gpn % t == 0 and a.n_heads % t == 0 and (a.n_kv_heads or a.n_heads) % t == 0
+            for t in range(pd.tp * 2, gpn + 1, pd.tp)
+            if gpn % t == 0
+            and pd.dp_shard % (t // pd.tp) == 0
+            and a.n_heads % t == 0
+            and (a.n_kv_heads or a.n_heads) % t == 0
+            and (c.training.seq_len // pd.cp) % t == 0
         ]
         if wider:  # TP with sequence parallelism divides the activations too
             return (
                 f"parallelism.tensor_parallel_degree = {wider[0]} (activations dominate; "
-                "tensor parallelism splits them within a node)"
+                "tensor parallelism splits them within a node; on the same ranks, "
+                f"parallelism.data_parallel_shard_degree = {pd.dp_shard * pd.tp // wider[0]} "
+                "or -1)"
             )
         return f"training.seq_len = {c.training.seq_len // 2}"
-    shard = math.ceil(pd.dp_shard * pd.cp * states / (usable_gib - other))
-    gpus = shard * pd.tp * pd.dp_replicate
-    gpus = math.ceil(gpus / gpn) * gpn if gpus > gpn else gpus
+    # the shard × cp ranks the states need, as a shard degree: whole CP groups, whole nodes
+    shard = math.ceil(math.ceil(pd.dp_shard * pd.cp * states / (usable_gib - other)) / pd.cp)
+    group = pd.cp * pd.tp * pd.dp_replicate  # the ranks one shard degree adds
+    if shard * group > gpn:
+        unit = math.lcm(gpn, group)
+        shard = math.ceil(shard * group / unit) * unit // group
     return (
-        f"more ranks: shard over ≥ {gpus} GPUs (parallelism.data_parallel_shard_degree ≥ "
-        f"{gpus // (pd.tp * pd.dp_replicate * pd.cp)}; parameters, gradients and optimizer "
-        "state shrink with it)"
+        f"more ranks: shard over ≥ {shard * group} GPUs (parallelism.data_parallel_shard_degree "
+        f"≥ {shard}; parameters, gradients and optimizer state shrink with it)"
     )
+
+
+def _link_gbps(gpu, ranks: int, gpus_per_node: int) -> float:
+    """Bandwidth per GPU of a group of ``ranks`` consecutive ranks: NVLink while the group
+    fits inside a node (whole groups per node), the network otherwise."""
+    inside = ranks <= gpus_per_node and gpus_per_node % ranks == 0
+    return gpu.intra_node_gbps if inside else gpu.inter_node_gbps
 
 
 def _context_parallel_degree(trainer, activations_gib: float, room_gib: float) -> int:

@@ -360,6 +360,40 @@ def test_context_parallel_splits_the_step_and_adds_the_kv_all_gathers(tmp_path):
 
 
 @pytest.mark.slow
+def test_context_parallel_with_the_other_dimensions(tmp_path, llama3_ranks):
+    """Under CP 2: TP's sequence-parallel collectives move a CP rank's share of the row (half
+    of it), and the "more ranks" advice names whole CP groups (the GPUs are the shard degree
+    × cp, so the named layout can be built)."""
+    args = (*SMALL, "--training.seq_len", "2048", "--training.local_batch_size", "1")
+    args = (*args, "--dry_run.world_size", "4", "--parallelism.context_parallel_degree", "2")
+    proc, both = dry_run(tmp_path / "tp", *args, "--parallelism.tensor_parallel_degree", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert both["layout"] == {"dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 2}
+    a = model_args_for("debugmodel", vocab_size=2304, eos_id=2049)
+    activation = 2048 // 2 * a.dim * 2  # a CP rank's half of the row, bf16
+    want = (4 * a.n_layers * 2 + 4) * activation * (2 - 1) / 2
+    assert both["comm_bytes_per_step"]["tensor_parallel"] == pytest.approx(want)
+    proc, report = dry_run(
+        tmp_path / "l40s",
+        "--config",
+        str(CONFIGS / "llama3_8b.toml"),
+        "--tokenizer.path",
+        str(llama3_ranks),
+        "--dry_run.world_size",
+        "2",
+        "--dry_run.gpu",
+        "l40s",
+        "--parallelism.context_parallel_degree",
+        "2",
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert report["advice"].startswith("more ranks: shard over ≥ ")
+    gpus = int(report["advice"].split("≥ ")[1].split()[0])
+    shard = int(report["advice"].split("≥ ")[2].split(";")[0])
+    assert shard > 1 and gpus == 2 * shard
+
+
+@pytest.mark.slow
 def test_context_parallel_dry_run_holds_what_a_real_cp_step_holds(tmp_path):
     """The states a CP 2 rank holds (FSDP over shard × cp) equal a real 2-process CP step's;
     its activations are the GPU kernel's (the CPU's dense-mask SDPA holds more)."""

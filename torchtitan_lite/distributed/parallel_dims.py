@@ -117,10 +117,10 @@ def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
         return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     replicas = mesh["dp_replicate"].size()
     shards = mesh["dp_shard"].size() * mesh["cp"].size()
-    data = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    if not hasattr(data, "_unflatten"):  # a torch without it: the root slice (no warning there)
+    if not hasattr(DeviceMesh, "_unflatten"):  # a torch without it: the root slice
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         return mesh["dp_replicate", "dp_shard_cp"]
+    data = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
     return data._unflatten(0, (replicas, shards), ("dp_replicate", "dp_shard_cp"))
 
 
