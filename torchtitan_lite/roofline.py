@@ -14,11 +14,10 @@ import torch
 
 from torchtitan_lite.components.memory import USABLE_MEMORY
 from torchtitan_lite.components.metrics import FlopCounter
-from torchtitan_lite.distributed.context_parallel import chunks_per_rank
+from torchtitan_lite.distributed.context_parallel import chunks_per_rank, gpu_kernel
 from torchtitan_lite.errors import ConfigError
 from torchtitan_lite.gpus import GPUS
 from torchtitan_lite.logging import logger
-from torchtitan_lite.models.attention import resolve_backend
 
 _GIB = 2**30
 
@@ -219,10 +218,9 @@ def _context_parallel_degree(trainer, activations_gib: float, room_gib: float) -
     ways = 2 ** max(1, math.ceil(math.log2(activations_gib / room_gib)))
     if pd.dp_shard % ways:
         return 0
-    kernel = resolve_backend(c.model.attn_backend, torch.device("cuda"))
     balance = c.parallelism.context_parallel_balance
     try:
-        chunks_per_rank(c.training.seq_len, pd.cp * ways, balance, kernel)
+        chunks_per_rank(c.training.seq_len, pd.cp * ways, balance, gpu_kernel(c))
     except ConfigError:
         return 0
     return pd.cp * ways

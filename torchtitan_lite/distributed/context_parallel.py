@@ -213,7 +213,6 @@ def context_parallel_step(
     ``mask_rows=False`` (a dry run): the layouts are cut for the GPU's kernel."""
     if "cp" not in mesh.mesh_dim_names:
         return None
-    gpu_kernel = resolve_backend(config.model.attn_backend, torch.device("cuda"))
     return ContextParallelStep(
         mesh["cp"],
         balance=config.parallelism.context_parallel_balance,
@@ -224,5 +223,10 @@ def context_parallel_step(
         device=device,
         per_document_positions=config.data.reset_position_ids,
         mask_rows=mask_rows,
-        chunk_backend=None if mask_rows else gpu_kernel,
+        chunk_backend=None if mask_rows else gpu_kernel(config),
     )
+
+
+def gpu_kernel(config) -> str:
+    """The attention kernel this config trains with on a GPU (what a dry run simulates)."""
+    return resolve_backend(config.model.attn_backend, torch.device("cuda"))

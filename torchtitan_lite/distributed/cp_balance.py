@@ -25,6 +25,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import torch
+
+from torchtitan_lite.models.attention import positions_in_documents
 
 BALANCE_MODES = ("contiguous", "head-tail", "mask-aware")
 Balance = Literal["contiguous", "head-tail", "mask-aware"]
@@ -33,14 +36,9 @@ Balance = Literal["contiguous", "head-tail", "mask-aware"]
 def token_work(docs: np.ndarray, mask_type: str) -> np.ndarray:
     """``(B, S)`` keys each query keeps: its position + 1 (causal), or its position within
     its document + 1 (block-causal). ``docs``: document ids, non-decreasing along a row."""
-    batch, seq_len = docs.shape
-    pos = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
     if mask_type == "causal":
-        return pos + 1
-    starts = np.ones((batch, seq_len), dtype=bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
-    return pos - first + 1
+        return np.broadcast_to(np.arange(1, docs.shape[1] + 1), docs.shape)
+    return positions_in_documents(torch.from_numpy(docs)).numpy() + 1
 
 
 def _deal(work: np.ndarray, cp: int) -> list[list[int]]:

@@ -66,7 +66,11 @@ def document_ids(tokens: Tensor, eos_id: int) -> Tensor:
 def document_positions(tokens: Tensor, eos_id: int, docs: Tensor | None = None) -> Tensor:
     """``(B, S)`` int64 RoPE positions that restart at 0 at every document start.
     ``docs``: the batch's :func:`document_ids`, when already computed."""
-    docs = document_ids(tokens, eos_id) if docs is None else docs
+    return positions_in_documents(document_ids(tokens, eos_id) if docs is None else docs)
+
+
+def positions_in_documents(docs: Tensor) -> Tensor:
+    """``(B, S)`` int64: each position's offset in its document, from document ids."""
     seq_len = docs.shape[1]
     idx = torch.arange(seq_len, device=docs.device).expand_as(docs)
     starts = torch.ones_like(docs, dtype=torch.bool)
