@@ -37,6 +37,21 @@ def dry_run(dump: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict |
     return proc, json.loads(report.read_text()) if report.is_file() else None
 
 
+def llama3_dry_run(dump: Path, config: str, ranks: Path, world: int, *args: str):
+    """A dry run of a shipped Llama 3 config at ``world`` ranks, with a Llama 3-sized ranks
+    file for the tokenizer the config names (not shipped)."""
+    return dry_run(
+        dump,
+        "--config",
+        str(CONFIGS / config),
+        "--tokenizer.path",
+        str(ranks),
+        "--dry_run.world_size",
+        str(world),
+        *args,
+    )
+
+
 def real_step(*args: str, nproc: int = 1) -> dict:
     """scripts/measure_step.py: one real step under the same tracker (rank 0's figures)."""
     cmd, env = train_command(*args, nproc=nproc)
@@ -143,15 +158,7 @@ def hand(flavor: str, world: int, tp: int = 1) -> dict[str, float]:
 def test_shipped_configs_fit_at_their_documented_size(
     tmp_path, llama3_ranks, config, world, peak_gib
 ):
-    proc, report = dry_run(
-        tmp_path,
-        "--config",
-        str(CONFIGS / config),
-        "--tokenizer.path",
-        str(llama3_ranks),
-        "--dry_run.world_size",
-        str(world),
-    )
+    proc, report = llama3_dry_run(tmp_path, config, llama3_ranks, world)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     log = proc.stdout
     for fragment in (
@@ -187,16 +194,8 @@ def test_shipped_configs_fit_at_their_documented_size(
 
 
 def test_a_job_that_cannot_fit_exits_3_and_names_the_knob(tmp_path, llama3_ranks):
-    proc, report = dry_run(
-        tmp_path,
-        "--config",
-        str(CONFIGS / "llama3_8b.toml"),
-        "--tokenizer.path",
-        str(llama3_ranks),
-        "--dry_run.world_size",
-        "1",
-        "--dry_run.gpu",
-        "l40s",
+    proc, report = llama3_dry_run(
+        tmp_path, "llama3_8b.toml", llama3_ranks, 1, "--dry_run.gpu", "l40s"
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
@@ -373,14 +372,11 @@ def test_context_parallel_with_the_other_dimensions(tmp_path, llama3_ranks):
     activation = 2048 // 2 * a.dim * 2  # a CP rank's half of the row, bf16
     want = (4 * a.n_layers * 2 + 4) * activation * (2 - 1) / 2
     assert both["comm_bytes_per_step"]["tensor_parallel"] == pytest.approx(want)
-    proc, report = dry_run(
+    proc, report = llama3_dry_run(
         tmp_path / "l40s",
-        "--config",
-        str(CONFIGS / "llama3_8b.toml"),
-        "--tokenizer.path",
-        str(llama3_ranks),
-        "--dry_run.world_size",
-        "2",
+        "llama3_8b.toml",
+        llama3_ranks,
+        2,
         "--dry_run.gpu",
         "l40s",
         "--parallelism.context_parallel_degree",
@@ -413,14 +409,11 @@ def test_context_parallel_dry_run_holds_what_a_real_cp_step_holds(tmp_path):
 def test_128k_context_without_context_parallelism_asks_for_it(tmp_path, llama3_ranks):
     """The shipped 128K config at CP 1: the activations do not fit, and the advice is the CP
     degree its header names (the shipped CP 2 fits: test_shipped_configs_fit_...)."""
-    proc, report = dry_run(
+    proc, report = llama3_dry_run(
         tmp_path,
-        "--config",
-        str(CONFIGS / "llama3_8b_128k.toml"),
-        "--tokenizer.path",
-        str(llama3_ranks),
-        "--dry_run.world_size",
-        "8",
+        "llama3_8b_128k.toml",
+        llama3_ranks,
+        8,
         "--parallelism.context_parallel_degree",
         "1",
     )
@@ -446,15 +439,7 @@ def test_the_gpu_choices_are_the_metrics_table():
 
 @pytest.mark.slow
 def test_405b_on_one_node_does_not_fit_and_asks_for_whole_nodes(tmp_path, llama3_ranks):
-    proc, report = dry_run(
-        tmp_path,
-        "--config",
-        str(CONFIGS / "llama3_405b.toml"),
-        "--tokenizer.path",
-        str(llama3_ranks),
-        "--dry_run.world_size",
-        "8",
-    )
+    proc, report = llama3_dry_run(tmp_path, "llama3_405b.toml", llama3_ranks, 8)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "try more ranks: shard over ≥ " in proc.stdout
     ranks = int(report["advice"].split("≥ ")[1].split()[0])
@@ -482,16 +467,8 @@ def test_shipped_sft_configs_fit_from_a_hugging_face_folder(
     folder = tmp_path / "hf"
     hf_config = published_llama_config(transformers, shape)
     hf_config.save_pretrained(str(folder))
-    proc, report = dry_run(
-        tmp_path / "run",
-        "--config",
-        str(CONFIGS / config),
-        "--checkpoint.initial_load_hf",
-        str(folder),
-        "--tokenizer.path",
-        str(llama3_ranks),
-        "--dry_run.world_size",
-        str(world),
+    proc, report = llama3_dry_run(
+        tmp_path / "run", config, llama3_ranks, world, "--checkpoint.initial_load_hf", str(folder)
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     tied = ", tied embeddings" if hf_config.tie_word_embeddings else ""
