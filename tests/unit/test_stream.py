@@ -231,6 +231,44 @@ def test_new_weights_apply_from_the_resumed_row_on(two_sources, caplog):
     assert after["taken"] == {"alpha": 140 + 20, "beta": 60 + 80}
 
 
+def test_a_mixture_resumed_twice_after_a_weight_change_takes_the_uninterrupted_rows(
+    two_sources,
+):
+    """Weights changed at a resume (0.7 / 0.3 → 0.35 / 0.65, 3 rows a step: the choice of
+    source depends on the counts since the change), then saved and resumed again with the same
+    new weights: the rows equal those of the run that went on after the change unbroken."""
+    _, state = global_steps(two_sources, 5, rows=3)
+    two_sources.sources[0].weight, two_sources.sources[1].weight = 0.35, 0.65
+    reference, _ = global_steps(two_sources, 12, rows=3, state=state)
+    first, again = global_steps(two_sources, 5, rows=3, state=state)
+    second, _ = global_steps(two_sources, 7, rows=3, state=again)
+    assert_same_steps(first + second, reference)
+
+
+def test_the_first_mix_line_after_a_resume_counts_that_steps_rows(two_sources, caplog):
+    """The step line's ``mix:`` shares are those of the rows read since the last line, also
+    on the first line of a resumed run (not the totals since the start of the run)."""
+    from torchtitan_lite.components.metrics import MetricsLogger
+    from torchtitan_lite.models.llama3.args import model_args_for
+
+    _, state = global_steps(two_sources, 20, rows=10)  # 140 alpha, 60 beta
+    two_sources.sources[0].weight, two_sources.sources[1].weight = 0.2, 0.8
+    loader = build_dataloader(two_sources, TOK, seq_len=SEQ, batch_size=10)
+    loader.load_state_dict(state)
+    args = model_args_for("debugmodel", vocab_size=TOK.vocab_size, eos_id=TOK.eos_id)
+    metrics = MetricsLogger(
+        args, torch.device("cpu"), peak=None, tb_folder=None, position=loader.position
+    )
+    step = next(iter(loader))
+    metrics.add_batch(step["input"][0], pairs=0, data_seconds=0.0)
+    metrics.set_position(loader.position)
+    batch = [source_of(row) for row in step["input"][0]]
+    with caplog.at_level(logging.INFO):
+        metrics.log(21, 1.0, 1.0, 1e-3)
+    want = f"mix: alpha {10 * batch.count('alpha')}% beta {10 * batch.count('beta')}%"
+    assert batch.count("beta") >= 7 and want in caplog.text
+
+
 def test_a_finite_stream_resumed_after_its_end_gives_nothing(tmp_path):
     path = write_source(tmp_path / "a.jsonl", "alpha", 9)
     data = Data(path=str(path), infinite=False)

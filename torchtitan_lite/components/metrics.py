@@ -85,11 +85,14 @@ class MetricsLogger:
         jsonl_path: Path | None = None,
         show_trained: bool = False,
         devices_per_batch: int = 1,
+        position: dict | None = None,
     ) -> None:
         """``show_trained``: the step line also gives the supervised targets per second (chat
         data, where most positions are prompt or padding and carry no loss).
         ``devices_per_batch``: the tensor-parallel degree; the ranks of a TP group compute one
-        batch together, so each device's share of its tokens (and FLOPs) is ``1 / tp``."""
+        batch together, so each device's share of its tokens (and FLOPs) is ``1 / tp``.
+        ``position``: the data stream's position the run starts from (a resumed run's), so
+        that the first line's mixture counts only the rows read since."""
         self.flops = FlopCounter(args)
         self.devices_per_batch = devices_per_batch
         self.show_trained = show_trained
@@ -97,7 +100,8 @@ class MetricsLogger:
         self.peak = peak
         self.jsonl_path = jsonl_path
         self.position: dict | None = None  # the data stream's, after the last step read
-        self.logged_rows: dict[str, int] = {}  # rows per source at the last log line
+        # rows per source at the last log line (or at the start)
+        self.logged_rows: dict[str, int] = dict(position["taken"]) if position else {}
         self.writer = None
         if tb_folder is not None:
             from torch.utils.tensorboard import SummaryWriter

@@ -185,7 +185,9 @@ class MixedStream(IterableDataset):
                 return
             if keep:
                 state = self._position(
-                    rows_in_all, dict(zip(self.names, taken.tolist(), strict=True))
+                    rows_in_all,
+                    dict(zip(self.names, taken.tolist(), strict=True)),
+                    (mixed_rows, mixed.tolist()),
                 )
                 yield {
                     "input": torch.stack([r["input"] for r in mine]).view(
