@@ -16,11 +16,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from torchtitan_lite.errors import UserError
-from torchtitan_lite.export.checkpoint_model import NO_VERIFY_HELP
+from torchtitan_lite.errors import UsageError, UserError
+from torchtitan_lite.export.checkpoint_model import (
+    ALLOW_ID_CHANGE,
+    ALLOW_ID_CHANGE_HELP,
+    NO_VERIFY_HELP,
+)
 from torchtitan_lite.export.to_hf import export_to_hf
 
 
@@ -35,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an earlier export in OUTPUT_DIR whole"
     )
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    p.add_argument(ALLOW_ID_CHANGE, action="store_true", help=ALLOW_ID_CHANGE_HELP)
     args = p.parse_args(argv)
     try:
+        if not (args.max_shard_gb > 0 and math.isfinite(args.max_shard_gb)):
+            raise UsageError(
+                f"--max-shard-gb is {args.max_shard_gb}, and a shard holds a positive number "
+                "of GB. Fix: pass e.g. --max-shard-gb 5 (the default), or 0.5 for smaller files."
+            )
         out = export_to_hf(
             args.checkpoint_dir,
             args.output_dir,
@@ -45,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizer,
             overwrite=args.overwrite,
             verify=not args.no_verify,
+            allow_id_change=args.allow_id_change,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

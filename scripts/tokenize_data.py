@@ -5,9 +5,11 @@ SOURCE is any path ``data.path`` accepts (a JSONL / text / Parquet file or folde
 encodes it on the fly. OUT_DIR gets the shards (the smallest unsigned dtype that holds the
 vocabulary), their document offsets and ``tokens.json``, which records the tokenizer (sha256,
 vocab size, bos / eos / pad ids), the source files with their sha256, and the counts. A run
-whose tokenizer differs is refused before step 1. ``--workers N`` tokenizes in N processes
-(the files are the same for any N). Interrupted, the same command continues after the last
-finished shard. Chat data is refused (it is packed per conversation at load time).
+whose tokenizer differs is refused before step 1. ``--workers N`` tokenizes in N processes, at
+most one per CPU (the files are the same for any N). A shard closes at the document that brings
+it to ``--shard-tokens``. Interrupted (Ctrl-C exits with status 130), the same command
+continues after the last finished shard. Chat data is refused (it is packed per conversation
+at load time).
 
 Usage::
 
@@ -19,12 +21,34 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from torchtitan_lite.errors import UserError
+from torchtitan_lite.errors import UsageError, UserError
 from torchtitan_lite.tokenizer import load_tokenizer
+
+
+def check_arguments(args: argparse.Namespace) -> int:
+    """Refuse shard sizes and worker counts below 1; the processes to tokenize in: at most one
+    per CPU (more only contend for them)."""
+    if args.shard_tokens < 1:
+        raise UsageError(
+            f"--shard-tokens is {args.shard_tokens}, and a shard holds at least one token. Fix: "
+            "pass a positive size, e.g. --shard-tokens 268435456 (the default, 2**28)."
+        )
+    if args.workers < 1:
+        raise UsageError(
+            f"--workers is {args.workers}. Fix: pass 1 or more (one process per CPU at most)."
+        )
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:
+        print(
+            f"note: --workers {args.workers} capped at {cpus}, the number of CPUs here",
+            file=sys.stderr,
+        )
+    return min(args.workers, cpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
+        workers = check_arguments(args)
         from tqdm import tqdm
 
         # here, not above: tokenizing worker processes import this script, and need no torch
@@ -64,11 +89,18 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer,
                 args.shard_tokens,
                 progress=progress,
-                workers=args.workers,
+                workers=workers,
             )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: run the same command again to continue {args.out_dir} after its "
+            "last finished shard",
+            file=sys.stderr,
+        )
+        return 130
     seconds = time.perf_counter() - start
     print(
         f"wrote {args.out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} "

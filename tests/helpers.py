@@ -170,6 +170,20 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``scripts/NAME.py ARGS`` through its ``main()`` in this process, its stdout and stderr
+    captured (a ``main`` that ends in a traceback raises here)."""
+    import contextlib
+    import importlib
+    import io
+
+    module = importlib.import_module(f"scripts.{name}")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = module.main(list(args))
+    return subprocess.CompletedProcess([f"{name}.py", *args], code, out.getvalue(), err.getvalue())
+
+
 # ------------------------------------------------------------------ what a run leaves
 
 

@@ -1,8 +1,9 @@
 """Errors a user can act on.
 
 Every failure caused by input the user controls (a config key, a file, a set of special ids)
-raises a subclass of :class:`UserError`. ``train.py`` prints such an error as one paragraph and
-exits with status 2, without a traceback; anything else is a bug and keeps its traceback.
+raises a subclass of :class:`UserError`. ``train.py`` and the scripts print such an error as one
+paragraph and exit with status 2, without a traceback; anything else is a bug and keeps its
+traceback.
 """
 
 
@@ -24,3 +25,7 @@ class ExportError(UserError):
 
 class DataError(UserError):
     """Data that cannot be read: a missing, empty or malformed file or shard."""
+
+
+class UsageError(UserError):
+    """A script's command-line argument that is malformed or out of range."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ class Tokenizer(ABC):
     pad_id: int | None
     vocab_size: int
     special_tokens: dict[str, int]
+    #: Who named the eos token (the config key, or the tokenizer's own file), for errors.
+    eos_origin: str
     #: What loading repaired in the tokenizer's own files (logged by the run before step 1).
     notes: Sequence[str] = ()
 
@@ -106,6 +109,14 @@ class Tokenizer(ABC):
     @abstractmethod
     def id_to_token(self, token_id: int) -> str: ...
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is one of the tokenizer's special tokens that no text encodes
+        to (a token a ``tokenizer_config.json`` marks special but that ordinary text produces,
+        such as ``Ġthe``, is not)."""
+        if token_id not in self.special_tokens.values():
+            return False
+        return self._encode_ordinary(self.decode([token_id])) != [token_id]
+
     @property
     def stop_ids(self) -> list[int]:
         """Ids that end generation: eos, ``<|eot_id|>`` when the vocabulary has it, and the
@@ -125,9 +136,14 @@ class Tokenizer(ABC):
         eos_token: str,
         pad_token: str,
         stop_tokens: list[str],
+        eos_origin: str = "",
     ) -> None:
-        """Apply the configured token names over the tokenizer's own special ids."""
+        """Apply the configured token names over the tokenizer's own special ids;
+        ``eos_origin``: the file that named ``eos_id`` (default: the tokenizer file)."""
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.eos_origin = (
+            "config key 'tokenizer.eos_token'" if eos_token else eos_origin or str(self.path)
+        )
         self.eos_id = self._select(eos_token, "eos_token", eos_id)
         self.pad_id = self._select(pad_token, "pad_token", pad_id)
         self._extra_stop_ids = [self._select(t, "extra_stop_tokens", None) for t in stop_tokens]
@@ -194,7 +210,10 @@ _worker_tokenizer: Tokenizer | None = None
 
 
 def start_encoding_worker(tokenizer: Tokenizer) -> None:
+    """Ctrl-C reaches the whole process group; the parent alone answers it (it ends the pool),
+    so a worker ignores it rather than print a traceback of its own."""
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tokenizer = tokenizer
 
 

@@ -90,8 +90,15 @@ class JsonTokenizer(Tokenizer):
             )
         pad = self._own_id("pad_token", named.get("pad_token"), ())
         pad_is_eos = pad is not None and pad == eos and not pad_token
+        config_path = path.parent / "tokenizer_config.json"
         self._set_special_ids(
-            bos, eos, None if pad_is_eos else pad, eos_token, pad_token, list(stop_tokens)
+            bos,
+            eos,
+            None if pad_is_eos else pad,
+            eos_token,
+            pad_token,
+            list(stop_tokens),
+            eos_origin=f"eos_token in {config_path}" if "eos_token" in named else "",
         )
         if pad_is_eos:
             padding = self.padding_id

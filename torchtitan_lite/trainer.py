@@ -42,7 +42,7 @@ from torchtitan_lite.distributed.utils import (
 )
 from torchtitan_lite.errors import ConfigError, UserError
 from torchtitan_lite.evaluation import evaluate
-from torchtitan_lite.ids import check_special_ids
+from torchtitan_lite.ids import IdPolicy, check_special_ids
 from torchtitan_lite.logging import logger
 from torchtitan_lite.models.attention import build_attention_mask, document_ids, document_positions
 from torchtitan_lite.models.llama3.model import Transformer
@@ -77,8 +77,7 @@ class Trainer:
             cp=pc.context_parallel_degree,
         )
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
-        # Which data this rank reads: the ranks of one tensor-parallel group read the same.
-        self.dp_rank = dp_rank(self.mesh)
+        self.dp_rank = dp_rank(self.mesh)  # which data this rank reads (a TP group: the same)
         config.validate(data_parallel=self.parallel_dims.dp)  # the rules that need the world
 
         # 2. The run folder: everything the run writes lands here.
@@ -89,13 +88,13 @@ class Trainer:
         # 3. Seed: the same on every rank, so initial weights agree before sharding.
         set_seed(tc.seed, tc.deterministic)
 
-        # 4. The tokenizer first: its special ids are the single source of truth.
+        # 4. The tokenizer first (its special ids: the single source of truth); the id policy.
         self.tokenizer = tokenizer_from_config(
             config.tokenizer, hf_folder=config.checkpoint.initial_load_hf
         )
+        self.id_policy = IdPolicy.of_config(config)
 
-        # 5. Data: this rank's rows of each global step of the one mixed stream, split into
-        #    the micro-batches of gradient accumulation.
+        # 5. Data: this rank's rows of each global step of the one stream, in micro-batches.
         rows = tc.local_batch_size * self.parallel_dims.dp  # one step without accumulation
         self.global_batch = tc.global_batch_size if tc.global_batch_size > 0 else rows
         self.grad_accum_steps = self.global_batch // rows  # validate() checked it divides
@@ -113,8 +112,7 @@ class Trainer:
         # Chat data renders with the tokenizer's chat template (its ids were checked there).
         self.chat_template = getattr(self.dataloader.dataset, "template", None)
 
-        # 6. Where the weights come from, the model args (tokenizer ids, the start's RoPE),
-        #    then the startup id check over every part.
+        # 6. The start (where the weights come from), the model args, the startup id check.
         self.start = resolve_start(config)
         self.model_args = build_model_args(config, self.tokenizer, self.start)
         a = self.model_args
@@ -133,7 +131,7 @@ class Trainer:
             self.tokenizer,
             model_args=a,
             data_eos_id=self.dataloader.dataset.eos_id,
-            allow_eot_boundary=config.tokenizer.allow_eot_boundary,
+            policy=self.id_policy,
         ):
             logger.warning(warning)
         self.attn_backend = self.mode.attn_backend(mc.attn_backend, self.device)
@@ -169,7 +167,8 @@ class Trainer:
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             dataloader=self.dataloader,
-            manifest=weights_manifest(self.tokenizer, a, self.start),
+            manifest=weights_manifest(self.tokenizer, a, self.start, self.id_policy),
+            id_policy=self.id_policy,
             mesh=self.mesh,
         )
         self.mode.load_start(self)
@@ -194,6 +193,7 @@ class Trainer:
             jsonl_path=self.dump_folder / "metrics.jsonl" if writes and self.rank == 0 else None,
             show_trained=self.chat_template is not None,
             devices_per_batch=self.parallel_dims.tp * self.parallel_dims.cp,
+            position=self.dataloader.position,
         )
 
     def load_start(self) -> None:

@@ -8,6 +8,7 @@ run's losses exactly."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import torch
 from tests.helpers import (
     BASE,
     DEBUG_CONFIG,
+    FAST,
     TIKTOKEN_2K,
     assert_clean_error,
     debug_shaped_config,
@@ -285,6 +287,74 @@ def test_a_manifest_that_is_not_json_falls_back_and_survives(base, tmp_path):
     )
 
 
+def nan_item(step: Path, shard: str) -> None:
+    """The first model tensor made NaN: a NaN tensor of its shape in ``torch.save``'s format
+    appended to ``shard`` (a file in ``step``), and ``.metadata`` pointing the item at it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(step)).read_metadata()
+    index, info = min(
+        ((i, v) for i, v in metadata.storage_data.items() if i.fqn.startswith("model.")),
+        key=lambda item: item[0].fqn,
+    )
+    with open(step / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        tensor = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+    buffer = io.BytesIO()
+    torch.save(torch.full_like(tensor, float("nan")), buffer)
+    info.relative_path = shard
+    info.offset, info.length = (step / shard).stat().st_size, len(buffer.getvalue())
+    with open(step / shard, "ab") as f:
+        f.write(buffer.getvalue())
+    metadata.storage_data[index] = info
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_a_manifest_path_outside_the_step_folder_is_never_read(base, tmp_path):
+    """A resealed manifest vouches for an intact copy of the shard outside the step folder
+    (``../../../outside2/…``) while the shard that ``.metadata`` names holds a NaN tensor:
+    the path is refused unread, and the resume falls back."""
+    folder = fresh_copy(base, tmp_path / "run")
+    step4 = folder / "checkpoint" / "step-4"
+    (name,) = (p.name for p in step4.glob("*.distcp"))
+    (tmp_path / "outside2").mkdir()
+    shutil.copy(step4 / name, tmp_path / "outside2" / name)
+    nan_item(step4, name)
+    escape = f"../../../outside2/{name}"
+    assert (step4 / escape).resolve() == tmp_path / "outside2" / name
+    path = step4 / "ids_manifest.json"
+    manifest = read_json_object(path, "manifest")
+    manifest["files"][escape] = manifest["files"].pop(name)
+    path.write_text(json.dumps(manifest))
+    reseal(step4)
+    proc = resume(folder)
+    assert_fell_back_to_step_2(proc, folder, base)
+    assert f"the record names {escape!r}, which lies outside {step4} (not read)" in proc.stdout
+
+
+def test_metadata_naming_a_file_the_manifest_does_not_list_is_refused(base, tmp_path):
+    """``.metadata`` points a model tensor at a NaN one in a file that the (resealed)
+    manifest does not list, the shard it lists being intact: refused, and the resume falls
+    back."""
+    folder = fresh_copy(base, tmp_path / "run")
+    step4 = folder / "checkpoint" / "step-4"
+    (name,) = (p.name for p in step4.glob("*.distcp"))
+    other = "__7_0.distcp"
+    shutil.copy(step4 / name, step4 / other)
+    nan_item(step4, other)
+    reseal(step4)
+    assert other not in read_json_object(step4 / "ids_manifest.json", "manifest")["files"]
+    proc = resume(folder)
+    assert_fell_back_to_step_2(proc, folder, base)
+    assert f"{step4 / '.metadata'} names {other}, which ids_manifest.json does not list" in (
+        proc.stdout
+    )
+    hf = tmp_path / "hf"
+    code, err = script("convert_to_hf", str(folder / "checkpoint" / "step-4.corrupt"), str(hf))
+    assert code == 2 and f"names {other}, which ids_manifest.json does not list" in err, err
+    assert not hf.exists()
+
+
 def test_pruning_keeps_what_it_cannot_vouch_for(base, tmp_path):
     """keep_latest_k removes older checkpoints with intact manifests; a step folder whose
     manifest does not read is kept."""
@@ -295,6 +365,108 @@ def test_pruning_keeps_what_it_cannot_vouch_for(base, tmp_path):
     assert "checkpoint: loaded step 4" in proc.stdout
     assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == ["step-2", "step-6"]
     assert (folder / "checkpoint" / "step-2" / "ids_manifest.json").read_text() == "{not json"
+
+
+# ------------------------------------------------------------------ what is in the way of a save
+
+
+def blocked(monkeypatch, what: str, path: Path) -> None:
+    """``shutil.rmtree`` (``what = "rmtree"``) or ``Path.rename`` fails on ``path`` as on a
+    folder marked immutable (``chattr +i``), which root cannot change either; a rename onto
+    ``path`` (``what = "rename onto"``) fails likewise. ``ignore_errors`` hides the failure, as
+    it does for real."""
+    denied = PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+    if what == "rmtree":
+        real_rmtree = shutil.rmtree
+
+        def rmtree(target, *args, **kwargs):
+            if Path(target) == path:
+                if kwargs.get("ignore_errors"):
+                    return
+                raise denied
+            return real_rmtree(target, *args, **kwargs)
+
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+        return
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if (self if what == "rename" else Path(target)) == path:
+            raise denied
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+IN_THE_WAY = ["a file step-4.tmp", "a step-4.tmp that cannot be removed"]
+IN_THE_WAY += ["a step-4 that cannot be moved aside", "a step-4 that cannot be renamed into"]
+
+
+@pytest.mark.parametrize("case", IN_THE_WAY)
+def test_what_is_in_the_way_of_a_save_never_loses_the_step(base, tmp_path, monkeypatch, case):
+    """A resume from step 2 retrains steps 3-4 exactly and saves step 4 whatever is in the
+    way: what is there is kept (every byte), the log says what was and was not removed, and
+    the next resume finds the save."""
+    from torchtitan_lite.components.dcp_format import list_checkpoints, step_folders
+
+    folder = fresh_copy(base, tmp_path / "run")
+    ckpt = folder / "checkpoint"
+    step4, tmp = ckpt / "step-4", ckpt / "step-4.tmp"
+    if case == "a file step-4.tmp":
+        shutil.rmtree(step4)
+        tmp.write_bytes(b"not a save")
+    elif case == "a step-4.tmp that cannot be removed":
+        shutil.rmtree(step4)
+        tmp.mkdir()
+        (tmp / "__0_0.distcp").write_bytes(b"half a save")
+        blocked(monkeypatch, "rmtree", tmp)
+    elif case == "a step-4 that cannot be moved aside":  # no manifest: not loaded
+        (step4 / "ids_manifest.json").unlink()
+        blocked(monkeypatch, "rename", step4)
+    else:
+        shutil.rmtree(step4)
+        blocked(monkeypatch, "rename onto", step4)
+    kept = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    kept = {name: data for name, data in kept.items() if name.parts[0] in ("step-4", tmp.name)}
+    proc = resume(folder)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checkpoint: loaded step 2" in proc.stdout
+    want = {r["step"]: r["loss"] for r in metrics(base)}
+    assert {r["step"]: r["loss"] for r in metrics(folder)} == pytest.approx(
+        {3: want[3], 4: want[4]}, rel=1e-6, abs=1e-6
+    )
+    for name, data in kept.items():
+        assert (ckpt / name).read_bytes() == data, name
+    assert f"removed {tmp}" not in proc.stdout
+    if "tmp" in case:
+        assert f"checkpoint: {tmp} is still there (it " in proc.stdout
+        assert f"checkpoint: {tmp} is in the way (it " in proc.stdout
+        saved = step4
+    else:
+        saved = ckpt / "step-4.new"
+        assert f"checkpoint: step 4 is saved as {saved}, not {step4} (" in proc.stdout
+    assert f"checkpoint: saved step 4 to {saved}\n" in proc.stdout
+    assert not list(ckpt.glob("step-4.tmp-*"))  # the other temporary folder was renamed
+    assert list_checkpoints(ckpt) == [2, 4] and step_folders(ckpt)[4] == saved
+    monkeypatch.undo()
+    proc = resume(folder)  # nothing left to train: it loads the save, wherever it is
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint: loaded step 4 from {saved}\n" in proc.stdout
+
+
+def test_pruning_says_which_checkpoints_it_could_not_remove(base, tmp_path, monkeypatch):
+    folder = fresh_copy(base, tmp_path / "run")
+    step2 = folder / "checkpoint" / "step-2"
+    blocked(monkeypatch, "rmtree", step2)
+    proc = resume(folder, "--training.steps", "6", "--checkpoint.keep_latest_k", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == ["step-2", "step-6"]
+    assert "checkpoint: removed step 4 (keep_latest_k = 1)" in proc.stdout
+    assert "removed step 2" not in proc.stdout
+    assert "could not remove step 2 (keep_latest_k = 1): Operation not permitted" in proc.stdout
+    assert sorted(p.name for p in step2.iterdir()) == sorted(
+        p.name for p in (base / "checkpoint" / "step-2").iterdir()
+    )
 
 
 # ------------------------------------------------------------------ exports
@@ -398,6 +570,23 @@ def test_a_run_never_overwrites_a_config_toml_it_did_not_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]  # nothing written
 
 
+@pytest.mark.parametrize(
+    "logs", [["metrics.jsonl"], ["train.log"], ["train.log", "metrics.jsonl"]], ids="+".join
+)
+def test_a_run_never_appends_to_logs_it_did_not_write(tmp_path, logs):
+    """Logs in a folder without a run's config.toml are someone else's: refused, every byte
+    kept, nothing written."""
+    foreign = {
+        "metrics.jsonl": '{"step": 1, "loss": 9.0, "owner": "someone else"}\n',
+        "train.log": "someone else's log\n",
+    }
+    for name in logs:
+        (tmp_path / name).write_text(foreign[name])
+    proc = run_main(*BASE, *FAST, "--job.dump_folder", str(tmp_path))
+    assert_clean_error(proc, f"holds {' and '.join(logs)} but no config.toml of a run", "Fix")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: foreign[n] for n in logs}
+
+
 def test_what_counts_as_a_run_config(tmp_path):
     from torchtitan_lite.components.run_folder import RUN_CONFIG_MARK, is_run_config
     from torchtitan_lite.config import load_config, to_toml
@@ -423,3 +612,93 @@ def test_an_initial_load_that_fails_prints_one_paragraph(base, tmp_path):
     proc = start_from(step, tmp_path / "o")
     assert_clean_error(proc, f"Checkpoint {step}", ".metadata cannot be read", "Fix")
     assert "Traceback" not in proc.stdout and "metadata is not found" not in proc.stdout
+
+
+# ------------------------------------------------------------------ the tokenizer of a checkpoint
+
+
+def swapped_ranks(path: Path) -> Path:
+    """The embedded ranks file with two ordinary tokens' ranks exchanged: the same special ids,
+    other merges (some text now encodes to other ids)."""
+    lines = TIKTOKEN_2K.read_text().splitlines()
+    lines[300], lines[301] = (
+        f"{lines[301].split()[0]} {lines[300].split()[1]}",
+        f"{lines[300].split()[0]} {lines[301].split()[1]}",
+    )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_a_tokenizer_swapped_under_a_checkpoint_is_refused_by_every_reader(base, tmp_path):
+    """Another tokenizer file with the same special ids: resume, initial_load_path, export and
+    generation refuse it (naming the sha256 and the way through); allowed deliberately, the
+    resume trains on and the export writes the tokenizer it was told to, both saying so."""
+    swapped = swapped_ranks(tmp_path / "tokenizer.model")
+    folder = fresh_copy(base, tmp_path / "run")
+    step4 = folder / "checkpoint" / "step-4"
+    other = ["--tokenizer.path", str(swapped), "--training.steps", "5"]
+    proc = resume(folder, *other)
+    assert_clean_error(proc, "tokenizer_sha256", "there", "checkpoint.allow_id_change")
+    assert not (folder / "checkpoint" / "step-5").exists()
+    proc = start_from(step4, tmp_path / "later")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the same file: no complaint
+    proc = run_main(
+        *BASE,
+        "--training.steps",
+        "1",
+        "--checkpoint.initial_load_path",
+        str(step4),
+        "--tokenizer.path",
+        str(swapped),
+        "--job.dump_folder",
+        str(tmp_path / "other"),
+    )
+    assert_clean_error(proc, "tokenizer_sha256", "checkpoint.allow_id_change")
+    for name, *args in (
+        ("convert_to_hf", str(tmp_path / "hf")),
+        ("generate", "--prompt", "x", "--max-new-tokens", "2"),
+    ):
+        code, err = script(name, str(step4), *args, "--tokenizer", str(swapped))
+        assert code == 2 and "tokenizer_sha256" in err and "--allow-id-change" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "hf").exists()
+    proc = resume(folder, *other, "--checkpoint.allow_id_change")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Read despite the change: checkpoint.allow_id_change is set" in proc.stdout
+    assert [r["step"] for r in metrics(folder)] == [5]
+    hf = tmp_path / "hf"
+    code, err = script(
+        "convert_to_hf", str(step4), str(hf), "--tokenizer", str(swapped), "--allow-id-change"
+    )
+    assert code == 0, err
+    from tokenizers import Tokenizer as HfTokenizer
+
+    from torchtitan_lite.tokenizer import load_tokenizer
+
+    text = "I've been waiting"
+    want = load_tokenizer(swapped).encode(text)
+    assert want != load_tokenizer(TIKTOKEN_2K).encode(text)  # "ve" and "ing" swapped ids
+    exported = HfTokenizer.from_file(str(hf / "tokenizer.json"))
+    assert exported.encode(text, add_special_tokens=False).ids == want
+
+
+@pytest.mark.slow
+def test_a_run_allowed_an_eot_boundary_resumes_and_exports(tmp_path):
+    """What the run allowed (``tokenizer.allow_eot_boundary``) is recorded with its ids: its
+    resume, export and generation apply it, as its start did."""
+    eot = ["--tokenizer.eos_token", "<|eot_id|>", "--tokenizer.allow_eot_boundary", "true"]
+    run = [*BASE, *eot, "--checkpoint.interval", "2", "--job.dump_folder", str(tmp_path)]
+    for steps in ("2", "3"):
+        proc = run_main(*run, "--training.steps", steps)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint: loaded step 2" in proc.stdout
+    step3 = tmp_path / "checkpoint" / "step-3"
+    manifest = json.loads((step3 / "ids_manifest.json").read_text())
+    assert manifest["eos_id"] == 2057 and manifest["id_policy"]["allow_eot_boundary"] is True
+    code, err = script("convert_to_hf", str(step3), str(tmp_path / "hf"))
+    assert code == 0, err
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["eos_token_id"] == 2057
+    code, err = script("generate", str(step3), "--prompt", "x", "--max-new-tokens", "2")
+    assert code == 0, err

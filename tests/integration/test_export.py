@@ -9,7 +9,15 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import DEBUG_CONFIG, REPO, TIKTOKEN_2K, debug_shaped_config, run_main
+from tests.helpers import (
+    DEBUG_CONFIG,
+    REPO,
+    TIKTOKEN_2K,
+    assert_clean_error,
+    debug_shaped_config,
+    run_main,
+    run_script,
+)
 from torchtitan_lite.errors import ExportError
 from torchtitan_lite.export.checkpoint_model import load_checkpoint_model
 from torchtitan_lite.export.from_hf import import_from_hf, load_hf_model
@@ -311,6 +319,91 @@ def test_generate_cli(checkpoint):
     )
     assert proc.returncode == 0, proc.stderr
     assert "stopped at stop id 2057 (<|eot_id|>)" in proc.stderr
+
+
+#: Arguments no sampler takes, and what the refusal says.
+BAD_SAMPLING = [
+    (["--max-new-tokens", "-5"], "--max-new-tokens is -5"),
+    (["--max-new-tokens", "0"], "--max-new-tokens is 0"),
+    (["--temperature", "-1"], "--temperature is -1.0"),
+    (["--top-k", "-1"], "--top-k is -1"),
+    (["--top-p", "0"], "--top-p is 0.0"),
+    (["--top-p", "1.5"], "--top-p is 1.5"),
+    (["--logit-bias", "2049"], "--logit-bias '2049' is not ID=VALUE"),
+    (["--logit-bias", "eos=5"], "--logit-bias 'eos=5' is not ID=VALUE"),
+    (["--logit-bias", "2049=nan"], "adds nan, which is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), BAD_SAMPLING, ids=[" ".join(args) for args, _ in BAD_SAMPLING]
+)
+def test_generate_refuses_arguments_it_cannot_sample_with(checkpoint, args, message):
+    proc = run_script("generate", str(checkpoint), "--prompt", "ROMEO:", *args)
+    assert_clean_error(proc, message, "Fix:")
+
+
+def test_generate_refuses_a_logit_bias_outside_the_vocabulary(checkpoint):
+    _, args, _ = load_checkpoint_model(checkpoint)
+    last = args.vocab_size - 1
+    for token_id in (args.vocab_size, 999999, -1):
+        proc = run_script("generate", str(checkpoint), f"--logit-bias={token_id}=5")
+        assert_clean_error(proc, f"names token id {token_id}", f"holds ids 0 to {last} ", "Fix:")
+    proc = run_script(
+        "generate", str(checkpoint), f"--logit-bias={last}=1000", "--max-new-tokens", "1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[generated 1 tokens; stopped at max_new_tokens (1)]" in proc.stderr
+
+
+def test_generate_refuses_a_prompt_beyond_the_context_and_stops_at_it(checkpoint):
+    model, _, tok = load_checkpoint_model(checkpoint)
+    context = model.freqs_cis.shape[0]  # the positions RoPE covers
+    long = "ROMEO: " * context
+    n = len(tok.encode(long, bos=True))
+    proc = run_script("generate", str(checkpoint), "--prompt", long)
+    assert_clean_error(proc, f"The prompt is {n:,} tokens", f"context is {context:,} tokens")
+    prompt = next(
+        text
+        for text in ("ROMEO: " * k for k in range(context, 0, -1))
+        if len(tok.encode(text, bos=True)) <= context - 10
+    )  # the longest that leaves room for 10 tokens or more
+    room = context - len(tok.encode(prompt, bos=True))
+    bans = [f"--logit-bias={s}=-100" for s in tok.stop_ids]
+    proc = run_script(
+        "generate", str(checkpoint), "--prompt", prompt, "--max-new-tokens", str(room + 50), *bans
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        0 < room < 100
+        and (
+            f"[generated {room} tokens; stopped at the model's context ({context} tokens with the "
+            "prompt)]"
+        )
+        in proc.stderr
+    )
+
+
+@pytest.mark.parametrize("where", ["checkpoint/step-4", "checkpoint/hf"])
+def test_convert_to_hf_refuses_an_output_inside_the_checkpoint_folder(checkpoint, tmp_path, where):
+    """A new folder beside the step folders: a later run would take ``step-4`` for an
+    incomplete checkpoint of its own, and prune or move aside whatever lies there."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parent, run / "checkpoint")
+    files = sorted(run.rglob("*"))
+    out = run / where
+    proc = run_script("convert_to_hf", str(run / "checkpoint" / "step-3"), str(out))
+    assert_clean_error(proc, f"{out} is, or is inside, the checkpoint folder {run / 'checkpoint'}")
+    assert sorted(run.rglob("*")) == files  # nothing written
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "inf"])
+def test_convert_to_hf_refuses_a_shard_size_that_is_not_positive(checkpoint, tmp_path, size):
+    proc = run_script(
+        "convert_to_hf", str(checkpoint), str(tmp_path / "hf"), "--max-shard-gb", size
+    )
+    assert_clean_error(proc, f"--max-shard-gb is {float(size)}", "Fix:")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_run_starting_from_a_llama31_folder_takes_its_rope(llama31_style, tmp_path):

@@ -21,6 +21,7 @@ from tests.helpers import (
     TIKTOKEN_2K,
     assert_clean_error,
     run_main,
+    run_script,
 )
 from torchtitan_lite.data import PackedDataset
 from torchtitan_lite.data.shards import write_shard_set
@@ -77,7 +78,7 @@ def test_the_manifest_names_the_tokenizer_and_its_source(shards):
 def test_a_shard_set_of_another_tokenizer_is_refused_before_step_1(tmp_path):
     other = tmp_path / "spm_tokens"
     tokenize(other, tokenizer=load_tokenizer(SPM_2K))
-    with pytest.raises(IdMismatchError, match="made by the tokenizer .*spm_2k.model"):
+    with pytest.raises(IdMismatchError, match="made with the tokenizer .*spm_2k.model"):
         ShardSet(other).check_ids(TOK)
     run = tmp_path / "run"
     proc = run_main(
@@ -174,3 +175,145 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
         ["first document", "second one"], bos=True, eos=True
     )
     assert all(isinstance(d, np.ndarray) and d.dtype == np.uint16 for d in docs)
+
+
+# ------------------------------------------------------------------ scripts/tokenize_data.py
+
+
+def tokenize_data(out: Path, *args: str, source: Path = CORPUS):
+    """``scripts/tokenize_data.py SOURCE OUT`` in this process, in the fixture's shard size."""
+    return run_script(
+        "tokenize_data", str(source), str(out), "--tokenizer", str(TIKTOKEN_2K),
+        "--shard-tokens", "200000", *args,
+    )  # fmt: skip
+
+
+def assert_same_files(out: Path, reference: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for f in sorted(reference.iterdir()):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_shards_close_at_the_document_that_fills_them(shards):
+    """Each shard ends at the first document that brings it to 200,000 tokens, also in the
+    middle of a batch of 64: the greedy split of the documents' own token counts."""
+    lengths = [len(TOK.encode(d.text, bos=True, eos=True)) for d in DocumentSource(str(CORPUS))]
+    expected, documents, tokens = [], 0, 0
+    for n in lengths:
+        documents, tokens = documents + 1, tokens + n
+        if tokens >= 200_000:
+            expected.append(documents)
+            documents, tokens = 0, 0
+    expected += [documents] if documents else []
+    manifest = json.loads((shards / MANIFEST).read_text())
+    assert [s["documents"] for s in manifest["shards"]] == expected
+    assert all(
+        200_000 <= s["tokens_count"] < 200_000 + max(lengths) for s in manifest["shards"][:-1]
+    )
+
+
+def test_ctrl_c_exits_130_and_the_same_command_continues_to_the_same_files(
+    shards, tmp_path, monkeypatch
+):
+    """Through the script (batches of 512 documents, the fixture's are 64): the same files."""
+    import torchtitan_lite.data.shards as writer
+
+    out = tmp_path / "tokens"
+    real, calls = writer._write_atomic, []
+
+    def ctrl_c_on_the_fifth_file(path, array):
+        calls.append(path.name)
+        if len(calls) == 5:  # shard 2's tokens: two shards are finished
+            raise KeyboardInterrupt
+        real(path, array)
+
+    monkeypatch.setattr(writer, "_write_atomic", ctrl_c_on_the_fifth_file)
+    proc = tokenize_data(out)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == (
+        f"interrupted: run the same command again to continue {out} after its last finished shard\n"
+    )
+    monkeypatch.setattr(writer, "_write_atomic", real)
+    proc = tokenize_data(out)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_files(out, shards)
+
+
+@pytest.mark.parametrize("crash", ["in the first shard", "in the manifest"])
+def test_a_crash_that_leaves_a_partial_file_continues(shards, tmp_path, monkeypatch, crash):
+    """Killed while the first shard (before any shard is finished) or ``tokens.json`` (after
+    the last) is half written: the same command finishes the same files."""
+    import torchtitan_lite.data.shards as writer
+
+    out = tmp_path / "tokens"
+    if crash == "in the first shard":
+
+        def half_then_crash(path, array):
+            path.with_name(path.name + ".tmp").write_bytes(array.tobytes()[:100])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(writer, "_write_atomic", half_then_crash)
+    else:
+        real = Path.write_text
+
+        def half_then_crash(self, data, *args, **kw):
+            if not self.name.startswith(MANIFEST):
+                return real(self, data, *args, **kw)
+            real(self, data[: len(data) // 2], *args, **kw)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Path, "write_text", half_then_crash)
+    assert tokenize_data(out).returncode == 130
+    monkeypatch.undo()
+    proc = tokenize_data(out)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_files(out, shards)
+
+
+def test_a_damaged_progress_record_says_to_start_over(tmp_path):
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "progress.json").write_text('{"tokenizer": {"kind": "tik')  # cut off mid-write
+    proc = tokenize_data(out)
+    assert_clean_error(
+        proc, f"{out / 'progress.json'} is not valid JSON", f"delete the folder {out}", "start over"
+    )
+
+
+def test_tokenize_data_refuses_what_it_cannot_write(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "  ", None]))
+    for out, args, source, fragments in (
+        (a_file, [], CORPUS, [f"The output folder {a_file} is, or lies under, a file"]),
+        (a_file / "tokens", [], CORPUS, [f"{a_file / 'tokens'} is, or lies under, a file"]),
+        (tmp_path / "t1", ["--shard-tokens", "0"], CORPUS, ["--shard-tokens is 0"]),
+        (tmp_path / "t2", ["--workers", "0"], CORPUS, ["--workers is 0"]),
+        (tmp_path / "t3", [], empty, [f"{empty} holds only empty documents (3)"]),
+    ):
+        assert_clean_error(tokenize_data(out, *args, source=source), *fragments, "Fix:")
+    assert a_file.read_text() == ""
+    assert not (tmp_path / "t3" / "progress.json").exists()
+    assert not (tmp_path / "t3" / MANIFEST).exists()
+
+
+def test_tokenize_data_runs_at_most_one_worker_per_cpu(tmp_path, monkeypatch):
+    import os
+
+    import torchtitan_lite.data.shards as writer
+
+    real, asked = writer.write_shard_set, []
+
+    def one_process(*args, workers, **kw):  # never hundreds of processes, whatever happens
+        asked.append(workers)
+        return real(*args, workers=1, **kw)
+
+    monkeypatch.setattr(writer, "write_shard_set", one_process)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "one document"}) + "\n")
+    proc = tokenize_data(tmp_path / "tokens", "--workers", "999", source=data)
+    assert proc.returncode == 0, proc.stderr
+    assert asked == [3]
+    assert "note: --workers 999 capped at 3, the number of CPUs here" in proc.stderr

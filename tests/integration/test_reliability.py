@@ -439,6 +439,11 @@ ID_CASES = [
     ("eos == pad", ["--tokenizer.pad_token", "<|end_of_text|>"], ["pad id == eos id == 2049"]),
     ("model eos override", ["--model.eos_id", "2"], ["'model.eos_id' is 2", "eos_id = 2049"]),
     (
+        "ordinary token as boundary",
+        ["--tokenizer.eos_token", " the"],
+        ["(id 268, named by config key 'tokenizer.eos_token')", "allow_ordinary_boundary"],
+    ),
+    (
         "eot as boundary",
         ["--tokenizer.eos_token", "<|eot_id|>"],
         ["closes chat turns", "allow_eot_boundary"],
@@ -446,7 +451,7 @@ ID_CASES = [
     (
         "checkpoint manifest",
         ["--tokenizer.eos_token", "<|reserved_special_token_3|>"],
-        ["trained with eos_id = 2049", "has eos_id = 2053"],
+        ["eos_id 2049 there, 2053 here", "checkpoint.allow_id_change"],
     ),
 ]
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import SPM_2K, TIKTOKEN_2K
+from tests.helpers import SPM_2K, TIKTOKEN_2K, write_hf_tokenizer
 from torchtitan_lite.ids import (
     IdMismatchError,
+    IdPolicy,
     args_from_tokenizer,
     check_special_ids,
     ids_manifest,
@@ -85,7 +86,7 @@ def test_eot_boundary_needs_explicit_permission():
     tok = load_tokenizer(TIKTOKEN_2K, eos_token="<|eot_id|>")
     with pytest.raises(IdMismatchError, match=r"<\|eot_id\|> closes chat turns"):
         check_special_ids(tok)
-    warnings = check_special_ids(tok, allow_eot_boundary=True)
+    warnings = check_special_ids(tok, policy=IdPolicy(allow_eot_boundary=True))
     assert len(warnings) == 1 and "2057" in warnings[0]
 
 
@@ -110,10 +111,29 @@ def test_checkpoint_manifest_must_match():
     assert check_special_ids(tik, manifest=manifest) == []
     with pytest.raises(
         IdMismatchError,
-        match=r"trained with vocab_size = 2304.*has vocab_size "
-        r"= 2048",
+        match=r"vocab_size 2304 there, 2048 here.*eos_id 2049 there, 2 here",
     ):
         check_special_ids(spm, manifest=manifest)
+    # Another file with the same special ids (other merges): refused, or read when allowed.
     changed = {**manifest, "tokenizer_sha256": "0" * 64}
-    (warning,) = check_special_ids(tik, manifest=changed)
-    assert "differs from the one the checkpoint was trained with" in warning
+    with pytest.raises(IdMismatchError, match=r"tokenizer_sha256 0{64} there.*allow_id_change"):
+        check_special_ids(tik, manifest=changed)
+    (warning,) = check_special_ids(tik, manifest=changed, policy=IdPolicy(allow_change=True))
+    assert f"{tik.file_sha256} here" in warning and "Read despite the change" in warning
+
+
+def test_an_ordinary_token_is_refused_as_the_boundary(tmp_path):
+    """A boundary that text encodes to would cut documents at every occurrence: refused
+    whether the config names it or the tokenizer's own tokenizer_config.json does (written
+    by transformers, which then lists it among the special tokens: text still produces it)."""
+    hf = load_tokenizer(write_hf_tokenizer(tmp_path, eos_token="Ġthe"))
+    named = load_tokenizer(TIKTOKEN_2K, eos_token=" the")
+    for tok, origin in ((hf, "tokenizer_config.json"), (named, "'tokenizer.eos_token'")):
+        assert tok.encode(" the") == [tok.eos_id]  # the premise: text produces it
+        with pytest.raises(IdMismatchError, match=rf"id {tok.eos_id}, named by .*{origin}"):
+            check_special_ids(tok)
+        (warning,) = check_special_ids(tok, policy=IdPolicy(allow_ordinary_boundary=True))
+        assert "allow_ordinary_boundary" in warning
+    assert not check_special_ids(
+        load_tokenizer(write_hf_tokenizer(tmp_path / "ok", eos_token="<|end_of_text|>"))
+    )

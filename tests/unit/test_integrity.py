@@ -57,6 +57,26 @@ def test_verify_finds_every_kind_of_damage_and_parts_cover_each_file_once(tmp_pa
     assert sorted(p for part in parts for p in part) == sorted(problems)
 
 
+def test_verify_never_reads_a_recorded_path_outside_its_folder(tmp_path):
+    """Names that lead out of the folder (``..``, absolute, a symlink to outside) are
+    differences even when the file they reach matches its record; a link that stays inside
+    is followed."""
+    folder, outside = tmp_path / "step", tmp_path / "outside"
+    folder.mkdir(), outside.mkdir()
+    (outside / "shard").write_bytes(os.urandom(100))
+    (folder / "shard").write_bytes((outside / "shard").read_bytes())
+    (folder / "escape").symlink_to(outside / "shard")
+    (folder / "inner").symlink_to(folder / "shard")
+    reached = describe_files(outside, ["shard"])["shard"]  # what each path would read
+    names = ["../outside/shard", str(outside / "shard"), "escape", "inner"]
+    problems = verify_files(folder, {name: reached for name in names})
+    assert problems == [
+        f"the record names {name!r}, which lies outside {folder} (not read)"
+        for name in sorted(names)
+        if name != "inner"
+    ]
+
+
 def test_a_sealed_record_detects_any_changed_value(tmp_path):
     record = seal({"eos_id": 2049, "files": {"a": {"size": 1, "checksum": "x"}}})
     assert unseal(record, tmp_path) == {

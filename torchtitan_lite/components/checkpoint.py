@@ -12,7 +12,9 @@ unpickled without an allow-list (:mod:`~torchtitan_lite.components.dcp_io`).
 Nothing this run did not write is deleted: a folder in the way of a save (one that failed to
 load, one without a manifest, a later step of a run resumed from an earlier one) is moved
 aside under a name that says why, and pruning removes only checkpoints whose manifest reads
-and that did not fail to load.
+and that did not fail to load. Nothing in the way loses a trained step either: what cannot
+be removed or moved is kept, and the save goes beside it
+(:mod:`~torchtitan_lite.components.save_placement`).
 
 ``torch.distributed.checkpoint`` is imported where a save or load needs it: a run that does
 neither (the debug run) does not pay for the import at start-up.
@@ -44,6 +46,7 @@ from torchtitan_lite.components.hf_base import read_hf_base, verify_export
 from torchtitan_lite.components.integrity import IntegrityError
 from torchtitan_lite.components.optimizer import load_lr_scheduler
 from torchtitan_lite.components.run_start import Candidate, Start, unusable_initial
+from torchtitan_lite.components.save_placement import clear_unfinished, new_tmp, put_in_place
 from torchtitan_lite.components.train_state import (
     ModelWrapper,
     OptimizerWrapper,
@@ -52,24 +55,8 @@ from torchtitan_lite.components.train_state import (
 )
 from torchtitan_lite.config import JobConfig, to_toml
 from torchtitan_lite.distributed.parallel_dims import dp_rank
-from torchtitan_lite.ids import (
-    MANIFEST_ID_KEYS,
-    WEIGHT_ID_KEYS,
-    IdMismatchError,
-    check_special_ids,
-)
+from torchtitan_lite.ids import MANIFEST_ID_KEYS, WEIGHT_ID_KEYS, IdPolicy, check_recorded_ids
 from torchtitan_lite.logging import logger
-
-
-def _move_aside(path: Path, why: str) -> Path:
-    """Rename ``path`` to ``<path>.<why>`` (``.<why>-2``, ... when taken); returns the new path."""
-    target, n = path.with_name(f"{path.name}.{why}"), 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.{why}-{n}")
-    path.rename(target)
-    return target
-
 
 #: The checkpoint entry of the data stream's position.
 DATA_KEY = "dataloader"
@@ -86,10 +73,12 @@ class CheckpointManager:
         lr_scheduler,
         dataloader,
         manifest: dict,
+        id_policy: IdPolicy,
         mesh: DeviceMesh,
     ) -> None:
         """``manifest`` is written into every checkpoint (ids, RoPE); the run's lineage — the
-        weights it started from and the data of every stage — is added at each save. ``mesh``
+        weights it started from and the data of every stage — is added at each save.
+        ``id_policy``: the run's, under which the checkpoints it loads are compared. ``mesh``
         (the run's device mesh) says which data-loader state this rank saves and loads: its
         data-parallel rank's."""
         cc = config.checkpoint
@@ -97,7 +86,7 @@ class CheckpointManager:
         self.folder = dump_folder / cc.folder
         self.model, self.optimizer = model, optimizer
         self.lr_scheduler, self.dataloader = lr_scheduler, dataloader
-        self.manifest = manifest
+        self.manifest, self.id_policy = manifest, id_policy
         self.rank, self.dp_rank = mesh.get_rank(), dp_rank(mesh)
         # A save in flight: (future or None, writer, tmp folder, final folder, step).
         self._pending = None
@@ -144,11 +133,8 @@ class CheckpointManager:
 
         self.wait()
         final = self.folder / f"step-{step}"
-        tmp = self.folder / f"step-{step}.tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
+        # rank 0's folder, shared once it exists
+        tmp = self._gather(new_tmp(self.folder, step) if self.rank == 0 else None)[0]
         state = self._state(step, tokens_seen, model_only)
         if model_only and self.cc.export_dtype != "float32":
             dtype = getattr(torch, self.cc.export_dtype)
@@ -180,23 +166,10 @@ class CheckpointManager:
                 **self.base,
             }
             seal_step_folder(tmp, manifest, files, to_toml(self.config))
-            if final.exists():
-                self._set_aside(final, step)
-            tmp.rename(final)  # atomic: step-N/ appears complete or not at all
+            saved = put_in_place(tmp, final, step, self.unusable.get(step))
             self._prune()
-            logger.info(f"checkpoint: saved step {step} to {final}")
+            logger.info(f"checkpoint: saved step {step} to {saved}")
         self._barrier()
-
-    def _set_aside(self, final: Path, step: int) -> None:
-        """A save's folder is taken: keep what is there under a name that says why."""
-        if step in self.unusable:
-            why, what = "corrupt", f"it failed to load ({self.unusable[step]})"
-        elif not is_complete(final):
-            why, what = "incomplete", f"it has no .metadata or {MANIFEST}"
-        else:
-            why, what = "replaced", "this run resumed from an earlier step and saved it again"
-        aside = _move_aside(final, why)
-        logger.warning(f"checkpoint: {final} was already there ({what}); moved to {aside}")
 
     def _gather(self, value: Any) -> list[Any]:
         """``value`` from every rank of the checkpoint group, in rank order."""
@@ -216,30 +189,34 @@ class CheckpointManager:
         k = self.cc.keep_latest_k
         if k <= 0:
             return
-        intact = []
+        intact, folders = [], step_folders(self.folder)
         for step in list_checkpoints(self.folder):
             try:
-                read_manifest(self.folder / f"step-{step}", verify=False)
+                read_manifest(folders[step], verify=False)
             except IntegrityError:
                 continue
             if step not in self.unusable:
                 intact.append(step)
         for step in intact[:-k]:
-            shutil.rmtree(self.folder / f"step-{step}", ignore_errors=True)
-            logger.info(f"checkpoint: removed step {step} (keep_latest_k = {k})")
+            try:
+                shutil.rmtree(folders[step])
+            except OSError as e:
+                logger.warning(
+                    f"checkpoint: could not remove step {step} (keep_latest_k = {k}): "
+                    f"{e.strerror or e} ({e.filename or folders[step]}); what is left of "
+                    f"{folders[step]} stays"
+                )
+            else:
+                logger.info(f"checkpoint: removed step {step} (keep_latest_k = {k})")
 
     # ------------------------------------------------------------------ load
 
     def remove_stale(self) -> None:
-        """Delete ``step-N.tmp`` folders left by a run killed while saving, and report step
-        folders that are not complete checkpoints (rank 0; those are kept)."""
+        """Delete ``step-N.tmp`` folders left by a run killed while saving (and say so only
+        where that worked), and report step folders that are not complete checkpoints (rank
+        0; those are kept)."""
         if self.rank == 0 and self.folder.is_dir():
-            for tmp in sorted(self.folder.glob("step-*.tmp")):
-                shutil.rmtree(tmp, ignore_errors=True)
-                logger.warning(
-                    f"checkpoint: removed {tmp}, an unfinished save of an earlier "
-                    "run (it was never complete)"
-                )
+            clear_unfinished(self.folder)
             for step, path in sorted(step_folders(self.folder).items()):
                 if not is_complete(path):
                     logger.warning(
@@ -265,7 +242,7 @@ class CheckpointManager:
             path, step, manifest = candidate.path, candidate.step, candidate.manifest
             error = candidate.error
             if manifest is not None:
-                self._check_manifest(path, manifest, tokenizer, self.cc.allow_id_change)
+                self._check_manifest(path, manifest, tokenizer)
                 error = self._verify(path, manifest)
             if error is None:
                 train_state, error = self._attempt(self._load, path, step)
@@ -292,8 +269,13 @@ class CheckpointManager:
 
     def _verify(self, path: Path, manifest: dict) -> str | None:
         """A step folder's files against its manifest's sizes (and checksums, unless
-        ``checkpoint.verify_checksums`` is off); returns what differs, or None."""
+        ``checkpoint.verify_checksums`` is off), then the data files its ``.metadata`` names
+        against those the manifest lists; returns what differs, or None."""
+        from torchtitan_lite.components.dcp_io import unlisted_data_files
+
         problems = self._shared_check(verify_step_folder, path, manifest, self.cc.verify_checksums)
+        if not problems:
+            problems = self._shared_check(unlisted_data_files, path, manifest)
         return "; ".join(problems) if problems else None
 
     def _shared_check(self, check: Callable[..., list[str]], *args: Any) -> list[str]:
@@ -337,8 +319,7 @@ class CheckpointManager:
 
         path = start.path
         if start.kind == "checkpoint":
-            allow = self.cc.allow_id_change
-            self._check_manifest(path, start.manifest, tokenizer, allow, WEIGHT_ID_KEYS)
+            self._check_manifest(path, start.manifest, tokenizer, WEIGHT_ID_KEYS)
             error = self._verify(path, start.manifest)
             if error is None:
                 weights = {"model": ModelWrapper(self.model)}
@@ -371,13 +352,10 @@ class CheckpointManager:
         logger.info(f"checkpoint: starting from the weights of {path} (step 0)")
 
     def _check_manifest(
-        self,
-        path: Path,
-        manifest: dict,
-        tokenizer,
-        allow: bool,
-        id_keys: tuple[str, ...] = MANIFEST_ID_KEYS,
+        self, path: Path, manifest: dict, tokenizer, id_keys: tuple[str, ...] = MANIFEST_ID_KEYS
     ) -> None:
+        """The checkpoint's RoPE settings, and its ids and tokenizer file under the run's id
+        policy (the tokenizer's own ids were checked at start-up, under the same policy)."""
         saved_rope, rope = manifest.get("rope"), self.manifest.get("rope")
         if saved_rope is not None and rope is not None and saved_rope != rope:
             differ = ", ".join(
@@ -391,16 +369,14 @@ class CheckpointManager:
                 "those keys to the checkpoint's values, or leave model.rope_theta and "
                 "model.rope_scaling_factor at -1 to take the checkpoint's."
             )
-        try:
-            for w in check_special_ids(tokenizer, manifest=manifest, manifest_keys=id_keys):
-                logger.warning(w)
-        except IdMismatchError as e:
-            if not allow:
-                raise IdMismatchError(
-                    f"{e} (checkpoint {path}; to change the ids deliberately, set "
-                    "checkpoint.allow_id_change = true)"
-                ) from None
-            logger.warning(f"checkpoint: loading despite an id change (allowed): {e}")
+        for warning in check_recorded_ids(
+            tokenizer,
+            manifest,
+            what=f"the checkpoint {path}",
+            policy=self.id_policy,
+            keys=id_keys,
+        ):
+            logger.warning(f"checkpoint: {warning}")
 
     def _load(self, path: Path, step: int) -> dict[str, Any]:
         from torchtitan_lite.components import dcp_io

@@ -12,6 +12,7 @@ place.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -33,7 +34,9 @@ METADATA = ".metadata"
 #: load failure that trusting the storage (``checkpoint.verify_checksums = false``) resolves.
 UNSEALED = "records no checksums"
 
-_STEP = re.compile(r"^step-(\d+)$")
+#: A step's folder: ``step-N``, or ``step-N.new`` / ``step-N.new-K`` (K = 2, 3, ...): a save
+#: kept beside a ``step-N`` that could not be moved out of its way; the highest is the newest.
+_STEP = re.compile(r"^step-(\d+)(\.new(?:-(\d+))?)?$")
 
 
 class CheckpointError(UserError):
@@ -45,16 +48,40 @@ def is_complete(folder: Path) -> bool:
     return (folder / METADATA).is_file() and (folder / MANIFEST).is_file()
 
 
-def step_folders(folder: Path) -> dict[int, Path]:
-    """Every ``step-N`` folder in ``folder``, complete or not, by step."""
+def _named_steps(folder: Path) -> list[tuple[int, int, Path]]:
+    """(step, copy, folder) of every step folder in ``folder``; copy 0 is ``step-N``, 1
+    ``step-N.new``, K ``step-N.new-K``; oldest save first."""
     if not folder.is_dir():
-        return {}
-    found = {}
+        return []
+    found = []
     for child in folder.iterdir():
         match = _STEP.match(child.name)
         if match and child.is_dir():
-            found[int(match.group(1))] = child
-    return found
+            copy = 0 if match[2] is None else int(match[3] or 1)
+            found.append((int(match[1]), copy, child))
+    return sorted(found)
+
+
+def step_folders(folder: Path) -> dict[int, Path]:
+    """Every step's folder in ``folder``, complete or not, by step: ``step-N``, or the newest
+    ``step-N.new[-K]`` where a save was kept beside a ``step-N`` it could not move."""
+    return {step: path for step, _, path in _named_steps(folder)}
+
+
+def saves_of_step(folder: Path, step: int) -> list[Path]:
+    """Every folder named for ``step`` (``step-N``, ``step-N.new[-K]``), oldest first."""
+    return [path for s, _, path in _named_steps(folder) if s == step]
+
+
+def beside(folder: Path, step: int) -> Path:
+    """A free name for a save of ``step`` kept beside the folders named for it: the first
+    free ``step-N.new[-K]`` above all of them, so that :func:`step_folders` lists it."""
+    copy = max((c for s, c, _ in _named_steps(folder) if s == step), default=0) + 1
+    while True:
+        path = folder / (f"step-{step}.new" if copy == 1 else f"step-{step}.new-{copy}")
+        if not os.path.lexists(path):
+            return path
+        copy += 1
 
 
 def list_checkpoints(folder: Path) -> list[int]:
@@ -92,7 +119,8 @@ def verify_step_folder(
     folder: Path, manifest: dict, checksums: bool, part: tuple[int, int] = (0, 1)
 ) -> list[str]:
     """What differs between a step folder's files and its manifest's record of them (sizes,
-    and contents with ``checksums``); ``part`` shares the work between ranks."""
+    and contents with ``checksums``; a recorded path outside the folder is a difference);
+    ``part`` shares the work between ranks."""
     record = manifest.get("files", {})
     if not isinstance(record, dict):
         return [f"{folder / MANIFEST} has no record of its files"]
@@ -101,3 +129,14 @@ def verify_step_folder(
     if METADATA not in record and checksums:
         return [f"{folder / MANIFEST} records no {METADATA}"]
     return verify_files(folder, record, checksums, part)
+
+
+def listed_data_files(manifest: dict) -> set[str] | None:
+    """The data files a step folder's manifest vouches for: every file it records but
+    ``.metadata`` and ``config.toml`` (None: a manifest that records no files). The files
+    DCP's ``.metadata`` names must be exactly these, or a load would read files whose sizes
+    and checksums were never verified."""
+    record = manifest.get("files")
+    if not isinstance(record, dict) or not record:
+        return None
+    return set(record) - {METADATA, "config.toml"}

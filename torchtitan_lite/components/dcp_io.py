@@ -35,7 +35,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
-from torchtitan_lite.components.dcp_format import METADATA
+from torchtitan_lite.components.dcp_format import (
+    MANIFEST,
+    METADATA,
+    listed_data_files,
+    read_manifest,
+)
 from torchtitan_lite.components.integrity import IntegrityError, describe_files
 from torchtitan_lite.errors import UserError
 
@@ -97,8 +102,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError("refusing a pickled persistent reference")
 
 
-def read_metadata(folder: Path) -> dcp_metadata.Metadata:
-    """A step folder's ``.metadata``, unpickled through the allow-list and checked: a
+def read_metadata(folder: Path, manifest: dict | None = None) -> dcp_metadata.Metadata:
+    """A step folder's ``.metadata``, unpickled through the allow-list and checked: its data
+    files sit beside it and, given the folder's ``manifest``, are exactly the ones that it
+    lists (:func:`~torchtitan_lite.components.dcp_format.listed_data_files`); a
     :class:`UnsafeCheckpointError` or :class:`IntegrityError` names the file otherwise."""
     path = folder / METADATA
     try:
@@ -119,7 +126,29 @@ def read_metadata(folder: Path) -> dcp_metadata.Metadata:
                 f"{path} points outside its folder ({name!r}): a step folder's data files sit "
                 "beside its metadata"
             )
+    named = {info.relative_path for info in metadata.storage_data.values()}
+    listed = None if manifest is None else listed_data_files(manifest)
+    if listed is not None and named != listed:
+        differ = [f"names {n}, which {MANIFEST} does not list" for n in sorted(named - listed)]
+        differ += [f"does not name {n}, which {MANIFEST} lists" for n in sorted(listed - named)]
+        raise IntegrityError(
+            f"{path} {'; '.join(differ)}: a load reads only the files whose sizes and "
+            "checksums the manifest vouches for"
+        )
     return metadata
+
+
+def unlisted_data_files(folder: Path, manifest: dict, part: tuple[int, int] = (0, 1)) -> list[str]:
+    """What differs between the data files ``.metadata`` names and those ``manifest`` lists
+    (:func:`read_metadata`'s check, as a verification's list of problems); of ranks sharing
+    the verification (``part``), the first reads the metadata."""
+    if part[0] != 0:
+        return []
+    try:
+        read_metadata(folder, manifest)
+    except IntegrityError as e:
+        return [str(e)]
+    return []
 
 
 class _Reader(FileSystemReader):
@@ -156,8 +185,11 @@ def load(
     process_group=None,
 ) -> None:
     """``dcp.load`` of ``folder`` into ``state`` through the safe reader and planner; without a
-    process group (an export, generation), in this process alone."""
-    metadata = read_metadata(folder) if metadata is None else metadata
+    process group (an export, generation), in this process alone. Without ``metadata``, it is
+    read here, and checked against the folder's manifest where there is one."""
+    if metadata is None:
+        manifest = read_manifest(folder, verify=False) if (folder / MANIFEST).is_file() else None
+        metadata = read_metadata(folder, manifest)
     single = not (dist.is_available() and dist.is_initialized())
     with _quiet_dcp():
         dcp.load(

@@ -205,8 +205,7 @@ def check_hf_ids(hf_dir: Path, cfg: dict, base_stop_ids: list[int], tokenizer: T
     model's stop ids, every stop id a special token of the tokenizer (an ordinary token, or
     none at all, means another tokenizer), and the bos the tokenizer's."""
     where = f"{hf_dir / 'config.json'} and generation_config.json"
-    specials = set(tokenizer.special_tokens.values())
-    outside = [i for i in base_stop_ids if i not in specials]
+    outside = [i for i in base_stop_ids if not tokenizer.is_special(i)]
     if outside:
         raise IdMismatchError(
             f"Special-id mismatch: {where} list stop ids {outside}, which are not special "

@@ -81,14 +81,19 @@ def verify_files(
     folder: Path, record: dict[str, dict], checksums: bool = True, part: tuple[int, int] = (0, 1)
 ) -> list[str]:
     """What differs between the files in ``folder`` and ``record`` (empty: all match). Sizes
-    are always compared; contents too with ``checksums``. ``part = (i, n)`` checks only every
-    n-th file from the i-th, so n ranks share the reading of one folder."""
+    are always compared; contents too with ``checksums``. A name that leads outside
+    ``folder`` (:func:`is_inside`) is a difference, and nothing there is read. ``part = (i,
+    n)`` checks only every n-th file from the i-th, so n ranks share the reading of one
+    folder."""
     if not isinstance(record, dict):
         return [f"the record of {folder}'s files is not a mapping of names"]
     index, count = part
     names = sorted(record)[index::count]
     problems, present = [], []
     for name in names:
+        if not is_inside(folder, name):
+            problems.append(f"the record names {name!r}, which lies outside {folder} (not read)")
+            continue
         path = folder / name
         size = path.stat().st_size if path.is_file() else None
         want = record[name].get("size") if isinstance(record[name], dict) else None
@@ -106,6 +111,14 @@ def verify_files(
                     f"{record[name].get('checksum')} was written"
                 )
     return problems
+
+
+def is_inside(folder: Path, name: str) -> bool:
+    """Whether ``folder / name`` stays inside ``folder``: a relative path without ``..``
+    parts, which no symbolic link leads out of (the resolved path is checked)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    return (folder / name).resolve().is_relative_to(folder.resolve())
 
 
 def seal(record: dict) -> dict:
@@ -156,4 +169,8 @@ def read_json_object(path: Path, what: str) -> dict:
 
 
 def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write ``value`` beside ``path`` (``NAME.tmp``) and rename it into place: an interrupted
+    write leaves the old file, or none, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,5 +1,7 @@
 """The run folder (``job.dump_folder``): checked before a run writes into it, and marked as a
-run's own by the first line of the resolved config it holds."""
+run's own by the first line of the resolved config it holds. That config is written before
+anything else, so logs (``train.log``, ``metrics.jsonl``) in a folder without it are not a
+run's, and a run never appends to them."""
 
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ from torchtitan_lite.errors import ConfigError
 #: user's own config, say) makes the run stop instead.
 RUN_CONFIG_MARK = "# torchtitan_lite: the resolved config of the run in this folder"
 
+#: The logs a run appends to (rank 0): a resumed run continues its own.
+RUN_LOGS = ("train.log", "metrics.jsonl")
+
 
 def make_run_folder(config: JobConfig, rank: int) -> Path:
     """Create (or reuse) the run folder after checking that the run may write there: it is
-    writable, and its ``config.toml``, if any, is a run's resolved config (every rank checks,
-    so all refuse alike); rank 0 then writes the resolved config, renamed into place so that
-    a rank still checking never reads it half written."""
+    writable, its ``config.toml``, if any, is a run's resolved config, and logs there come
+    with one (every rank checks, so all refuse alike); rank 0 then writes the resolved
+    config, renamed into place so that a rank still checking never reads it half written."""
     path = config.job.dump_folder
     folder = Path(path)
     try:
@@ -36,6 +41,9 @@ def make_run_folder(config: JobConfig, rank: int) -> Path:
             "Fix: point job.dump_folder at a writable folder, e.g. --job.dump_folder "
             "./outputs."
         ) from None
+    # The logs are looked at before the config: rank 0 writes its config, then its log, so a
+    # rank still checking that sees rank 0's log also sees its config.
+    logs = [name for name in RUN_LOGS if os.path.lexists(folder / name)]
     resolved = folder / "config.toml"
     if resolved.is_dir() or (resolved.exists() and not is_run_config(resolved)):
         raise ConfigError(
@@ -43,6 +51,14 @@ def make_run_folder(config: JobConfig, rank: int) -> Path:
             "not a run's resolved config (it lacks the first line a run writes), e.g. your "
             "own config file: the run would overwrite it with its resolved config. Fix: "
             "choose another job.dump_folder, or move that config.toml elsewhere."
+        )
+    if logs and not resolved.exists():
+        raise ConfigError(
+            f"Config key 'job.dump_folder' is {path!r}, which holds {' and '.join(logs)} but "
+            "no config.toml of a run: those logs are not a run's (a run writes its resolved "
+            "config before any log), and the run would append its own lines to them. Fix: "
+            "choose another job.dump_folder, or move "
+            f"{'those files' if len(logs) > 1 else 'that file'} elsewhere."
         )
     if rank == 0:  # atomically: another rank may be checking it right now
         tmp = folder / f".config.toml.tmp-{os.getpid()}"

@@ -23,6 +23,7 @@ from torchtitan_lite.components.dcp_format import (
     is_complete,
     list_checkpoints,
     read_manifest,
+    step_folders,
 )
 from torchtitan_lite.components.hf_base import (
     base_record,
@@ -31,7 +32,7 @@ from torchtitan_lite.components.hf_base import (
     read_hf_config,
 )
 from torchtitan_lite.components.integrity import IntegrityError
-from torchtitan_lite.ids import args_from_tokenizer, ids_manifest
+from torchtitan_lite.ids import IdPolicy, args_from_tokenizer, ids_manifest
 from torchtitan_lite.models.llama3.args import (
     ROPE_KEYS,
     SHAPE_KEYS,
@@ -181,7 +182,8 @@ def _own_candidates(folder: Path, load_step: int, verify: bool) -> tuple[Candida
                 "or -1 for the newest."
             )
         steps = [load_step]
-    candidates = [Candidate(step, folder / f"step-{step}") for step in reversed(steps)]
+    folders = step_folders(folder)  # step-N, or a save kept beside it (step-N.new)
+    candidates = [Candidate(step, folders[step]) for step in reversed(steps)]
     for i, candidate in enumerate(candidates):  # newest first, up to one that reads
         candidates[i] = candidate.read(verify)
         if candidates[i].manifest is not None:
@@ -234,11 +236,14 @@ def build_model_args(
     )
 
 
-def weights_manifest(tokenizer: Tokenizer, args: ModelArgs, start: Start) -> dict:
-    """What a checkpoint records of its weights: the ids, the RoPE settings, and the shapes
-    and vocabulary when an HF config.json gave them, so that a resume, a later stage or the
-    export builds the same model whatever the config's flavor says."""
-    manifest = {**ids_manifest(tokenizer, args.attn_mask_type), "rope": rope_settings(args)}
+def weights_manifest(
+    tokenizer: Tokenizer, args: ModelArgs, start: Start, policy: IdPolicy | None = None
+) -> dict:
+    """What a checkpoint records of its weights: the ids and the run's id policy, the RoPE
+    settings, and the shapes and vocabulary when an HF config.json gave them, so that a resume,
+    a later stage or the export builds the same model whatever the config's flavor says."""
+    ids = ids_manifest(tokenizer, args.attn_mask_type, policy)
+    manifest = {**ids, "rope": rope_settings(args)}
     if start.shape:
         manifest["shape"] = model_shape(args, (*SHAPE_KEYS, "vocab_size"))
     return manifest

@@ -98,6 +98,11 @@ class Tokenizer:
     """Allow ``<|eot_id|>`` as the document boundary. It closes chat turns, not documents, so
     using it for pretraining data is refused unless this is set."""
 
+    allow_ordinary_boundary: bool = False
+    """Allow an ordinary token (one that text encodes to, not one of the tokenizer's special
+    tokens) as the document boundary. The mask would cut documents wherever text produces it,
+    so it is refused unless this is set."""
+
 
 @dataclass
 class Optimizer:

@@ -131,8 +131,9 @@ class Checkpoint:
     allow-list either way."""
 
     allow_id_change: bool = False
-    """Resume even though the checkpoint's ids manifest disagrees with the tokenizer (a
-    deliberate tokenizer change; logged)."""
+    """Load a checkpoint (resume, initial_load_path) even though its ids manifest disagrees
+    with the tokenizer: other special ids, or another tokenizer file (its sha256). A
+    deliberate tokenizer change; logged. Without it such a checkpoint is refused."""
 
 
 @dataclass

@@ -1,6 +1,12 @@
 """Writing a shard set (:mod:`torchtitan_lite.data.token_shards` reads it): every document
 of a source the loader reads, tokenized once, in shards written atomically; an interrupted run
-continues after its last finished shard (``progress.json``).
+continues after its last finished shard (``progress.json``, written first, so a folder that
+holds any file of the writer's holds it too).
+
+A shard closes at the document that brings it to ``shard_tokens`` (it exceeds them by less
+than one document), also in the middle of a batch; where the next shard starts is recorded as
+the first document of that batch and how many of its non-empty documents the finished shards
+hold (the batch's empty documents are counted, not located).
 
 With ``workers > 1`` the documents are read here and tokenized by that many processes, batch
 by batch, the batches coming back in order: the shards are the same files whatever the number
@@ -11,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from torchtitan_lite.components.integrity import seal, write_json
+from torchtitan_lite.components.integrity import IntegrityError, read_json_object, seal, write_json
 from torchtitan_lite.data.sources import DataError, DocumentSource
 from torchtitan_lite.data.token_shards import (
     FORMAT,
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
     from torchtitan_lite.tokenizer import Tokenizer
 
 PROGRESS = "progress.json"
+#: Where a fresh shard set starts: source document 0, none of its documents in a shard yet.
+_START = {"document": 0, "kept_written": 0, "empty_before": 0}
 
 
 def _file_record(path: Path) -> dict:
@@ -82,7 +89,13 @@ def write_shard_set(
             "rendered, labelled and packed whole per conversation at load time, and cannot be "
             'pre-tokenized here. Fix: train on it directly with data.format = "chat".'
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # out, or a folder above it, is a file
+        raise DataError(
+            f"The output folder {out} is, or lies under, a file. Fix: name a new or empty "
+            "folder for the shard set."
+        ) from None
     if (out / MANIFEST).is_file():
         raise DataError(
             f"{out} already holds a finished shard set ({MANIFEST}). Fix: write to a new folder."
@@ -90,17 +103,22 @@ def write_shard_set(
     files = [_file_record(f) for f in source.files] or [{"path": source.path}]
     key = {"tokenizer": tokenizer_record(tokenizer), "sources": files, "shard_tokens": shard_tokens}
     done = _progress(out, key)
+    if not done:
+        write_json(out / PROGRESS, {**key, "shards": done})
     dtype = token_dtype(tokenizer.vocab_size)
-    skip = sum(s["documents_read"] for s in done)
+    resume = done[-1]["next"] if done else _START
+    batch_start = resume["document"]  # the source index of the batch being read
+    skip = resume["kept_written"]  # non-empty documents from there that are in shards already
+    empty = resume["empty_before"]  # empty documents before batch_start
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
-    read = skip
-    empty_now = 0
     in_shard = 0  # tokens of the shard being filled
     before = sum(s["tokens_count"] for s in done)  # tokens of the finished shards
 
-    def flush() -> None:
-        nonlocal pieces, lengths, empty_now, in_shard, before
+    def flush(kept_written: int) -> None:
+        """Write the shard being filled; the next one starts after ``kept_written`` non-empty
+        documents of the batch at ``batch_start``."""
+        nonlocal pieces, lengths, in_shard, before
         k = len(done)
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -109,22 +127,22 @@ def write_shard_set(
         tokens = tokens.astype(dtype, copy=False)
         _write_atomic(out / names["tokens"], tokens)
         _write_atomic(out / names["index"], offsets)
+        where = {"document": batch_start, "kept_written": kept_written, "empty_before": empty}
         done.append(
             {
                 **names,
                 "sha256": shard_digest(tokens, out / names["index"]),
                 "documents": len(lengths),
                 "tokens_count": int(offsets[-1]),
-                "documents_read": read - sum(s["documents_read"] for s in done),
-                "empty": empty_now,
+                "next": where,
             }
         )
         write_json(out / PROGRESS, {**key, "shards": done})
-        pieces, lengths, empty_now = [], [], 0
+        pieces, lengths = [], []
         before, in_shard = before + in_shard, 0
 
     with contextlib.ExitStack() as stack:
-        batches = _batches(source, skip, batch_documents)
+        batches = _batches(source, batch_start, batch_documents)
         if workers > 1:
             # spawn: the parent may hold threads (tokenizer pools) that a fork would copy
             pool = multiprocessing.get_context("spawn").Pool(
@@ -134,19 +152,28 @@ def write_shard_set(
             encoded = pool.imap(functools.partial(encode_documents, dtype=dtype.name), batches)
         else:
             encoded = (encode_documents(texts, dtype.name, tokenizer) for texts in batches)
-        for arrays, empty in encoded:
-            read += len(arrays) + empty
-            empty_now += empty
-            for tokens in arrays:
-                pieces.append(tokens)
-                lengths.append(len(tokens))
-                in_shard += len(tokens)
+        for arrays, batch_empty in encoded:
+            first = min(skip, len(arrays))  # after a restart: what the last shard holds
+            skip -= first
+            for i in range(first, len(arrays)):
+                pieces.append(arrays[i])
+                lengths.append(len(arrays[i]))
+                in_shard += len(arrays[i])
+                if in_shard >= shard_tokens:
+                    flush(kept_written=i + 1)
+            batch_start += len(arrays) + batch_empty
+            empty += batch_empty
             if progress is not None:
-                progress(read, before + in_shard)
-            if in_shard >= shard_tokens:
-                flush()
-    if lengths or not done:
-        flush()
+                progress(batch_start, before + in_shard)
+    if not done and not lengths:  # as the packer refuses such data
+        (out / PROGRESS).unlink()
+        what = f"only empty documents ({empty:,})" if empty else "no documents"
+        raise DataError(
+            f"{source.path} holds {what}: nothing to tokenize. Fix: check the source and "
+            "--text-field."
+        )
+    if lengths:
+        flush(kept_written=0)
     manifest = {
         "format": FORMAT,
         "dtype": dtype.name,
@@ -157,7 +184,7 @@ def write_shard_set(
         ],
         "documents": sum(s["documents"] for s in done),
         "tokens": sum(s["tokens_count"] for s in done),
-        "empty_documents_skipped": sum(s["empty"] for s in done),
+        "empty_documents_skipped": empty,
     }
     write_json(out / MANIFEST, seal(manifest))
     (out / PROGRESS).unlink()
@@ -168,17 +195,30 @@ def _progress(out: Path, key: dict) -> list[dict]:
     """The shards a previous, interrupted run finished with the same source and tokenizer."""
     path = out / PROGRESS
     if not path.is_file():
-        stray = [p.name for p in out.iterdir()]
+        # progress.json.tmp alone: the first write of the record was interrupted
+        stray = [p.name for p in out.iterdir() if p.name != f"{PROGRESS}.tmp"]
         if stray:
             raise DataError(
                 f"{out} is not empty ({', '.join(sorted(stray)[:3])}) and holds no unfinished "
                 "shard set. Fix: write to a new or empty folder."
             )
         return []
-    state = json.loads(path.read_text())
+    start_over = f"Fix: delete the folder {out} and run the command again to start over."
+    try:
+        state = read_json_object(path, "the record of an unfinished shard set")
+    except IntegrityError as e:
+        raise DataError(f"{e}. {start_over}") from None
     if {k: state.get(k) for k in key} != key:
         raise DataError(
             f"{path} records an unfinished shard set of other sources, another tokenizer or "
             "another shard size. Fix: write to a new folder, or remove that folder first."
         )
-    return state["shards"]
+    shards = state.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("next"), dict)
+        and s["next"].keys() == _START.keys()
+        for s in shards
+    ):
+        raise DataError(f"{path} does not record its finished shards. {start_over}")
+    return shards

@@ -28,7 +28,7 @@ import numpy as np
 
 from torchtitan_lite.components.integrity import IntegrityError, read_json_object, unseal
 from torchtitan_lite.errors import DataError
-from torchtitan_lite.ids import MANIFEST_ID_KEYS, IdMismatchError
+from torchtitan_lite.ids import MANIFEST_ID_KEYS, IdPolicy, check_recorded_ids
 
 if TYPE_CHECKING:
     from torchtitan_lite.tokenizer import Tokenizer
@@ -119,19 +119,23 @@ class ShardSet:
         self._verified: set[int] = set()  # shards whose sha256 this process has checked
 
     def check_ids(self, tokenizer: Tokenizer) -> None:
-        """Refuse a shard set made by another tokenizer or with other special ids."""
-        theirs, ours = self.manifest["tokenizer"], tokenizer_record(tokenizer)
-        differ = [k for k in (*ID_KEYS, "sha256") if theirs.get(k) != ours[k]]
-        if differ:
-            raise IdMismatchError(
-                f"Special-id mismatch: the pre-tokenized data {self.folder} was made by the "
-                f"tokenizer {theirs.get('path')} ({theirs.get('kind')}), this run's is "
-                f"{tokenizer.path} ({tokenizer.kind}): "
-                + ", ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in differ)
-                + ". Training on it would read other tokens and document boundaries. Fix: "
-                "tokenize the data again with this run's tokenizer (scripts/tokenize_data.py), "
-                "or set tokenizer.path to the one that made it."
-            )
+        """Refuse a shard set made by another tokenizer file or with other special ids (no
+        setting allows it: its tokens would mean other text)."""
+        theirs = self.manifest["tokenizer"]
+        recorded = {
+            **{k: theirs[k] for k in ID_KEYS if k in theirs},
+            "tokenizer_path": theirs.get("path"),
+            "tokenizer_sha256": theirs.get("sha256"),
+            "tokenizer_kind": theirs.get("kind"),
+        }
+        check_recorded_ids(
+            tokenizer,
+            recorded,
+            what=f"the pre-tokenized data {self.folder}",
+            policy=IdPolicy(change_setting=""),
+            fix="tokenize the data again with this run's tokenizer (scripts/tokenize_data.py), "
+            "or set tokenizer.path to the one that made it",
+        )
 
     def _verify(self, k: int) -> None:
         """Refuse shard ``k`` if its content is not what the manifest recorded."""

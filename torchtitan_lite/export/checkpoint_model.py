@@ -21,7 +21,7 @@ from torchtitan_lite.components.run_start import Start, build_model_args
 from torchtitan_lite.components.train_state import ModelWrapper
 from torchtitan_lite.config import JobConfig, load_config
 from torchtitan_lite.errors import ConfigError, ExportError
-from torchtitan_lite.ids import check_special_ids
+from torchtitan_lite.ids import IdPolicy, check_special_ids
 from torchtitan_lite.models.llama3.args import ModelArgs
 from torchtitan_lite.tokenizer import Tokenizer, tokenizer_from_config
 
@@ -29,6 +29,12 @@ from torchtitan_lite.tokenizer import Tokenizer, tokenizer_from_config
 NO_VERIFY_HELP = (
     "do not read the source's files back against their recorded checksums (trusted storage, "
     "or a checkpoint saved before checksums were recorded); sizes are still compared"
+)
+#: The tools' ``--allow-id-change``, as ``checkpoint.allow_id_change``.
+ALLOW_ID_CHANGE = "--allow-id-change"
+ALLOW_ID_CHANGE_HELP = (
+    "read the checkpoint with a tokenizer other than the one it was trained with (other "
+    "special ids, or another file: its sha256 differs); refused without it"
 )
 
 
@@ -56,16 +62,25 @@ def _open_checkpoint(checkpoint_dir: Path, verify: bool) -> tuple[JobConfig, dic
 
 
 def load_checkpoint_model(
-    checkpoint_dir: Path, tokenizer_path: str | None = None, verify: bool = True
+    checkpoint_dir: Path,
+    tokenizer_path: str | None = None,
+    verify: bool = True,
+    allow_id_change: bool = False,
 ) -> tuple[torch.nn.Module, ModelArgs, Tokenizer]:
     """A plain (unsharded, CPU, fp32) model with the checkpoint's weights, and its tokenizer;
     the folder's files are checked against their recorded checksums first (``verify``)."""
-    _, _, model, args, tokenizer = load_checkpoint(checkpoint_dir, tokenizer_path, verify)
+    _, _, model, args, tokenizer = load_checkpoint(
+        checkpoint_dir, tokenizer_path, verify, allow_id_change
+    )
     return model, args, tokenizer
 
 
-def load_checkpoint(checkpoint_dir: Path, tokenizer_path: str | None, verify: bool):
-    """(config, manifest, model, args, tokenizer) of a step folder."""
+def load_checkpoint(
+    checkpoint_dir: Path, tokenizer_path: str | None, verify: bool, allow_id_change: bool = False
+):
+    """(config, manifest, model, args, tokenizer) of a step folder. The tokenizer (the one the
+    manifest names, or ``tokenizer_path``) must be the one the checkpoint was trained with,
+    under the id policy the run recorded, unless ``allow_id_change``."""
     from torchtitan_lite.components import dcp_io
     from torchtitan_lite.models.llama3.model import Transformer
 
@@ -73,7 +88,11 @@ def load_checkpoint(checkpoint_dir: Path, tokenizer_path: str | None, verify: bo
     tokenizer = tokenizer_from_config(
         config.tokenizer, path=tokenizer_path or manifest["tokenizer_path"]
     )
-    for warning in check_special_ids(tokenizer, manifest=manifest):
+    policy = IdPolicy.recorded(manifest, config, allow_id_change, ALLOW_ID_CHANGE)
+    what = f"the checkpoint {checkpoint_dir}"
+    for warning in check_special_ids(
+        tokenizer, policy=policy, manifest=manifest, manifest_what=what
+    ):
         print(f"warning: {warning}")
     start = Start.of_checkpoint(checkpoint_dir, manifest)
     # the longest context the weights have seen: this run's, or a base model's (Llama 3.1)
@@ -83,7 +102,7 @@ def load_checkpoint(checkpoint_dir: Path, tokenizer_path: str | None, verify: bo
     weights = ModelWrapper(model)  # a tied matrix is stored once
     state = {"model": weights.state_dict()}
     try:
-        dcp_io.load(state, checkpoint_dir)
+        dcp_io.load(state, checkpoint_dir, dcp_io.read_metadata(checkpoint_dir, manifest))
     except dcp_io.LOAD_ERRORS as e:
         raise ExportError(
             f"Checkpoint {checkpoint_dir} cannot be loaded ({dcp_io.failure_reason(e)}). Fix: "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from torchtitan_lite.chat_template import jinja_template
-from torchtitan_lite.components.dcp_format import MANIFEST, METADATA, is_complete
+from torchtitan_lite.components.dcp_format import MANIFEST, METADATA, is_complete, list_checkpoints
 from torchtitan_lite.components.hf_base import EXPORT_RECORD, union
 from torchtitan_lite.components.integrity import ALGORITHM, describe_files, seal, write_json
 from torchtitan_lite.config import JobConfig
@@ -105,16 +105,19 @@ def export_to_hf(
     tokenizer_path: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    allow_id_change: bool = False,
 ) -> Path:
     """Write the checkpoint as a Hugging Face folder ``out``: assembled in a temporary folder
     beside it and renamed into place, with ``checksums.json`` (every file's size and checksum)
     written last. ``out`` must be new or empty, or, with ``overwrite``, a model folder, which
-    is then replaced whole; a folder holding a checkpoint (or inside one) is refused."""
+    is then replaced whole; a folder holding a checkpoint (or inside one) is refused. The
+    tokenizer written is the one the checkpoint was trained with (another is refused, unless
+    ``allow_id_change``)."""
     from safetensors.torch import save_file
 
     _check_export_target(checkpoint_dir, out, overwrite)
     config, manifest, model, args, tokenizer = load_checkpoint(
-        checkpoint_dir, tokenizer_path, verify
+        checkpoint_dir, tokenizer_path, verify, allow_id_change
     )
     torch_dtype = getattr(torch, dtype)
     sd = {
@@ -163,16 +166,17 @@ def export_to_hf(
 def _check_export_target(checkpoint_dir: Path, out: Path, overwrite: bool) -> None:
     """Refuse an export that would mix with, or destroy, what is already there."""
     source, target = checkpoint_dir.resolve(), out.resolve()
-    if target == source or source in target.parents or any(is_complete(p) for p in target.parents):
-        raise ExportError(
-            f"The output folder {out} is inside the checkpoint folder {checkpoint_dir}: the "
-            "export would mix with the checkpoint's files. Fix: export to a folder of its own, "
-            "e.g. outputs/hf_export."
-        )
     if target in source.parents:
         raise ExportError(
             f"The output folder {out} holds the checkpoint being exported ({checkpoint_dir}). "
             "Fix: export to a folder of its own, e.g. outputs/hf_export."
+        )
+    inside = _checkpoint_around(target, source)
+    if inside is not None:
+        raise ExportError(
+            f"The output folder {out} is, or is inside, the checkpoint folder {inside}: the "
+            "export would mix with the checkpoint's files, which a run saves, resumes from and "
+            "prunes. Fix: export to a folder of its own, e.g. outputs/hf_export."
         )
     if out.exists() and not out.is_dir():
         raise ExportError(f"The output path {out} is a file. Fix: name a folder.")
@@ -193,6 +197,16 @@ def _check_export_target(checkpoint_dir: Path, out: Path, overwrite: bool) -> No
             "checkpoint): --overwrite replaces only an earlier export. Fix: export to a new or "
             "empty folder."
         )
+
+
+def _checkpoint_around(target: Path, source: Path) -> Path | None:
+    """The checkpoint folder that ``target`` is or lies in: the source step folder, another
+    complete step folder, or a folder of step folders (a run's ``checkpoint/``)."""
+    for folder in (target, *target.parents):
+        with contextlib.suppress(OSError):  # an unreadable parent holds no checkpoint of ours
+            if folder == source or is_complete(folder) or list_checkpoints(folder):
+                return folder
+    return None
 
 
 @contextlib.contextmanager
