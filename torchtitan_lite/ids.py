@@ -58,11 +58,15 @@ class IdPolicy:
 
     @classmethod
     def recorded(cls, manifest: dict, config, allow_change: bool, change_setting: str) -> IdPolicy:
-        """The policy a checkpoint was trained under (its manifest's record; its
-        ``config.toml``'s for a checkpoint saved before the record), read by a tool with its own
-        ``allow_change`` flag."""
-        record = manifest.get("id_policy") or cls.of_config(config).record()
-        return cls(**record, allow_change=allow_change, change_setting=change_setting)
+        """The policy a checkpoint was trained under, read by a tool with its own
+        ``allow_change`` flag: its manifest's record, or, for a checkpoint saved before the
+        record, its ``config.toml``'s allowances and an ordinary-token boundary (which its
+        version did not refuse: its weights were trained with it)."""
+        record = manifest.get("id_policy")
+        if not isinstance(record, dict):
+            record = {**cls.of_config(config).record(), "allow_ordinary_boundary": True}
+        allowed = {key: record.get(key) is True for key in cls().record()}
+        return cls(**allowed, allow_change=allow_change, change_setting=change_setting)
 
     def record(self) -> dict[str, bool]:
         """What a checkpoint's manifest keeps: the run's allowances (a change is allowed per
@@ -176,7 +180,10 @@ def check_tokenizer_ids(tokenizer: Tokenizer, policy: IdPolicy | None = None) ->
                 "tokenizer.allow_ordinary_boundary = true if the data really ends each "
                 "document with it."
             )
-        warnings.append(f"{ordinary} Allowed by tokenizer.allow_ordinary_boundary.")
+        warnings.append(
+            f"{ordinary} Allowed (tokenizer.allow_ordinary_boundary, or a checkpoint saved "
+            "before this check)."
+        )
     if t.token_id(EOT) == t.eos_id:
         if not policy.allow_eot_boundary:
             raise IdMismatchError(

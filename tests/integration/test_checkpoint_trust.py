@@ -700,5 +700,5 @@ def test_a_run_allowed_an_eot_boundary_resumes_and_exports(tmp_path):
     assert code == 0, err
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf["eos_token_id"] == 2057
-    code, err = script("generate", str(step3), "--prompt", "x", "--max-new-tokens", "2")
-    assert code == 0, err
+    code, err = script("generate", str(step3), "--prompt", "x", "--logit-bias", "2057=100")
+    assert code == 0 and "stopped at stop id 2057 (<|eot_id|>)" in err, err

@@ -137,3 +137,30 @@ def test_an_ordinary_token_is_refused_as_the_boundary(tmp_path):
     assert not check_special_ids(
         load_tokenizer(write_hf_tokenizer(tmp_path / "ok", eos_token="<|end_of_text|>"))
     )
+
+
+def test_a_tool_reads_a_checkpoint_under_the_policy_it_was_trained_with():
+    """The manifest's record decides (unknown keys ignored); a checkpoint saved before the
+    record takes its config's allowances, and an ordinary-token boundary, which its version
+    did not refuse."""
+    from tests.helpers import DEBUG_CONFIG
+    from torchtitan_lite.config import load_config
+
+    config = load_config(DEBUG_CONFIG, ["--tokenizer.allow_eot_boundary", "true"])
+    tok = load_tokenizer(TIKTOKEN_2K, eos_token="<|eot_id|>")
+    manifest = ids_manifest(tok, "block_causal", IdPolicy.of_config(config))
+    assert manifest["id_policy"] == {"allow_eot_boundary": True, "allow_ordinary_boundary": False}
+    policy = IdPolicy.recorded(
+        {**manifest, "id_policy": {"allow_eot_boundary": True, "x": 1}},
+        load_config(DEBUG_CONFIG),
+        False,
+        "--allow-id-change",
+    )
+    assert policy == IdPolicy(allow_eot_boundary=True, change_setting="--allow-id-change")
+    assert len(check_special_ids(tok, policy=policy, manifest=manifest)) == 1
+    older = {k: v for k, v in manifest.items() if k != "id_policy"}
+    policy = IdPolicy.recorded(older, config, True, "--allow-id-change")
+    assert policy.allow_eot_boundary and policy.allow_ordinary_boundary and policy.allow_change
+    strict = IdPolicy.recorded(older, load_config(DEBUG_CONFIG), False, "--allow-id-change")
+    with pytest.raises(IdMismatchError, match="closes chat turns"):
+        check_special_ids(tok, policy=strict, manifest=manifest)

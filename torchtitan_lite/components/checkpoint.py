@@ -128,13 +128,13 @@ class CheckpointManager:
         return self.cc.enable and (step % self.cc.interval == 0 or step == last_step)
 
     def save(self, step: int, tokens_seen: int, model_only: bool = False) -> Path:
-        """Write ``step-N`` atomically (tmp folder, then rename after every rank is done)."""
+        """Write ``step-N`` atomically (tmp folder, then rename after every rank is done);
+        returns where it is (where it will be, for a save still in flight)."""
         from torchtitan_lite.components import dcp_io
 
         self.wait()
         final = self.folder / f"step-{step}"
-        # rank 0's folder, shared once it exists
-        tmp = self._gather(new_tmp(self.folder, step) if self.rank == 0 else None)[0]
+        tmp = self._on_rank_0(lambda: new_tmp(self.folder, step), step)
         state = self._state(step, tokens_seen, model_only)
         if model_only and self.cc.export_dtype != "float32":
             dtype = getattr(torch, self.cc.export_dtype)
@@ -142,15 +142,14 @@ class CheckpointManager:
         background = self.cc.async_mode == "async"
         writer, future = dcp_io.save(state, tmp, self.pg, background=background)
         self._pending = (future, writer, tmp, final, step)
-        if not background:
-            self.wait()
-        return final
+        return final if background else self.wait()
 
-    def wait(self) -> None:
+    def wait(self) -> Path | None:
         """Finish a save in flight (an async one: before the next save and at the end): every
-        rank's checksums go into the manifest, written last; then the folder is renamed."""
+        rank's checksums go into the manifest, written last; then the folder is renamed.
+        Returns where the save is (None: none was in flight)."""
         if self._pending is None:
-            return
+            return None
         future, writer, tmp, final, step = self._pending
         self._pending = None
         if future is not None:
@@ -158,18 +157,43 @@ class CheckpointManager:
         files = {}
         for checksums in self._gather(writer.checksums):
             files.update(checksums)
-        if self.rank == 0:
-            manifest = {
-                **self.manifest,
-                "step": step,
-                "lineage": [*self.lineage, {**self.stage, "steps": step}],
-                **self.base,
-            }
+        manifest = {
+            **self.manifest,
+            "step": step,
+            "lineage": [*self.lineage, {**self.stage, "steps": step}],
+            **self.base,
+        }
+
+        def seal_and_place() -> Path:
             seal_step_folder(tmp, manifest, files, to_toml(self.config))
             saved = put_in_place(tmp, final, step, self.unusable.get(step))
             self._prune()
             logger.info(f"checkpoint: saved step {step} to {saved}")
-        self._barrier()
+            return saved
+
+        return self._on_rank_0(seal_and_place, step)
+
+    def _on_rank_0(self, decide: Callable[[], Path], step: int) -> Path:
+        """``decide()`` (a save's folder work) on rank 0, its result on every rank of the
+        checkpoint group; when it fails, every rank raises the same one-paragraph error
+        (none is left waiting for a rank that stopped)."""
+        outcome: tuple[Path | None, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                outcome = (decide(), None)
+            except CheckpointError as e:
+                outcome = (None, str(e))
+            except OSError as e:
+                outcome = (
+                    None,
+                    f"The save of step {step} failed in {self.folder}: {e.strerror or e} "
+                    f"({e.filename or self.folder}). Fix: free space there or make it "
+                    "writable; the checkpoints already saved there are kept.",
+                )
+        saved, error = self._gather(outcome)[0]
+        if error is not None:
+            raise CheckpointError(error)
+        return saved
 
     def _gather(self, value: Any) -> list[Any]:
         """``value`` from every rank of the checkpoint group, in rank order."""
@@ -245,7 +269,7 @@ class CheckpointManager:
                 self._check_manifest(path, manifest, tokenizer)
                 error = self._verify(path, manifest)
             if error is None:
-                train_state, error = self._attempt(self._load, path, step)
+                train_state, error = self._attempt(self._load, path, step, manifest)
             if error is None:
                 self._inherit(manifest, own=True)
                 return train_state, candidate
@@ -269,13 +293,9 @@ class CheckpointManager:
 
     def _verify(self, path: Path, manifest: dict) -> str | None:
         """A step folder's files against its manifest's sizes (and checksums, unless
-        ``checkpoint.verify_checksums`` is off), then the data files its ``.metadata`` names
-        against those the manifest lists; returns what differs, or None."""
-        from torchtitan_lite.components.dcp_io import unlisted_data_files
-
+        ``checkpoint.verify_checksums`` is off); returns what differs, or None. (The data
+        files its ``.metadata`` names are compared with the manifest's where it is read.)"""
         problems = self._shared_check(verify_step_folder, path, manifest, self.cc.verify_checksums)
-        if not problems:
-            problems = self._shared_check(unlisted_data_files, path, manifest)
         return "; ".join(problems) if problems else None
 
     def _shared_check(self, check: Callable[..., list[str]], *args: Any) -> list[str]:
@@ -323,7 +343,11 @@ class CheckpointManager:
             error = self._verify(path, start.manifest)
             if error is None:
                 weights = {"model": ModelWrapper(self.model)}
-                _, error = self._attempt(dcp_io.load, weights, path, None, self.pg)
+                _, error = self._attempt(
+                    lambda: dcp_io.load(
+                        weights, path, dcp_io.read_metadata(path, start.manifest), self.pg
+                    )
+                )
             if error is not None:
                 raise unusable_initial(path, error)
             self._inherit(start.manifest, own=False)
@@ -378,10 +402,10 @@ class CheckpointManager:
         ):
             logger.warning(f"checkpoint: {warning}")
 
-    def _load(self, path: Path, step: int) -> dict[str, Any]:
+    def _load(self, path: Path, step: int, manifest: dict) -> dict[str, Any]:
         from torchtitan_lite.components import dcp_io
 
-        metadata = dcp_io.read_metadata(path)
+        metadata = dcp_io.read_metadata(path, manifest)  # its files: the manifest's
         keys = {k.split(".")[0] for k in metadata.state_dict_metadata}
         model_only = "optimizer" not in keys
         state = self._state(step, 0, model_only)

@@ -39,7 +39,6 @@ from torchtitan_lite.components.dcp_format import (
     MANIFEST,
     METADATA,
     listed_data_files,
-    read_manifest,
 )
 from torchtitan_lite.components.integrity import IntegrityError, describe_files
 from torchtitan_lite.errors import UserError
@@ -138,19 +137,6 @@ def read_metadata(folder: Path, manifest: dict | None = None) -> dcp_metadata.Me
     return metadata
 
 
-def unlisted_data_files(folder: Path, manifest: dict, part: tuple[int, int] = (0, 1)) -> list[str]:
-    """What differs between the data files ``.metadata`` names and those ``manifest`` lists
-    (:func:`read_metadata`'s check, as a verification's list of problems); of ranks sharing
-    the verification (``part``), the first reads the metadata."""
-    if part[0] != 0:
-        return []
-    try:
-        read_metadata(folder, manifest)
-    except IntegrityError as e:
-        return [str(e)]
-    return []
-
-
 class _Reader(FileSystemReader):
     """DCP's file reader, given metadata already read by :func:`read_metadata`."""
 
@@ -185,11 +171,9 @@ def load(
     process_group=None,
 ) -> None:
     """``dcp.load`` of ``folder`` into ``state`` through the safe reader and planner; without a
-    process group (an export, generation), in this process alone. Without ``metadata``, it is
-    read here, and checked against the folder's manifest where there is one."""
-    if metadata is None:
-        manifest = read_manifest(folder, verify=False) if (folder / MANIFEST).is_file() else None
-        metadata = read_metadata(folder, manifest)
+    process group (an export, generation), in this process alone. ``metadata``: the folder's,
+    read by :func:`read_metadata` (with its manifest, where it has one)."""
+    metadata = read_metadata(folder) if metadata is None else metadata
     single = not (dist.is_available() and dist.is_initialized())
     with _quiet_dcp():
         dcp.load(

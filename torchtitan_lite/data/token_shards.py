@@ -123,7 +123,7 @@ class ShardSet:
         setting allows it: its tokens would mean other text)."""
         theirs = self.manifest["tokenizer"]
         recorded = {
-            **{k: theirs[k] for k in ID_KEYS if k in theirs},
+            **{k: theirs.get(k) for k in ID_KEYS},  # a missing id differs too
             "tokenizer_path": theirs.get("path"),
             "tokenizer_sha256": theirs.get("sha256"),
             "tokenizer_kind": theirs.get("kind"),
