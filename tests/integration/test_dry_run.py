@@ -83,7 +83,8 @@ def test_one_rank_dry_run_equals_a_real_step(tmp_path, impl):
     assert proc.stdout.strip().splitlines()[-1].startswith("fits: yes (peak 0.1")
     for key in ("parameters", "gradients", "optimizer"):  # exactly what the rank holds
         assert report["bytes"][key] == real[key], key
-    assert report["bytes"]["peak"] == pytest.approx(real["peak"], rel=0.10)
+    # measured: within 2.5e-6 of the real step's peak for every optimizer kernel
+    assert report["bytes"]["peak"] == pytest.approx(real["peak"], rel=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dry_run.json"]  # nothing else
 
 
@@ -117,6 +118,8 @@ def test_two_rank_dry_run_equals_a_real_two_process_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for key in ("parameters", "gradients", "optimizer"):
         assert report["bytes"][key] == real[key], key
+    # measured: equal on Sapphire Rapids, the real step 3.7% higher (peak) and 4.0% (its
+    # activations) on an EPYC with avx512_bf16: the CPU's own kernels allocate differently
     assert report["bytes"]["peak"] == pytest.approx(real["peak"], rel=0.10)
     assert report["bytes"]["activations"] == pytest.approx(real["activations"], rel=0.10)
 

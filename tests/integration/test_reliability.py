@@ -71,12 +71,17 @@ def final_weights(folder: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def wait_for_metrics(folder: Path, rows: int, proc: subprocess.Popen, timeout: float = 120):
+    """Until ``FOLDER/metrics.jsonl`` holds ``rows`` lines; a run that ends first, or a
+    deadline that passes first, fails the test (never a silent return)."""
     deadline = time.time() + timeout
+    path = folder / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        path = folder / "metrics.jsonl"
         if path.exists() and len(path.read_text().splitlines()) >= rows:
             return
         time.sleep(0.05)
+    written = len(path.read_text().splitlines()) if path.exists() else 0
+    state = "ran past its deadline" if proc.poll() is None else f"exited ({proc.returncode})"
+    raise AssertionError(f"the run {state} with {written} of {rows} metrics lines written")
 
 
 # ------------------------------------------------------------------ kill -9, corruption
