@@ -132,23 +132,29 @@ def test_parallel_tokenization_writes_the_same_files(shards, tmp_path):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_an_interrupted_tokenization_continues_to_the_same_files(shards, tmp_path, monkeypatch):
+def interrupt_the_fifth_file(monkeypatch) -> None:
+    """Ctrl-C (KeyboardInterrupt) as the shard writer starts its fifth file: shard 2's tokens,
+    two shards finished."""
     import torchtitan_lite.data.shards as writer
 
-    out = tmp_path / "tokens"
     real, calls = writer._write_atomic, []
 
-    def crash_on_the_fifth_file(path, array):
+    def interrupted(path, array):
         calls.append(path.name)
-        if len(calls) == 5:  # shard 2's tokens: two shards are finished
+        if len(calls) == 5:
             raise KeyboardInterrupt
         real(path, array)
 
-    monkeypatch.setattr(writer, "_write_atomic", crash_on_the_fifth_file)
+    monkeypatch.setattr(writer, "_write_atomic", interrupted)
+
+
+def test_an_interrupted_tokenization_continues_to_the_same_files(shards, tmp_path, monkeypatch):
+    out = tmp_path / "tokens"
+    interrupt_the_fifth_file(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         tokenize(out)
     assert not (out / MANIFEST).exists() and (out / "progress.json").exists()
-    monkeypatch.setattr(writer, "_write_atomic", real)
+    monkeypatch.undo()  # the writer as it is
     seen = []
     tokenize(out, progress=lambda docs, tokens: seen.append(docs))
     assert seen[0] > 64  # it started after the finished shards
@@ -216,24 +222,14 @@ def test_ctrl_c_exits_130_and_the_same_command_continues_to_the_same_files(
     shards, tmp_path, monkeypatch
 ):
     """Through the script (batches of 512 documents, the fixture's are 64): the same files."""
-    import torchtitan_lite.data.shards as writer
-
     out = tmp_path / "tokens"
-    real, calls = writer._write_atomic, []
-
-    def ctrl_c_on_the_fifth_file(path, array):
-        calls.append(path.name)
-        if len(calls) == 5:  # shard 2's tokens: two shards are finished
-            raise KeyboardInterrupt
-        real(path, array)
-
-    monkeypatch.setattr(writer, "_write_atomic", ctrl_c_on_the_fifth_file)
+    interrupt_the_fifth_file(monkeypatch)
     proc = tokenize_data(out)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == (
         f"interrupted: run the same command again to continue {out} after its last finished shard\n"
     )
-    monkeypatch.setattr(writer, "_write_atomic", real)
+    monkeypatch.undo()  # the writer as it is
     proc = tokenize_data(out)
     assert proc.returncode == 0, proc.stderr
     assert_same_files(out, shards)
