@@ -146,7 +146,7 @@ def parse_logit_bias(items: list[str], vocab_size: int) -> dict[int, float]:
     return bias
 
 
-def load(source: Path, tokenizer: str | None, verify: bool = True, allow_id_change=False):
+def load(source: Path, tokenizer: str | None, verify: bool = True, allow_id_change: bool = False):
     if (source / "config.json").is_file():
         return load_hf_model(source, tokenizer, verify)
     return load_checkpoint_model(source, tokenizer, verify, allow_id_change)
