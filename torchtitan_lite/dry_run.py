@@ -16,6 +16,15 @@ layout the trainer deals from the batch's documents), the keys and values all-ga
 ``S`` in every layer and held for the backward as the GPU kernel holds them; its FLOPs are
 the busiest rank's share of the mask-kept pairs.
 
+A model's blocks are identical, so once the step's peak lies where each block adds to it,
+every figure grows by the same bytes with each block. The fake step runs on the first ``d``
+blocks, then ``d + k``, ``d + 2k``, ... (``k``: the period of the activation-checkpointing
+pattern, 1 but for "every k-th block") until two periods in a row add the same bytes to every
+figure, and extrapolates from there to the model's depth (a shallow model is measured whole).
+``tests/integration/test_dry_run.py`` compares the result with a step of the whole model.
+The rest of the build is the whole model's: its args, parameter count, layout checks and
+per-block communication.
+
 Two settings differ from the real run, and say why: ``torch.compile`` is off (graphs are not
 traced on fake tensors, so the activations are those of the eager model; compiled blocks
 usually save less) and AdamW runs its ``for-loop`` kernels (the same state; under fake
@@ -27,6 +36,7 @@ AdamW creates its state lazily, and from then on holds it through forward and ba
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -38,7 +48,7 @@ from torchtitan_lite.components.metrics import attention_pairs
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX
 from torchtitan_lite.distributed.utils import clip_grad_norm_
-from torchtitan_lite.logging import init_logger
+from torchtitan_lite.logging import init_logger, logger
 from torchtitan_lite.roofline import estimate, print_report
 from torchtitan_lite.run_mode import RunMode
 
@@ -55,8 +65,12 @@ class DryRunMode(RunMode):
     writes = False
     builds_masks = False
 
-    def __init__(self, fake_mode) -> None:
-        self.fake_mode = fake_mode
+    def __init__(self, fake_mode, period: int = 1, whole: bool = False) -> None:
+        """``period``: the activation-checkpointing pattern's, in blocks; ``whole``: measure
+        the whole model (no extrapolation)."""
+        self.fake_mode, self.period, self.whole = fake_mode, period, whole
+        self.sample = 0  # which depth the fake step runs on (:func:`sample_depth`)
+        self.n_layers = self.depth = 0  # set by materialize
 
     def device(self, choice: str) -> torch.device:
         return torch.device("cpu")
@@ -84,7 +98,14 @@ class DryRunMode(RunMode):
         return self.fake_mode
 
     def materialize(self, model, parallelize, device: torch.device, num_params: int):
-        """Fake shards, no memory; no initialization."""
+        """The first blocks of the sample's depth (the model's args and parameter count stay
+        the whole model's), as fake shards: no memory, no initialization."""
+        self.n_layers = len(model.layers)
+        self.depth = (
+            self.n_layers if self.whole else sample_depth(self.n_layers, self.period, self.sample)
+        )
+        for name in list(model.layers)[self.depth :]:
+            del model.layers[name]
         model = parallelize(model)
         with self.fake_mode:
             model.to_empty(device=device)
@@ -188,10 +209,57 @@ def measure_step(trainer, optimizer_kind: str = "") -> dict[str, float]:
         figures["peak"] = whole["Total"]
     else:  # the optimizer step: what is live (state included) and its kernels' temporaries
         kind = optimizer_kind or trainer.config.optimizer.implementation
-        figures["peak"] = max(backward["Total"], live + _optimizer_temporaries(kind, params))
+        figures["live"] = live
+        figures["temporaries"] = _optimizer_temporaries(kind, params)
+        figures["peak"] = _fake_peak(figures)
     figures["tokens"] = batch["input"].numel()
     figures["pairs"] = attention_pairs(batch["input"], a.eos_id, a.attn_mask_type, docs)
     figures["busiest_pairs"] = figures["pairs"] if busiest is None else busiest
+    return figures
+
+
+def _fake_peak(figures: dict[str, float]) -> float:
+    """A fake step's peak: the forward/backward's, or the optimizer step's (what is live,
+    state included, and its kernels' temporaries), whichever is higher."""
+    return max(figures["backward_peak"], figures["live"] + figures["temporaries"])
+
+
+#: The figures of a fake step that grow with each block (the batch's are the same at any
+#: depth).
+PER_BLOCK = (
+    "parameters",
+    "gradients",
+    "optimizer",
+    "activations",
+    "backward_peak",
+    "live",
+    "temporaries",
+)
+
+
+def sample_depth(n_layers: int, period: int, sample: int) -> int:
+    """The depth of a dry run's ``sample``-th fake step: ``d + sample · period`` blocks with
+    ``d ≡ n_layers (mod period)``, at least two periods; the whole model where the three
+    samples extrapolation needs at least would measure as many blocks (a shallow model)."""
+    first = 2 * period + n_layers % period
+    if 3 * first + 3 * period > n_layers:
+        return n_layers
+    return min(first + sample * period, n_layers)
+
+
+def extrapolate(measured: list[tuple[int, dict]], n_layers: int) -> dict | None:
+    """The figures at ``n_layers`` blocks from steps measured at increasing depths, once the
+    last two periods added the same bytes to each of :data:`PER_BLOCK` (the peak follows
+    from them); None before that."""
+    if len(measured) < 3:
+        return None
+    (_, a), (d, b), (e, c) = measured[-3:]
+    growth = {key: c[key] - b[key] for key in PER_BLOCK}
+    if any(b[key] - a[key] != growth[key] for key in PER_BLOCK):
+        return None
+    periods = (n_layers - e) // (e - d)
+    figures = {**c, **{key: c[key] + periods * growth[key] for key in PER_BLOCK}}
+    figures["peak"] = _fake_peak(figures)
     return figures
 
 
@@ -210,10 +278,21 @@ def _optimizer_temporaries(kind: str, params) -> int:
     return sum(sizes) if kind == "foreach" else max(sizes, default=0)
 
 
-def dry_run(config: JobConfig, config_path: str | None) -> int:
-    """Run the dry run; returns the exit status (0 fits, 3 does not)."""
+@contextlib.contextmanager
+def _quiet():
+    """No log lines (the build sets the logger's level itself)."""
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = False
+
+
+def fake_step(config: JobConfig, config_path: str | None, whole: bool = False):
+    """The dry run's trainer and the figures of its fake step (in the fake process group the
+    caller joined): measured on the first blocks at a few depths and extrapolated, or
+    (``whole``) on the whole model."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from torchtitan_lite.trainer import Trainer
 
@@ -221,11 +300,38 @@ def dry_run(config: JobConfig, config_path: str | None) -> int:
     sim.compile.enable = False
     sim.optimizer.implementation = "for-loop"  # the fake step; the estimate uses the real one
     sim.data.num_workers = 0
+    ac, kind = config.activation_checkpoint, config.optimizer.implementation
+    every_kth = ac.mode == "selective" and ac.selective_ac_option != "op"
+    mode = DryRunMode(
+        FakeTensorMode(allow_non_fake_inputs=True),
+        period=int(ac.selective_ac_option) if every_kth else 1,
+        whole=whole,
+    )
+    trainer = Trainer(sim, config_path, mode=mode)
+    measured = [(mode.depth, measure_step(trainer, kind))]
+    while mode.depth < mode.n_layers:
+        extrapolated = extrapolate(measured, mode.n_layers)
+        if extrapolated is not None:
+            depths = ", ".join(str(d) for d, _ in measured)
+            logger.info(
+                f"dry run: the step measured on {depths} of the model's {mode.n_layers} "
+                "identical blocks, extrapolated to all of them"
+            )
+            return trainer, extrapolated
+        mode.sample += 1
+        with _quiet():  # the same build, deeper: its log lines once are enough
+            trainer.build_model()
+            measured.append((mode.depth, measure_step(trainer, kind)))
+    return trainer, measured[-1][1]
+
+
+def dry_run(config: JobConfig, config_path: str | None) -> int:
+    """Run the dry run; returns the exit status (0 fits, 3 does not)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=config.dry_run.world_size)
     try:
-        mode = DryRunMode(FakeTensorMode(allow_non_fake_inputs=True))
-        trainer = Trainer(sim, config_path, mode=mode)
-        figures = measure_step(trainer, config.optimizer.implementation)
+        trainer, figures = fake_step(config, config_path)
         report = estimate(trainer, figures, config.dry_run.gpu)
     finally:
         dist.destroy_process_group()

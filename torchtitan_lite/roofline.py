@@ -42,7 +42,9 @@ def estimate(trainer, figures: dict[str, float], gpu_key: str) -> dict:
     # if the unit was resharded after it, again for the backward (``default``: every block
     # but the last; the root — embeddings, final norm, output — stays gathered); gradients
     # are reduce-scattered; HSDP then all-reduces the shards across the replicas.
-    blocks = [sum(p.numel() for p in b.parameters()) / tp for b in trainer.model.layers.values()]
+    # (the blocks are identical; a dry run builds only the first few of them)
+    block = next(iter(trainer.model.layers.values()))
+    blocks = [sum(p.numel() for p in block.parameters()) / tp] * trainer.model_args.n_layers
     regathered = {
         "default": sum(blocks[:-1]),
         "always": params,

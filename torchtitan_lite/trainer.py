@@ -139,23 +139,8 @@ class Trainer:
             self.mesh, config, self.attn_backend, a, self.device, self.mode.builds_masks
         )
 
-        # 7. The model: on the meta device (no memory), parallelized (TP → AC → compile →
-        #    FSDP2), materialized on the device and initialized.
-        with torch.device("meta"):
-            model = Transformer(a)
-        self.num_params = sum(p.numel() for p in model.parameters())
-        self.model = self.mode.materialize(
-            model,
-            lambda m: parallelize(m, self.mesh, config, self.attn_backend, self.param_dtype),
-            self.device,
-            self.num_params,
-        )
-        with self.mode.tensors():
-            self.model.train()
-
-            # 8. Optimizer and learning-rate schedule.
-            self.optimizer = build_optimizer(self.model, config.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.steps, config.lr_scheduler)
+        # 7–8. The model, its optimizer and learning-rate schedule.
+        self.build_model()
 
         # 9. Checkpoints, and the weights the run starts from.
         self.step, self.tokens_seen = 0, 0
@@ -176,6 +161,20 @@ class Trainer:
         # 10. Metrics: the step line, metrics.jsonl and TensorBoard.
         self.metrics = self._metrics_logger()
         log_banner(self, config_path)
+
+    def build_model(self) -> None:
+        """The model on the meta device (no memory), parallelized (TP → AC → compile →
+        FSDP2), materialized and initialized; its optimizer and learning-rate schedule."""
+        c = self.config
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        parallel = lambda m: parallelize(m, self.mesh, c, self.attn_backend, self.param_dtype)  # noqa: E731
+        self.model = self.mode.materialize(model, parallel, self.device, self.num_params)
+        with self.mode.tensors():
+            self.model.train()
+            self.optimizer = build_optimizer(self.model, c.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, c.training.steps, c.lr_scheduler)
 
     def _metrics_logger(self) -> MetricsLogger:
         """The step log; rank 0's metrics.jsonl; TensorBoard from rank 0 (or all, tb/rank_N)."""

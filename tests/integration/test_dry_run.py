@@ -481,3 +481,44 @@ def test_shipped_sft_configs_fit_from_a_hugging_face_folder(
     assert f"{args.num_params() / 1e6:,.1f}M parameters{tied}" in proc.stdout
     assert report["memory_gib"]["peak"] == pytest.approx(peak_gib, abs=0.05)
     assert f"peak {peak_gib:.2f} GiB" in (CONFIGS / config).read_text()
+
+
+EVERY_3RD, SLOW = "--activation_checkpoint.selective_ac_option=3", pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "layers, layout",
+    [
+        (11, ("--activation_checkpoint.mode", "full")),
+        pytest.param(31, ("--activation_checkpoint.mode", "selective", EVERY_3RD), marks=SLOW),
+        pytest.param(11, ("--parallelism.tensor_parallel_degree", "2"), marks=SLOW),
+        pytest.param(11, ("--parallelism.context_parallel_degree", "2"), marks=SLOW),
+    ],
+    ids=["full-ac", "every-3rd-block", "tp2", "cp2"],
+)
+def test_the_fake_step_extrapolated_from_a_few_depths_equals_the_whole_model(
+    tmp_path, monkeypatch, layers, layout
+):
+    """Blocks of the 8B shape, a number of them that is not a multiple of the AC period; the
+    whole model's fake step is the reference, figure by figure, exactly."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtitan_lite.config import load_config
+    from torchtitan_lite.dry_run import fake_step
+    from torchtitan_lite.models.llama3.args import FLAVORS
+
+    monkeypatch.setitem(FLAVORS, "8B", dataclasses.replace(FLAVORS["8B"], n_layers=layers))
+    overrides = [*SMALL[2:], "--model.flavor", "8B", "--job.dump_folder", str(tmp_path)]
+    overrides += ["--training.seq_len", "512", "--dry_run.world_size", "8"]
+    config = load_config(DEBUG_CONFIG, [*overrides, *layout])
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        sampled, extrapolated = fake_step(config, None)
+        whole = fake_step(config, None, whole=True)[1]
+    finally:
+        dist.destroy_process_group()
+    assert sampled.mode.depth < layers  # extrapolated from the first blocks
+    assert extrapolated == whole

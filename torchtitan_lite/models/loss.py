@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 #: Label of a position that trains nothing (padding, prompts, the target after a document's
 #: eos); the data pipeline writes it, the losses skip it.
@@ -52,7 +53,10 @@ def _chunks(hidden: Tensor, weight: Tensor, labels: Tensor, want_grads: bool):
         torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
     )
     rows = _chunk_rows(weight.shape[0])
-    for start in range(0, hidden.shape[0], rows):
+    starts = range(0, hidden.shape[0], rows)
+    if is_fake(hidden):  # the dry run: each chunk allocates what the first did, and frees it
+        starts = starts[:1]
+    for start in starts:
         h, y = hidden[start : start + rows], labels[start : start + rows]
         logits = (h @ weight.t()).float()  # (n, V)
         lse = logits.logsumexp(-1)
