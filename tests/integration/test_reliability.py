@@ -104,7 +104,7 @@ def test_kill_9_at_random_points_then_restart_matches_uninterrupted(tmp_path, np
     assert proc.wait(timeout=600) == 0, proc.stdout.read()[-3000:]
     rng = random.Random(nproc)
     kills = 0
-    for _ in range(3):  # several kill points, some inside checkpoint saves
+    for _ in range(2):  # kill points at random, some inside checkpoint saves
         proc = launch(*args, "--job.dump_folder", str(killed), nproc=nproc)
         done = len(final_trace(killed)) if (killed / "metrics.jsonl").exists() else 0
         wait_for_metrics(killed, done + rng.randint(1, 4), proc)
