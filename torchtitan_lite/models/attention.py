@@ -138,7 +138,7 @@ def reference_mask(tokens: Tensor, eos_id: int, mask_type: str) -> Tensor:
 # ------------------------------------------------------------------------------ sdpa path
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: torch 2.11 would trace (and guard) each field
 class DocumentSegments:
     """The sdpa-path mask: each row cut into segments at document boundaries.
 
