@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torchtitan_lite.components.metrics import attention_pairs
 from torchtitan_lite.config import JobConfig
 from torchtitan_lite.data import IGNORE_INDEX
+from torchtitan_lite.distributed.parallelize import ac_period
 from torchtitan_lite.distributed.utils import clip_grad_norm_
 from torchtitan_lite.logging import init_logger, logger
 from torchtitan_lite.roofline import estimate, print_report
@@ -301,10 +302,9 @@ def fake_step(config: JobConfig, config_path: str | None, whole: bool = False):
     sim.optimizer.implementation = "for-loop"  # the fake step; the estimate uses the real one
     sim.data.num_workers = 0
     ac, kind = config.activation_checkpoint, config.optimizer.implementation
-    every_kth = ac.mode == "selective" and ac.selective_ac_option != "op"
     mode = DryRunMode(
         FakeTensorMode(allow_non_fake_inputs=True),
-        period=int(ac.selective_ac_option) if every_kth else 1,
+        period=ac_period(ac.mode, ac.selective_ac_option),
         whole=whole,
     )
     trainer = Trainer(sim, config_path, mode=mode)

@@ -122,15 +122,21 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
         )
 
 
+def ac_period(mode: str, option: str) -> int:
+    """How many blocks the activation-checkpointing pattern spans before it repeats: N for
+    selective ``option = "N"`` (every N-th block recomputed), else 1 (every block alike)."""
+    return int(option) if mode == "selective" and option != "op" else 1
+
+
 def apply_ac(model: nn.Module, mode: str, option: str) -> None:
     """``full``: recompute every block in backward. ``selective`` with ``option = "op"``: keep
     the outputs of the ops in :func:`_saved_ops` of every block and recompute the rest; with
     ``option = "N"``: recompute every N-th block fully."""
-    per_op = mode == "selective" and option == "op"
+    per_op, period = mode == "selective" and option == "op", ac_period(mode, option)
     for i, (name, block) in enumerate(list(model.layers.named_children())):
         if per_op:
             wrapped = checkpoint_wrapper(block, context_fn=op_sac_context, preserve_rng_state=False)
-        elif mode == "full" or (mode == "selective" and i % int(option) == 0):
+        elif mode == "full" or (mode == "selective" and i % period == 0):
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
             continue
