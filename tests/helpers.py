@@ -43,6 +43,10 @@ FAST = [
 #: 128-token rows, no TensorBoard.
 SHORT_ROWS = ["--training.seq_len", "128", "--metrics.enable_tensorboard", "false"]
 
+#: The 2-block, 64-wide flavor: for runs whose proof is "equal to another layout, process
+#: count or an uninterrupted run", where the debug model's size would prove nothing more.
+TINY = ["--model.flavor", "tiny"]
+
 #: One global batch of 4 rows per step, in fp32 so that layouts agree to rounding.
 FP32_BATCH_OF_4 = [
     "--training.global_batch_size",
@@ -53,16 +57,17 @@ FP32_BATCH_OF_4 = [
     "2e-3",
 ]
 
-#: :data:`FP32_BATCH_OF_4` of the debug model in every layout: each step's 4 rows of the one
+#: :data:`FP32_BATCH_OF_4` of the :data:`TINY` model in every layout: each step's 4 rows of the one
 #: global stream, read by 2 data-parallel ranks × 2 rows, or by 1 process in 2 accumulation
 #: steps of 2 rows. The data-parallel and the tensor-parallel runs start from it.
-GLOBAL_BATCH_OF_4 = ["--config", str(DEBUG_CONFIG), *FP32_BATCH_OF_4, *SHORT_ROWS]
+GLOBAL_BATCH_OF_4 = ["--config", str(DEBUG_CONFIG), *TINY, *FP32_BATCH_OF_4, *SHORT_ROWS]
 
-#: The checkpointing run: 8 fp32 steps of 2 rows, checkpoints on. The checkpoint, trust and
-#: reliability tests add the interval, the step count and the folder.
+#: The checkpointing run: 8 fp32 steps of 2 rows of the :data:`TINY` model, checkpoints on.
+#: The checkpoint, trust and reliability tests add the interval, the step count and the folder.
 BASE = [
     "--config",
     str(DEBUG_CONFIG),
+    *TINY,
     "--training.seq_len",
     "128",
     "--training.local_batch_size",
@@ -104,6 +109,44 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun_legs(
+    nproc: int,
+    legs: list[tuple[list[str], tuple[Path, Path] | None]],
+    *,
+    code: int = 0,
+    entry: str = "train",
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """Several ``train.py`` runs, one after another, in one ``torchrun`` launch of ``nproc``
+    processes (``tests/integration/legs_worker.py``): each leg is ``(ARGS, COPY)``, COPY a
+    ``(checkpoint step folder, destination)`` copied in before the leg starts (to resume a
+    checkpoint written by an earlier leg or run), or None. Every leg must exit ``code``. For
+    tests that compare layouts or resume across them: the interpreter, the imports and the
+    first step's warm-up are paid once per launch, not once per run. ``entry="measure_step"``
+    runs ``scripts/measure_step.py`` instead of ``train.py``; ``env``: variables added to the
+    launch's environment."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as plan:
+        json.dump(
+            [
+                {"entry": entry, "args": list(a), "copy": c and [str(p) for p in c], "code": code}
+                for a, c in legs
+            ],
+            plan,
+        )
+    cmd, launch_env = train_command(nproc=nproc)
+    cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "legs_worker.py"), plan.name]
+    launch_env.update(env or {}, PYTHONPATH=str(REPO))
+    try:
+        return subprocess.run(
+            cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=timeout
+        )
+    finally:
+        os.unlink(plan.name)
+
+
 def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess of its own, as a user runs it: for what needs
     a process (signals, kill -9, the exit status of a crash, start-up itself). One-process
@@ -122,15 +165,37 @@ def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def run_main(*args: str) -> subprocess.CompletedProcess:
     """``train.main(args)`` in this process, from the repository root, its stdout and stderr
     captured: the code path of ``python train.py ARGS`` after the imports, without a new
-    interpreter importing torch for every run.
+    interpreter importing torch for every run (what is put back afterwards:
+    :func:`in_process`)."""
+    import train
 
-    Put back afterwards: the working directory, the RNG states (torch, numpy, random), torch's
-    deterministic-algorithms switch, the logger's handlers (the run's log file is closed) and,
-    after a crash, the process group. Left in place on purpose: glibc's malloc settings (a
-    CPU run keeps freed memory for reuse; the test process then stays at its high-water
-    mark), and what the run left on the heap (imported modules, torch's caches), frozen out
-    of later garbage collections: each Trainer collects fully at start and end, which would
-    otherwise walk this process's ever larger heap."""
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        return in_process("train.py", train.main, args)
+    finally:
+        os.chdir(cwd)
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``scripts/NAME.py ARGS`` through its ``main()`` in this process, its stdout and stderr
+    captured (a ``main`` that ends in a traceback raises here), as :func:`in_process`."""
+    import importlib
+
+    module = importlib.import_module(f"scripts.{name}")
+    return in_process(f"{name}.py", module.main, args)
+
+
+def in_process(name: str, main, args) -> subprocess.CompletedProcess:
+    """``main(args)`` with its stdout and stderr captured.
+
+    Put back afterwards: the RNG states (torch, numpy, random), torch's deterministic-algorithms
+    switch, the logger's handlers (a run's log file is closed) and, after a crash, the process
+    group. Left in place on purpose: glibc's malloc settings (a CPU run keeps freed memory for
+    reuse; the test process then stays at its high-water mark), and what the run left on the
+    heap (imported modules, torch's caches), frozen out of later garbage collections: each
+    Trainer collects fully at start and end, which would otherwise walk this process's ever
+    larger heap."""
     import contextlib
     import gc
     import io
@@ -140,22 +205,18 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     import torch
     import torch.distributed as dist
 
-    import train
     from torchtitan_lite.logging import logger
 
     out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     deterministic = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     try:
-        os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = train.main(list(args))
+            code = main(list(args))
     finally:
-        os.chdir(cwd)
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
@@ -167,21 +228,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
             dist.destroy_process_group()
         gc.collect()
         gc.freeze()
-    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
-
-
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    """``scripts/NAME.py ARGS`` through its ``main()`` in this process, its stdout and stderr
-    captured (a ``main`` that ends in a traceback raises here)."""
-    import contextlib
-    import importlib
-    import io
-
-    module = importlib.import_module(f"scripts.{name}")
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = module.main(list(args))
-    return subprocess.CompletedProcess([f"{name}.py", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
 
 # ------------------------------------------------------------------ what a run leaves

@@ -249,6 +249,7 @@ def test_a_checkpoint_with_the_earlier_per_rank_data_state_still_resumes(tmp_pat
     assert [r["step"] for r in rows] == [5, 6, 7, 8]
     assert rows[0]["epoch"] == 1
     assert [r["tokens_data"] for r in rows] == [r["tokens_data"] for r in metrics(fresh)[:4]]
-    # The model and the schedule are the trained run's: far below a fresh model's loss.
-    assert rows[0]["loss"] < trained[0]["loss"] - 0.5
+    # The model and the schedule are the trained run's: on the same rows, below a fresh
+    # model's loss.
+    assert rows[0]["loss"] < metrics(fresh)[0]["loss"] - 0.1
     assert [r["lr"] for r in rows] == [r["lr"] for r in trained[4:]]

@@ -481,7 +481,7 @@ def test_exporting_twice_into_one_folder_gives_the_second(base, tmp_path, first_
     from torchtitan_lite.models.llama3.hf_weights import to_hf_state_dict
 
     out = tmp_path / "hf"
-    small = ["--max-shard-gb", "0.004"]
+    small = ["--max-shard-gb", "0.0002"]
     step2, step4 = (base / "checkpoint" / f"step-{s}" for s in (2, 4))
     code, err = script("convert_to_hf", str(step2), str(out), *(small if first_sharded else []))
     assert code == 0, err
@@ -502,7 +502,7 @@ def test_exporting_twice_into_one_folder_gives_the_second(base, tmp_path, first_
     got = hf.state_dict()
     older, _, _ = load_checkpoint_model(step2)
     older = to_hf_state_dict(older.state_dict(), args)
-    for name in ("model.embed_tokens.weight", "model.layers.5.mlp.down_proj.weight"):
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
         torch.testing.assert_close(got[name], want[name].to(torch.bfloat16).float())
         assert not torch.equal(got[name], older[name].to(torch.bfloat16).float())  # teeth
     assert not list(tmp_path.glob(".hf.*"))  # no temporary or old folder left behind

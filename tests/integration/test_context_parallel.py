@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import GLOBAL_BATCH_OF_4, REPO, metrics, run_main, torchrun, train_command
+from tests.helpers import GLOBAL_BATCH_OF_4, REPO, metrics, run_main, torchrun_legs, train_command
 
 
 @pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
@@ -49,82 +49,89 @@ def assert_same_trace(got: list[dict], want: list[dict]) -> None:
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3), x["step"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout, banner",
-    [
-        ([], "shard 2 × context parallel 2 (mask-aware"),
+#: name → (extra arguments, what the banner says of the layout)
+LAYOUTS = {
+    "cp2_fsdp2": ([], "shard 2 × context parallel 2 (mask-aware"),
+    "cp2_tp2": (
+        [
+            "--parallelism.tensor_parallel_degree",
+            "2",
+            "--parallelism.context_parallel_balance",
+            "head-tail",
+        ],
+        "shard 1 × context parallel 2 (head-tail",
+    ),
+    # with full activation checkpointing: the recompute gathers K and V again
+    "cp2_hsdp2": (
+        [
+            "--parallelism.data_parallel_replicate_degree",
+            "2",
+            "--activation_checkpoint.mode",
+            "full",
+        ],
+        "replicate 2 × shard 1 × context parallel 2 (mask-aware",
+    ),
+}
+CP2 = [*TRACE, "--parallelism.context_parallel_degree", "2"]
+CKPT = ["--checkpoint.enable", "--checkpoint.interval", "3"]
+
+
+@pytest.fixture(scope="module")
+def cp_runs(tmp_path_factory) -> Path:
+    """The three 4-process layouts (legs of one launch, checkpoints every 3 steps); one
+    process resuming CP 2 × FSDP 2's step 3 (``single``, checkpoints every step); 2 processes
+    of CP 2 alone resuming that run's step 4 (``again``); and 2 processes of CP 2 with its
+    blocks compiled (``compiled``, aot_eager on CPU, torch logging recompilations; a leg of
+    the same launch)."""
+    root = tmp_path_factory.mktemp("cp")
+    legs = [
+        ([*CP2, *args, *CKPT, "--job.dump_folder", str(root / name)], None)
+        for name, (args, _) in LAYOUTS.items()
+    ]
+    proc = torchrun_legs(4, legs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = root / "single"
+    shutil.copytree(step_folder(root / "cp2_fsdp2", 3), step_folder(single, 3))
+    proc = run_main(*TRACE, *CKPT[:-1], "1", "--job.dump_folder", str(single))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = ["--compile.enable", "--compile.backend", "aot_eager"]
+    legs = [
         (
-            [
-                "--parallelism.tensor_parallel_degree",
-                "2",
-                "--parallelism.context_parallel_balance",
-                "head-tail",
-            ],
-            "shard 1 × context parallel 2 (head-tail",
+            [*CP2, *CKPT, "--job.dump_folder", str(root / "again")],
+            (step_folder(single, 4), step_folder(root / "again", 4)),
         ),
-        (  # with full activation checkpointing: the recompute gathers K and V again
-            [
-                "--parallelism.data_parallel_replicate_degree",
-                "2",
-                "--activation_checkpoint.mode",
-                "full",
-            ],
-            "replicate 2 × shard 1 × context parallel 2 (mask-aware",
-        ),
-    ],
-    ids=["cp2_fsdp2", "cp2_tp2", "cp2_hsdp2"],
-)
-def test_context_parallel_loss_traces_equal_one_process(tmp_path, one_process, layout, banner):
+        ([*CP2, *compiled, "--job.dump_folder", str(root / "compiled")], None),
+    ]
+    proc = torchrun_legs(2, legs, env={"TORCH_LOGS": "recompiles"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (root / "compiled" / "output.txt").write_text(proc.stdout + proc.stderr)
+    return root
+
+
+def step_folder(run: Path, step: int) -> Path:
+    return run / "checkpoint" / f"step-{step}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_context_parallel_loss_traces_equal_one_process(cp_runs, one_process, layout):
     """4 processes, CP 2 × FSDP 2 (mask-aware), CP 2 × TP 2 (head-tail) or 2 replicas × CP 2
     (HSDP over the replicas and shard × cp; full AC): the fp32 loss trace of one process. Then
     across layouts, CP 2 → 1 → 2: one process resumes CP 2 × FSDP 2's step 3 (the same steps 4-6:
     FSDP over shard × cp reshards, the data continues), and 2 processes of CP 2 alone (2
     accumulation steps) resume its step 4: steps 5-6."""
-    cp = ["--parallelism.context_parallel_degree", "2", *layout]
-    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
-    proc = torchrun(4, *TRACE, *cp, *ckpt, "--job.dump_folder", str(tmp_path / "cp"), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert banner in proc.stdout
-    assert_same_trace(metrics(tmp_path / "cp"), one_process)
-    if layout:
+    assert LAYOUTS[layout][1] in (cp_runs / layout / "train.log").read_text()
+    assert_same_trace(metrics(cp_runs / layout), one_process)
+    if layout != "cp2_fsdp2":
         return
-    single = resume_from(tmp_path / "cp", 3, tmp_path / "single")
-    proc = run_main(*TRACE, *ckpt[:-1], "1", "--job.dump_folder", str(single))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_trace(metrics(single), one_process[3:])
-    again = resume_from(single, 4, tmp_path / "again")
-    proc = torchrun(2, *TRACE, *cp, *ckpt, "--job.dump_folder", str(again), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gradient accumulation 2" in proc.stdout
-    assert_same_trace(metrics(again), one_process[4:])
-
-
-def resume_from(run: Path, step: int, folder: Path) -> Path:
-    """A new run folder holding only ``run``'s checkpoint of ``step``."""
-    (folder / "checkpoint").mkdir(parents=True)
-    name = f"step-{step}"
-    shutil.copytree(run / "checkpoint" / name, folder / "checkpoint" / name)
-    return folder
+    assert_same_trace(metrics(cp_runs / "single"), one_process[3:])
+    assert "gradient accumulation 2" in (cp_runs / "again" / "train.log").read_text()
+    assert_same_trace(metrics(cp_runs / "again"), one_process[4:])
 
 
 @pytest.mark.slow
-def test_compiled_blocks_under_context_parallelism_never_recompile(tmp_path, one_process):
+def test_compiled_blocks_under_context_parallelism_never_recompile(cp_runs, one_process):
     """CP 2, blocks compiled (aot_eager on CPU), mask-aware layouts that change with every
     batch: the one-process trace, and torch logs no recompilation."""
-    cmd, env = train_command(
-        *TRACE,
-        "--parallelism.context_parallel_degree",
-        "2",
-        "--compile.enable",
-        "--compile.backend",
-        "aot_eager",
-        "--job.dump_folder",
-        str(tmp_path),
-        nproc=2,
-    )
-    env["TORCH_LOGS"] = "recompiles"
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Recompiling" not in proc.stdout + proc.stderr
-    assert_same_trace(metrics(tmp_path), one_process)
+    assert "Recompiling" not in (cp_runs / "compiled" / "output.txt").read_text()
+    assert_same_trace(metrics(cp_runs / "compiled"), one_process)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from tests.helpers import (
     TIKTOKEN_2K,
     published_llama_config,
     run_main,
-    train_command,
+    run_script,
+    torchrun_legs,
     write_ranks_file,
 )
 from torchtitan_lite.models.llama3.args import model_args_for
@@ -52,14 +52,9 @@ def llama3_dry_run(dump: Path, config: str, ranks: Path, world: int, *args: str)
     )
 
 
-def real_step(*args: str, nproc: int = 1) -> dict:
-    """scripts/measure_step.py: one real step under the same tracker (rank 0's figures)."""
-    cmd, env = train_command(*args, nproc=nproc)
-    script = str(REPO / "scripts" / "measure_step.py")
-    cmd = [script if c == str(REPO / "train.py") else c for c in cmd]
-    if nproc == 1:
-        cmd = [sys.executable, *cmd[1:]]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def real_step(*args: str) -> dict:
+    """scripts/measure_step.py: one real step under the same tracker, in this process."""
+    proc = run_script("measure_step", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -107,12 +102,26 @@ def test_the_start_up_memory_bound_is_below_the_measured_step(tmp_path, ac):
     assert 0.5 * report["bytes"]["peak"] < bound <= report["bytes"]["peak"]
 
 
+# fp32 pinned: "auto" is bf16 in a dry run (GPUs) but may be fp32 on this CPU
+TWO_RANKS = (*SMALL, "--training.seq_len", "1024", "--training.mixed_precision_param", "float32")
+TWO_RANKS_FSDP = (*TWO_RANKS, "--training.local_batch_size", "4")
+TWO_RANKS_CP = (*TWO_RANKS, "--training.local_batch_size", "2")
+TWO_RANKS_CP = (*TWO_RANKS_CP, "--parallelism.context_parallel_degree", "2")
+
+
+@pytest.fixture(scope="module")
+def two_process_steps() -> dict[str, dict]:
+    """scripts/measure_step.py at 2 ranks, FSDP 2 and CP 2: two legs of one launch."""
+    legs = [(list(TWO_RANKS_FSDP), None), (list(TWO_RANKS_CP), None)]
+    proc = torchrun_legs(2, legs, entry="measure_step")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp, cp = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    return {"fsdp": fsdp, "cp": cp}
+
+
 @pytest.mark.slow
-def test_two_rank_dry_run_equals_a_real_two_process_step(tmp_path):
-    # fp32 pinned: "auto" is bf16 in a dry run (GPUs) but may be fp32 on this CPU
-    args = (*SMALL, "--training.seq_len", "1024", "--training.local_batch_size", "4")
-    args = (*args, "--training.mixed_precision_param", "float32")
-    real = real_step(*args, nproc=2)
+def test_two_rank_dry_run_equals_a_real_two_process_step(tmp_path, two_process_steps):
+    args, real = TWO_RANKS_FSDP, two_process_steps["fsdp"]
     assert real["world_size"] == 2
     proc, report = dry_run(tmp_path, *args, "--dry_run.world_size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -235,6 +244,7 @@ def test_bad_layouts_are_refused_at_the_simulated_world_size(tmp_path, args, pat
     assert report is None
 
 
+@pytest.mark.slow  # the launcher script in a process of its own
 def test_run_train_sh_sizes_ngpu_times_nnodes(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "NGPU": "4", "NNODES": "2"}
     proc = subprocess.run(
@@ -393,13 +403,11 @@ def test_context_parallel_with_the_other_dimensions(tmp_path, llama3_ranks):
 
 
 @pytest.mark.slow
-def test_context_parallel_dry_run_holds_what_a_real_cp_step_holds(tmp_path):
+def test_context_parallel_dry_run_holds_what_a_real_cp_step_holds(tmp_path, two_process_steps):
     """The states a CP 2 rank holds (FSDP over shard × cp) equal a real 2-process CP step's;
     its activations are the GPU kernel's (the CPU's dense-mask SDPA holds more)."""
-    args = (*SMALL, "--training.seq_len", "1024", "--training.local_batch_size", "2")
-    args = (*args, "--training.mixed_precision_param", "float32")
-    args = (*args, "--parallelism.context_parallel_degree", "2")
-    real = real_step(*args, nproc=2)
+    args, real = TWO_RANKS_CP, two_process_steps["cp"]
+    assert real["world_size"] == 2
     proc, report = dry_run(tmp_path, *args, "--dry_run.world_size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report["layout"]["cp"] == 2

@@ -11,7 +11,6 @@ import torch
 
 from tests.helpers import (
     DEBUG_CONFIG,
-    REPO,
     TIKTOKEN_2K,
     assert_clean_error,
     debug_shaped_config,
@@ -297,25 +296,15 @@ def test_kv_cache_decoding_equals_full_recompute(checkpoint):
 
 
 def test_generate_cli(checkpoint):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "generate.py"),
-            str(checkpoint),
-            "--prompt",
-            "ROMEO:",
-            "--max-new-tokens",
-            "5",
-            "--logit-bias",
-            "2057=100",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+    proc = run_script(
+        "generate",
+        str(checkpoint),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "5",
+        "--logit-bias",
+        "2057=100",
     )
     assert proc.returncode == 0, proc.stderr
     assert "stopped at stop id 2057 (<|eot_id|>)" in proc.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CORPUS, DEBUG_CONFIG, REPO, TIKTOKEN_2K, metrics, run_main
+from tests.helpers import CORPUS, DEBUG_CONFIG, REPO, TIKTOKEN_2K, TINY, metrics, run_main
 from torchtitan_lite.config import load_config
 from torchtitan_lite.config.learning import DataSource
 from torchtitan_lite.data import build_dataloader, row_stream
@@ -46,6 +46,7 @@ def mixture_run(tmp_path_factory) -> tuple[Path, Path]:
         str(config),
         "--job.dump_folder",
         str(out),
+        *TINY,
         "--training.steps",
         str(STEPS),
         "--training.local_batch_size",

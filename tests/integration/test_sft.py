@@ -16,9 +16,11 @@ from tests.helpers import (
     DEBUG_CONFIG,
     REPO,
     TIKTOKEN_2K,
+    TINY,
     full,
     metrics,
     run_main,
+    run_script,
     torchrun,
 )
 from torchtitan_lite.chat_template import ChatTemplate
@@ -39,6 +41,7 @@ SFT_CONFIG = REPO / "train_configs" / "debug_sft.toml"
 TOK = load_tokenizer(TIKTOKEN_2K)
 EOS, EOT = 2049, 2057
 SMALL = (
+    *TINY,
     "--training.seq_len",
     "256",
     "--training.local_batch_size",
@@ -388,29 +391,19 @@ def test_chat_sft_runs_on_its_own_from_random_weights(tmp_path):
 
 
 def test_generate_cli_answers_in_the_chat_template(exported):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "generate.py"),
-            str(exported),
-            "--chat",
-            "Who speaks next?",
-            "--system",
-            "Answer with a name.",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "5",
-            "--logit-bias",
-            f"{EOT}=100",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+    proc = run_script(
+        "generate",
+        str(exported),
+        "--chat",
+        "Who speaks next?",
+        "--system",
+        "Answer with a name.",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+        "--logit-bias",
+        f"{EOT}=100",
     )
     assert proc.returncode == 0, proc.stderr
     assert "[generated 1 tokens; stopped at stop id 2057 (<|eot_id|>)]" in proc.stderr

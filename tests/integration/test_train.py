@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEBUG_CONFIG, GLOBAL_BATCH_OF_4, SHORT_ROWS, metrics, run_main, torchrun
+from tests.helpers import (
+    DEBUG_CONFIG,
+    GLOBAL_BATCH_OF_4,
+    SHORT_ROWS,
+    metrics,
+    run_main,
+    torchrun,
+    torchrun_legs,
+)
 
 
 @pytest.mark.slow
@@ -56,36 +65,45 @@ def assert_same_trace(got: list[dict], want: list[dict]) -> None:
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Two 2-process runs of :data:`DATA_PARALLEL`, legs of one launch: FSDP over both ranks
+    (``fsdp``), and two replicas of a one-rank shard group (``hsdp``)."""
+    root = tmp_path_factory.mktemp("two")
+    hsdp = ["--parallelism.data_parallel_replicate_degree", "2"]
+    legs = [
+        ([*DATA_PARALLEL, "--job.dump_folder", str(root / "fsdp")], None),
+        ([*DATA_PARALLEL, *hsdp, "--job.dump_folder", str(root / "hsdp")], None),
+    ]
+    proc = torchrun_legs(2, legs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
 @pytest.mark.slow
-def test_two_process_fsdp_matches_one_process(tmp_path, one_process_trace):
+def test_two_process_fsdp_matches_one_process(two_process_runs, one_process_trace):
     """Same global batch, same data, same init: the loss traces agree."""
-    two = torchrun(2, *DATA_PARALLEL, "--job.dump_folder", str(tmp_path))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "world: 2 process(es) on cpu, data parallel replicate 1 × shard 2" in two.stdout
-    assert_same_trace(metrics(tmp_path), one_process_trace)
+    log = (two_process_runs / "fsdp" / "train.log").read_text()
+    assert "world: 2 process(es) on cpu, data parallel replicate 1 × shard 2" in log
+    assert_same_trace(metrics(two_process_runs / "fsdp"), one_process_trace)
 
 
 @pytest.mark.slow
-def test_hsdp_two_replicas(tmp_path, one_process_trace):
+def test_hsdp_two_replicas(two_process_runs, one_process_trace):
     """Two replicas of a one-rank shard group: gradients all-reduced across the replicas,
     the same trace as one process reading both ranks' rows."""
-    proc = torchrun(
-        2,
-        *DATA_PARALLEL,
-        "--job.dump_folder",
-        str(tmp_path),
-        "--parallelism.data_parallel_replicate_degree",
-        "2",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "replicate 2 × shard 1 (HSDP)" in proc.stdout
-    assert_same_trace(metrics(tmp_path), one_process_trace)
+    assert "replicate 2 × shard 1 (HSDP)" in (two_process_runs / "hsdp" / "train.log").read_text()
+    assert_same_trace(metrics(two_process_runs / "hsdp"), one_process_trace)
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--training.stepz", "3"], "Did you mean 'training.steps'?"),  # while parsing
+        pytest.param(  # while parsing (the same handler as below, in the quick subset)
+            ["--training.stepz", "3"],
+            "Did you mean 'training.steps'?",
+            marks=pytest.mark.slow,
+        ),
         (["--parallelism.tensor_parallel_degree", "3"], "1 × 3 = 3"),  # after the group forms
         pytest.param(  # a sequence that does not cut into head-tail chunks
             [

@@ -199,7 +199,8 @@ def test_a_choice_outside_the_literal_on_the_command_line():
         load_config(DEBUG_CONFIG, ["--model.flavor", "9B"])
     assert str(e.value) == (
         "Config key 'model.flavor' is '9B' on the command line, which is not one of "
-        "'debugmodel', '1B', '3B', '8B', '70B', '405B'. Fix: set model.flavor to one of them."
+        "'debugmodel', 'tiny', '1B', '3B', '8B', '70B', '405B'. Fix: set model.flavor to one "
+        "of them."
     )
 
 

@@ -134,12 +134,16 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "keep":
-    assert keep_freed_host_memory()[0]
-block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: over glibc's largest mmap threshold
-mapped = libc.mallinfo2().hblkhd  # bytes in blocks served by mmap
-del block
-print(mapped, libc.mallinfo2().fordblks)  # and the free bytes the heap keeps
+
+def step():
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: over glibc's largest mmap threshold
+    mapped = libc.mallinfo2().hblkhd  # bytes in blocks served by mmap
+    del block
+    print(mapped, libc.mallinfo2().fordblks)  # and the free bytes the heap keeps
+
+step()
+assert keep_freed_host_memory()[0]
+step()
 """
 
 
@@ -148,20 +152,16 @@ print(mapped, libc.mallinfo2().fordblks)  # and the free bytes the heap keeps
     reason="glibc only",
 )
 def test_freed_host_memory_is_kept_for_the_next_step():
-    """glibc's own accounting (mallinfo2), in fresh processes: by default a 64 MiB tensor is
+    """glibc's own accounting (mallinfo2), in a fresh process: by default a 64 MiB tensor is
     a private mmap, unmapped when freed (the next step faults its pages in again); after
     keep_freed_host_memory it comes from the heap and stays there, free for reuse."""
-
-    def run(mode: str) -> tuple[int, int]:
-        proc = subprocess.run(
-            [sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr
-        mapped, kept = map(int, proc.stdout.split())
-        return mapped, kept
-
+    proc = subprocess.run(
+        [sys.executable, "-c", _MALLINFO], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    (mapped, kept), (mapped_after, kept_after) = (
+        map(int, line.split()) for line in proc.stdout.splitlines()
+    )
     mib64 = 64 << 20
-    mapped, kept = run("default")
     assert mapped >= mib64 and kept < mib64
-    mapped, kept = run("keep")
-    assert mapped < mib64 and kept >= mib64
+    assert mapped_after < mib64 and kept_after >= mib64

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import DEBUG_CONFIG, full, metrics, micro_batches
+from tests.helpers import DEBUG_CONFIG, TINY, full, metrics, micro_batches
 from torchtitan_lite import trainer as trainer_module
 from torchtitan_lite.components import gc_control
 from torchtitan_lite.components.device_reads import DeviceReads
@@ -594,6 +594,7 @@ def test_the_logged_epoch_comes_from_the_loader_workers(tmp_path):
     trainer = make_trainer(
         tmp_path,
         "epochs",
+        *TINY,
         "--data.path",
         str(corpus),
         "--data.num_workers",

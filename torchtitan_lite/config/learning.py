@@ -31,7 +31,7 @@ class Model:
 
     flavor: Literal[tuple(FLAVORS)] = "debugmodel"
     """Size preset of the model family (``models/llama3/args.py``); ``debugmodel`` trains on a
-    CPU in seconds."""
+    CPU in seconds, ``tiny`` (2 blocks, 64 wide) is a smoke run."""
 
     attn_mask_type: Literal[MASK_TYPES] = "block_causal"
     """``block_causal``: documents packed in one row do not attend to each other (boundaries

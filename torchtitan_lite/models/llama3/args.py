@@ -75,6 +75,9 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 FLAVORS: dict[str, ModelArgs] = {
     # The same shape as torchtitan's debug model, so CPU throughput compares like for like.
     "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, rope_theta=500000.0),
+    # 2 blocks, 64 wide: a smoke run in seconds; the tests whose proof is "equal to another
+    # layout or an uninterrupted run" train it, where the model's size proves nothing more.
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, rope_theta=500000.0),
     # Llama 3.2: long-context RoPE scaling by 32 over 8192 original positions, tied embeddings.
     "1B": ModelArgs(
         dim=2048,
