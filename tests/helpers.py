@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,42 +111,57 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@dataclass
+class Leg:
+    """One run of :func:`torchrun_legs`: ``ENTRY ARGS`` (``train`` is ``train.py``;
+    ``measure_step`` is ``scripts/measure_step.py``; ``tp_worker`` and ``cp_worker`` are
+    those modules of ``tests/integration``), after ``copies``: ``(checkpoint step folder,
+    destination)`` pairs copied in before it starts (to resume a checkpoint written by an
+    earlier leg or run), and ``flips``: ``(file, fraction)``, a bit flipped in the byte that
+    far into a file of the copies (damage the run must detect)."""
+
+    args: Sequence[str]
+    copies: Sequence[tuple[Path, Path]] = ()
+    flips: Sequence[tuple[Path, float]] = ()
+    entry: str = "train"
+
+
 def torchrun_legs(
     nproc: int,
-    legs: list[tuple[list[str], tuple[Path, Path] | None]],
+    legs: list[Leg],
     *,
     code: int = 0,
-    entry: str = "train",
     env: dict[str, str] | None = None,
     timeout: float = 900,
 ) -> subprocess.CompletedProcess:
-    """Several ``train.py`` runs, one after another, in one ``torchrun`` launch of ``nproc``
-    processes (``tests/integration/legs_worker.py``): each leg is ``(ARGS, COPY)``, COPY a
-    ``(checkpoint step folder, destination)`` copied in before the leg starts (to resume a
-    checkpoint written by an earlier leg or run), or None. Every leg must exit ``code``. For
+    """Several runs (:class:`Leg`), one after another, in one ``torchrun`` launch of ``nproc``
+    processes (``tests/integration/legs_worker.py``); every leg must exit ``code``. For
     tests that compare layouts or resume across them: the interpreter, the imports and the
-    first step's warm-up are paid once per launch, not once per run. ``entry="measure_step"``
-    runs ``scripts/measure_step.py`` instead of ``train.py``; ``env``: variables added to the
-    launch's environment."""
+    first step's warm-up are paid once per launch, not once per run. ``env``: variables
+    added to the launch's environment."""
     import tempfile
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as plan:
-        json.dump(
-            [
-                {"entry": entry, "args": list(a), "copy": c and [str(p) for p in c], "code": code}
-                for a, c in legs
-            ],
-            plan,
-        )
+    plan = [
+        {
+            "entry": leg.entry,
+            "args": list(leg.args),
+            "copies": [[str(src), str(dst)] for src, dst in leg.copies],
+            "flips": [[str(file), fraction] for file, fraction in leg.flips],
+            "code": code,
+        }
+        for leg in legs
+    ]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(plan, file)
     cmd, launch_env = train_command(nproc=nproc)
-    cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "legs_worker.py"), plan.name]
+    cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "legs_worker.py"), file.name]
     launch_env.update(env or {}, PYTHONPATH=str(REPO))
     try:
         return subprocess.run(
             cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=timeout
         )
     finally:
-        os.unlink(plan.name)
+        os.unlink(file.name)
 
 
 def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

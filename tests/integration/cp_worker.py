@@ -6,7 +6,8 @@ takes its context-parallel share (``cp_layout``) of queries, keys and values and
 through the model's ``attention`` with the ``ContextParallel`` mask (keys and values
 all-gathered, differentiably). Rank 0 writes, per case, the largest difference over all
 ranks between the CP output / gradients of q, k and v and the reference's rows at the
-rank's positions to ``sys.argv[1]`` (JSON).
+rank's positions to the file its one argument names (JSON). It runs on its own or as a leg of
+``legs_worker.py``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def case(seed: int, mask_type: str, balance: str, rank: int, group) -> dict[str,
     return dict(zip(errors, worst.tolist(), strict=True))
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
+def main(argv: list[str]) -> int:
+    (out,) = argv
+    if not dist.is_initialized():  # a leg of tests/integration/legs_worker.py forms it there
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {}
     for seed in (1, 2, 4):  # sparse EOS, dense EOS, a run of EOS
@@ -77,15 +80,16 @@ def main() -> None:
                 key = f"{seed}/{mask_type}/{balance}"
                 results[key] = case(seed, mask_type, balance, rank, dist.group.WORLD)
     if rank == 0:
-        with open(sys.argv[1], "w") as f:
+        with open(out, "w") as f:
             json.dump(results, f)
     dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
-    sys.stdout.flush()
-    # Leave without the interpreter's teardown: under load, destroying gloo's threads there
-    # aborted ("terminate called without an active exception") after all work was done.
-    os._exit(0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    # Leave without the interpreter's teardown: under load, destroying gloo's threads there
+    # aborted ("terminate called without an active exception") after all work was done.
+    os._exit(code)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import BASE, metrics, run_main, torchrun
+from tests.helpers import BASE, Leg, metrics, run_main, torchrun, torchrun_legs
 
 
 def ok(proc):
@@ -75,16 +75,19 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
     trace, reading the same rows (one global stream, its position in the checkpoint)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     batch_of_4 = [*BASE, "--checkpoint.interval", "4", "--training.global_batch_size", "4"]
-    ok(torchrun(2, *batch_of_4, "--job.dump_folder", str(full)))
-    copy_checkpoint(full, resumed, 4)
     # Step 8 is there too, with one byte of rank 1's shard flipped: the ranks share the
-    # checksum verification, and both fall back to step 4 together.
-    step8 = resumed / "checkpoint" / "step-8"
-    shutil.copytree(full / "checkpoint" / "step-8", step8)
-    shard = bytearray((step8 / "__1_0.distcp").read_bytes())
-    shard[len(shard) // 3] ^= 0x10
-    (step8 / "__1_0.distcp").write_bytes(bytes(shard))
-    proc = ok(torchrun(2, *batch_of_4, "--job.dump_folder", str(resumed)))
+    # checksum verification, and both fall back to step 4 together. Two legs of one launch.
+    step4, step8 = (resumed / "checkpoint" / f"step-{s}" for s in (4, 8))
+    copies = [(full / "checkpoint" / "step-4", step4), (full / "checkpoint" / "step-8", step8)]
+    legs = [
+        Leg([*batch_of_4, "--job.dump_folder", str(full)]),
+        Leg(
+            [*batch_of_4, "--job.dump_folder", str(resumed)],
+            copies,
+            [(step8 / "__1_0.distcp", 1 / 3)],
+        ),
+    ]
+    proc = ok(torchrun_legs(2, legs))
     assert f"{step8} is corrupt or incomplete (__1_0.distcp has checksum" in proc.stdout
     assert (resumed / "checkpoint" / "step-8.corrupt").is_dir()
     assert_same_trace(metrics(full), metrics(resumed))

@@ -10,19 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import GLOBAL_BATCH_OF_4, REPO, metrics, run_main, torchrun_legs, train_command
+from tests.helpers import (
+    GLOBAL_BATCH_OF_4,
+    REPO,
+    Leg,
+    metrics,
+    run_main,
+    torchrun_legs,
+    train_command,
+)
 
 
 @pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_context_parallel_attention_equals_unsharded_attention(tmp_path, cp):
+def test_context_parallel_attention_equals_unsharded_attention(tmp_path, request, cp):
     """Output and gradients of q, k and v of every rank's share, for 3 document layouts,
-    both masks and both balancing modes (see cp_worker.py), within fp32 rounding."""
-    out = tmp_path / "errors.json"
-    cmd, env = train_command(nproc=cp)
-    cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "cp_worker.py"), str(out)]
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    both masks and both balancing modes (see cp_worker.py), within fp32 rounding. At 4
+    ranks, a leg of the 4-process launch of ``cp_runs``."""
+    if cp == 4:
+        out = request.getfixturevalue("cp_runs") / "cp_worker.json"
+    else:
+        out = tmp_path / "errors.json"
+        cmd, env = train_command(nproc=cp)
+        cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "cp_worker.py"), str(out)]
+        env["PYTHONPATH"] = str(REPO)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = json.loads(out.read_text())
     assert len(errors) == 12
     for case, worst in errors.items():
@@ -78,16 +90,17 @@ CKPT = ["--checkpoint.enable", "--checkpoint.interval", "3"]
 
 @pytest.fixture(scope="module")
 def cp_runs(tmp_path_factory) -> Path:
-    """The three 4-process layouts (legs of one launch, checkpoints every 3 steps); one
+    """The three 4-process layouts (legs of one launch, checkpoints every 3 steps, with
+    ``cp_worker.py`` at 4 ranks as its last leg); one
     process resuming CP 2 × FSDP 2's step 3 (``single``, checkpoints every step); 2 processes
     of CP 2 alone resuming that run's step 4 (``again``); and 2 processes of CP 2 with its
     blocks compiled (``compiled``, aot_eager on CPU, torch logging recompilations; a leg of
     the same launch)."""
     root = tmp_path_factory.mktemp("cp")
     legs = [
-        ([*CP2, *args, *CKPT, "--job.dump_folder", str(root / name)], None)
+        Leg([*CP2, *args, *CKPT, "--job.dump_folder", str(root / name)])
         for name, (args, _) in LAYOUTS.items()
-    ]
+    ] + [Leg([str(root / "cp_worker.json")], entry="cp_worker")]
     proc = torchrun_legs(4, legs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single = root / "single"
@@ -96,11 +109,11 @@ def cp_runs(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = ["--compile.enable", "--compile.backend", "aot_eager"]
     legs = [
-        (
+        Leg(
             [*CP2, *CKPT, "--job.dump_folder", str(root / "again")],
-            (step_folder(single, 4), step_folder(root / "again", 4)),
+            [(step_folder(single, 4), step_folder(root / "again", 4))],
         ),
-        ([*CP2, *compiled, "--job.dump_folder", str(root / "compiled")], None),
+        Leg([*CP2, *compiled, "--job.dump_folder", str(root / "compiled")]),
     ]
     proc = torchrun_legs(2, legs, env={"TORCH_LOGS": "recompiles"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

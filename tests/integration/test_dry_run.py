@@ -13,6 +13,7 @@ from tests.helpers import (
     DEBUG_CONFIG,
     REPO,
     TIKTOKEN_2K,
+    Leg,
     published_llama_config,
     run_main,
     run_script,
@@ -112,8 +113,8 @@ TWO_RANKS_CP = (*TWO_RANKS_CP, "--parallelism.context_parallel_degree", "2")
 @pytest.fixture(scope="module")
 def two_process_steps() -> dict[str, dict]:
     """scripts/measure_step.py at 2 ranks, FSDP 2 and CP 2: two legs of one launch."""
-    legs = [(list(TWO_RANKS_FSDP), None), (list(TWO_RANKS_CP), None)]
-    proc = torchrun_legs(2, legs, entry="measure_step")
+    legs = [Leg(args, entry="measure_step") for args in (TWO_RANKS_FSDP, TWO_RANKS_CP)]
+    proc = torchrun_legs(2, legs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fsdp, cp = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
     return {"fsdp": fsdp, "cp": cp}

@@ -22,10 +22,10 @@ from tests.helpers import (
     GLOBAL_BATCH_OF_4,
     REPO,
     VOCAB,
+    Leg,
     metrics,
     run_main,
     torchrun_legs,
-    train_command,
 )
 from torchtitan_lite.models.attention import build_attention_mask
 
@@ -87,23 +87,29 @@ def runs(tmp_path_factory):
     """10 steps in each TP layout and in one process, checkpoints every 4 steps; and the legs
     that resume in another layout: TP=2×FSDP=2's step 4 → FSDP=4 (``a_fsdp4``) → its step 8 in
     one process (``a_one``), and the one-process run's step 8 → TP=2×FSDP=2 (``b_tp``). The
-    4-process runs are legs of one launch."""
+    4-process runs are legs of one launch; the 2-process launch also runs ``tp_worker.py``."""
     root = tmp_path_factory.mktemp("tp")
     one = root / "one"
     assert run_main(*layout_args("one", one)).returncode == 0
     for nproc, legs in (
-        (2, [(layout_args("tp2", root / "tp2"), None)]),
+        (
+            2,
+            [
+                Leg(layout_args("tp2", root / "tp2")),
+                Leg([str(root / "tp_worker.pt")], entry="tp_worker"),
+            ],
+        ),
         (
             4,
             [
-                (layout_args("tp2_fsdp2", root / "tp2_fsdp2"), None),
-                (
+                Leg(layout_args("tp2_fsdp2", root / "tp2_fsdp2")),
+                Leg(
                     layout_args("fsdp4", root / "a_fsdp4"),
-                    (step_folder(root / "tp2_fsdp2", 4), step_folder(root / "a_fsdp4", 4)),
+                    [(step_folder(root / "tp2_fsdp2", 4), step_folder(root / "a_fsdp4", 4))],
                 ),
-                (
+                Leg(
                     layout_args("tp2_fsdp2", root / "b_tp"),
-                    (step_folder(one, 8), step_folder(root / "b_tp", 8)),
+                    [(step_folder(one, 8), step_folder(root / "b_tp", 8))],
                 ),
             ],
         ),
@@ -170,14 +176,8 @@ def test_resume_across_layouts_continues_like_the_one_process_checkpoint(runs, t
 
 
 @pytest.mark.slow
-def test_loss_parallel_and_compiled_tp_layout_equal_the_plain_model(tmp_path):
-    out = tmp_path / "results.pt"
-    cmd, env = train_command(nproc=2)
-    cmd = cmd[:-1] + [str(REPO / "tests" / "integration" / "tp_worker.py"), str(out)]
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = torch.load(out, weights_only=False)
+def test_loss_parallel_and_compiled_tp_layout_equal_the_plain_model(runs):
+    r = torch.load(runs[0] / "tp_worker.pt", weights_only=False)
     ref = r["reference"]
     # Loss parallel: the logits stay sharded over the vocabulary; loss and gradients equal.
     assert r["loss_parallel"]["logits_placements"] == "(Shard(dim=2),)"

@@ -11,6 +11,7 @@ from tests.helpers import (
     DEBUG_CONFIG,
     GLOBAL_BATCH_OF_4,
     SHORT_ROWS,
+    Leg,
     metrics,
     run_main,
     torchrun,
@@ -72,8 +73,8 @@ def two_process_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("two")
     hsdp = ["--parallelism.data_parallel_replicate_degree", "2"]
     legs = [
-        ([*DATA_PARALLEL, "--job.dump_folder", str(root / "fsdp")], None),
-        ([*DATA_PARALLEL, *hsdp, "--job.dump_folder", str(root / "hsdp")], None),
+        Leg([*DATA_PARALLEL, "--job.dump_folder", str(root / "fsdp")]),
+        Leg([*DATA_PARALLEL, *hsdp, "--job.dump_folder", str(root / "hsdp")]),
     ]
     proc = torchrun_legs(2, legs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

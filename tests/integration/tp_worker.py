@@ -10,7 +10,8 @@ Builds one set of weights, then:
   grad over packed batches with changing document layouts, flex and sdpa masks, under
   ``error_on_recompile`` after the first batch: the gathered logits.
 
-Rank 0 writes everything to ``sys.argv[1]`` (a ``torch.save`` file) for the test to compare.
+Rank 0 writes everything to the file named by its one argument (a ``torch.save`` file) for the
+test to compare; it runs as a leg of ``legs_worker.py`` or on its own.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def loss_and_grads(model, tokens, labels, context) -> dict:
     }
 
 
-def main() -> None:
-    out = sys.argv[1]
-    dist.init_process_group("gloo")
+def main(argv: list[str]) -> int:
+    (out,) = argv
+    if not dist.is_initialized():  # a leg of tests/integration/legs_worker.py forms it there
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     args = model_args_for("debugmodel", n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, eos_id=EOS)
     torch.manual_seed(0)
@@ -93,7 +95,8 @@ def main() -> None:
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
