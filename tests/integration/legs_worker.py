@@ -48,12 +48,11 @@ def copy_checkpoints(copies: list, flips: list, rank: int) -> None:
         for src, dst in copies:
             shutil.copytree(src, dst + ".copying")
         for file, fraction in flips:  # inside a copy, named by its final path
-            for _, dst in copies:
-                if file.startswith(dst + "/"):
-                    partial = Path(dst + ".copying") / Path(file).relative_to(dst)
-                    data = bytearray(partial.read_bytes())
-                    data[int(len(data) * fraction)] ^= 0x10
-                    partial.write_bytes(bytes(data))
+            (dst,) = [dst for _, dst in copies if file.startswith(dst + "/")]
+            partial = Path(dst + ".copying") / Path(file).relative_to(dst)
+            data = bytearray(partial.read_bytes())
+            data[int(len(data) * fraction)] ^= 0x10
+            partial.write_bytes(bytes(data))
         for _, dst in copies:
             Path(dst + ".copying").rename(dst)
     deadline = time.monotonic() + COPY_WAIT_S

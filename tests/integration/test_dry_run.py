@@ -70,7 +70,9 @@ def real_step(*args: str) -> dict:
 )
 def test_one_rank_dry_run_equals_a_real_step(tmp_path, impl):
     # A short batch: with foreach kernels the optimizer step, not the backward, sets the peak.
+    # fp32 pinned: "auto" is bf16 in a dry run (GPUs) but fp32 on a CPU without native bf16.
     args = (*SMALL, "--training.seq_len", "32", "--training.local_batch_size", "1")
+    args = (*args, "--training.mixed_precision_param", "float32")
     args = (*args, "--optimizer.implementation", impl)
     real = real_step(*args)
     assert (real["peak"] > real["backward_peak"]) == (impl == "foreach")

@@ -15,6 +15,7 @@ outputs equal the SDPA path and an oracle.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -103,6 +104,12 @@ def test_compiled_blocks_never_recompile_and_equal_the_eager_sdpa_path(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("ATEN_CPU_CAPABILITY", "default") not in ("", "default"),
+    reason="ATEN_CPU_CAPABILITY caps aten below this CPU: inductor's CPU flex template then "
+    "computes wrong values (max |diff| 3 against SDPA on an AVX-512 EPYC capped at avx2, torch "
+    "2.13); the product never runs it on CPU (attention.py compiles flex alone on CUDA only)",
+)
 def test_flex_attention_compiled_alone_by_inductor_never_recompiles(fresh_dynamo):
     """The standalone compiled flex (what CUDA runs when the blocks are not compiled) on our
     BlockMask, through inductor's CPU template: equal to SDPA under the dense oracle mask."""
