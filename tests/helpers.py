@@ -130,12 +130,11 @@ def torchrun_legs(
     nproc: int,
     legs: list[Leg],
     *,
-    code: int = 0,
     env: dict[str, str] | None = None,
     timeout: float = 900,
 ) -> subprocess.CompletedProcess:
     """Several runs (:class:`Leg`), one after another, in one ``torchrun`` launch of ``nproc``
-    processes (``tests/integration/legs_worker.py``); every leg must exit ``code``. For
+    processes (``tests/integration/legs_worker.py``); every leg must exit 0. For
     tests that compare layouts or resume across them: the interpreter, the imports and the
     first step's warm-up are paid once per launch, not once per run. ``env``: variables
     added to the launch's environment."""
@@ -147,7 +146,6 @@ def torchrun_legs(
             "args": list(leg.args),
             "copies": [[str(src), str(dst)] for src, dst in leg.copies],
             "flips": [[str(file), fraction] for file, fraction in leg.flips],
-            "code": code,
         }
         for leg in legs
     ]
@@ -249,6 +247,11 @@ def in_process(name: str, main, args) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------ what a run leaves
+
+
+def step_folder(run: Path, step: int) -> Path:
+    """``RUN/checkpoint/step-STEP``: a run folder's checkpoint of one step."""
+    return run / "checkpoint" / f"step-{step}"
 
 
 def micro_batches(trainer, steps: int = 1) -> list[dict]:

@@ -3,12 +3,12 @@
 resuming across them pays for the interpreter, the imports and the first step's warm-up once.
 
 ``sys.argv[1]`` is a JSON list of legs, each ``{"entry": "train" | "measure_step" |
-"tp_worker" | "cp_worker", "args":
-[...], "copies": [[SRC, DST], ...], "flips": [[FILE, FRACTION], ...], "code": N}``: before
-the leg, rank 0 copies each checkpoint step folder SRC to DST and flips a bit of the byte that
-lies FRACTION of the way into each FILE of the copies (the other ranks wait for the copies
-to appear whole); then every rank runs ``train.main(args)`` (or the ``main`` of
-``scripts/measure_step.py``, ``tp_worker.py`` or ``cp_worker.py``), which must return ``code``.
+"tp_worker" | "cp_worker", "args": [...], "copies": [[SRC, DST], ...], "flips": [[FILE,
+FRACTION], ...]}``: before the leg, rank 0 copies each checkpoint step folder SRC to DST and
+flips a bit of the byte that lies FRACTION of the way into each FILE of the copies (the other
+ranks wait for the copies to appear whole); then every rank runs ``train.main(args)`` (or the
+``main`` of ``scripts/measure_step.py``, ``tp_worker.py`` or ``cp_worker.py``), which must
+return 0.
 
 Each leg is a fresh Trainer with its own process group, as a new launch would be: the first
 leg forms it from torchrun's environment (the trainer's own path); the trainer destroys it at
@@ -87,8 +87,8 @@ def main() -> int:
         if index > 0:
             form_group(index, rank, world_size)
         code = ENTRIES[leg["entry"]](leg["args"])
-        if code != leg["code"]:
-            print(f"leg {index} exited {code}, expected {leg['code']}", file=sys.stderr)
+        if code != 0:
+            print(f"leg {index} exited {code}", file=sys.stderr)
             return 1
     return 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import BASE, Leg, metrics, run_main, torchrun, torchrun_legs
+from tests.helpers import BASE, Leg, metrics, run_main, step_folder, torchrun, torchrun_legs
 
 
 def ok(proc):
@@ -77,8 +77,8 @@ def test_two_process_resume_and_resume_on_another_world_size(tmp_path):
     batch_of_4 = [*BASE, "--checkpoint.interval", "4", "--training.global_batch_size", "4"]
     # Step 8 is there too, with one byte of rank 1's shard flipped: the ranks share the
     # checksum verification, and both fall back to step 4 together. Two legs of one launch.
-    step4, step8 = (resumed / "checkpoint" / f"step-{s}" for s in (4, 8))
-    copies = [(full / "checkpoint" / "step-4", step4), (full / "checkpoint" / "step-8", step8)]
+    step8 = step_folder(resumed, 8)
+    copies = [(step_folder(full, s), step_folder(resumed, s)) for s in (4, 8)]
     legs = [
         Leg([*batch_of_4, "--job.dump_folder", str(full)]),
         Leg(

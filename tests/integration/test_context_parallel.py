@@ -16,6 +16,7 @@ from tests.helpers import (
     Leg,
     metrics,
     run_main,
+    step_folder,
     torchrun_legs,
     train_command,
 )
@@ -91,11 +92,10 @@ CKPT = ["--checkpoint.enable", "--checkpoint.interval", "3"]
 @pytest.fixture(scope="module")
 def cp_runs(tmp_path_factory) -> Path:
     """The three 4-process layouts (legs of one launch, checkpoints every 3 steps, with
-    ``cp_worker.py`` at 4 ranks as its last leg); one
-    process resuming CP 2 × FSDP 2's step 3 (``single``, checkpoints every step); 2 processes
-    of CP 2 alone resuming that run's step 4 (``again``); and 2 processes of CP 2 with its
-    blocks compiled (``compiled``, aot_eager on CPU, torch logging recompilations; a leg of
-    the same launch)."""
+    ``cp_worker.py`` at 4 ranks as its last leg); one process resuming CP 2 × FSDP 2's step 3
+    (``single``, checkpoints every step); 2 processes of CP 2 alone resuming that run's step 4
+    (``again``); and 2 processes of CP 2 with its blocks compiled (``compiled``, aot_eager on
+    CPU, torch logging recompilations; a leg of the same launch)."""
     root = tmp_path_factory.mktemp("cp")
     legs = [
         Leg([*CP2, *args, *CKPT, "--job.dump_folder", str(root / name)])
@@ -119,10 +119,6 @@ def cp_runs(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (root / "compiled" / "output.txt").write_text(proc.stdout + proc.stderr)
     return root
-
-
-def step_folder(run: Path, step: int) -> Path:
-    return run / "checkpoint" / f"step-{step}"
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from tests.helpers import (
     Leg,
     metrics,
     run_main,
+    step_folder,
     torchrun_legs,
 )
 from torchtitan_lite.models.attention import build_attention_mask
@@ -64,10 +65,6 @@ def trace(dump: Path) -> list[dict]:
     return [r for r in metrics(dump) if "loss" in r]
 
 
-def step_folder(dump: Path, step: int) -> Path:
-    return dump / "checkpoint" / f"step-{step}"
-
-
 def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """The whole model of a DCP checkpoint (any layout), read back as plain tensors."""
     target = tmp / f"{checkpoint.parent.parent.name}_{checkpoint.name}.pt"
@@ -90,7 +87,8 @@ def runs(tmp_path_factory):
     4-process runs are legs of one launch; the 2-process launch also runs ``tp_worker.py``."""
     root = tmp_path_factory.mktemp("tp")
     one = root / "one"
-    assert run_main(*layout_args("one", one)).returncode == 0
+    proc = run_main(*layout_args("one", one))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for nproc, legs in (
         (
             2,
@@ -117,7 +115,8 @@ def runs(tmp_path_factory):
         proc = torchrun_legs(nproc, legs)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     shutil.copytree(step_folder(root / "a_fsdp4", 8), step_folder(root / "a_one", 8))
-    assert run_main(*layout_args("one", root / "a_one")).returncode == 0
+    proc = run_main(*layout_args("one", root / "a_one"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     names = ("one", "tp2", "tp2_fsdp2", "a_fsdp4", "a_one", "b_tp")
     return root, {name: trace(root / name) for name in names}
 
